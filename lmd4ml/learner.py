@@ -1,0 +1,189 @@
+"""``Learner`` and ``train``: the seed's ``train!`` loop around an instrumented step."""
+
+from __future__ import annotations
+
+import collections
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from lmd4ml.quantities import Quantity
+from lmd4ml.stats import LossFn, PyTree
+from lmd4ml.step import InstrumentedStep, Metrics, instrument
+
+History = dict[str, np.ndarray]
+Schedule = int | Callable[[int], bool]
+
+
+class Learner:
+    """A model, its per-sample loss, the data, an optax optimizer and the quantities to track.
+
+    ``model`` is a pytree of float arrays or a flax ``nnx.Module``; for a module, ``loss_fn``
+    receives the module (rebuilt from the current parameters) in place of a pytree. Training
+    state persists across calls of :func:`train`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, lmd4ml as lm
+      >>> data = [(jnp.ones((4, 2)), jnp.ones(4))] * 3
+      >>> learner = lm.Learner(jnp.zeros(2), lambda w, b: (b[0] @ w - b[1]) ** 2, data,
+      ...                      optax.sgd(0.1), [lm.Loss()])
+      >>> history = lm.train(learner, epochs=2, progress=False)
+      >>> history["step"].tolist()
+      [0, 1, 2, 3, 4, 5]
+    """
+
+    def __init__(
+        self,
+        model: PyTree | nnx.Module,
+        loss_fn: LossFn,
+        batches: Iterable[PyTree],
+        optimizer: optax.GradientTransformation,
+        quantities: Sequence[Quantity],
+        *,
+        memory_budget: int = 2**26,
+    ):
+        if isinstance(model, nnx.Module):
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            self._module = (model, graphdef, rest)
+
+            def module_loss(p: PyTree, batch: PyTree) -> jax.Array:
+                return loss_fn(nnx.merge(graphdef, p, rest), batch)
+
+            step_loss = module_loss
+        else:
+            params, self._module, step_loss = model, None, loss_fn
+        if not isinstance(batches, Iterable):
+            raise TypeError(f"batches must be an iterable of batches, got {type(batches).__name__}")
+        self.batches = batches
+        self.step: InstrumentedStep = instrument(
+            step_loss, optimizer, quantities, memory_budget=memory_budget
+        )
+        self.state = self.step.init(params)
+        self.history: dict[str, list] = collections.defaultdict(list)
+        self.first_nonfinite: int | None = None
+        self.steps_done = 0
+
+    @property
+    def params(self) -> PyTree:
+        """The current parameters (a pytree, or the module's ``nnx.Param`` state)."""
+        return self.state.params
+
+    @property
+    def model(self) -> PyTree | nnx.Module:
+        """The trained model: the module updated in place, or the parameter pytree."""
+        if self._module is None:
+            return self.state.params
+        module = self._module[0]
+        nnx.update(module, self.state.params)
+        return module
+
+
+def _schedule(track_every: Schedule) -> Callable[[int], bool]:
+    if callable(track_every):
+        return track_every
+    if isinstance(track_every, bool) or not isinstance(track_every, int) or track_every < 1:
+        raise ValueError(
+            f"track_every must be an integer >= 1 or a callable step -> bool, got {track_every!r}"
+        )
+    return lambda step: step % track_every == 0
+
+
+def _nonfinite_keys(metrics: dict[str, Any]) -> list[str]:
+    return [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v, float)))]
+
+
+def _record(learner: Learner, step: int, metrics: Metrics) -> None:
+    """Bring one tracked step's metrics to the host and append them to the history."""
+    values = jax.device_get(metrics)
+    learner.history["step"].append(step)
+    for key, value in values.items():
+        learner.history[key].append(np.asarray(value))
+    bad = _nonfinite_keys(values)
+    if bad and learner.first_nonfinite is None:
+        learner.first_nonfinite = step
+        warnings.warn(
+            f"non-finite values (NaN or Inf) first at step {step} in {bad}; they are recorded "
+            "as they are and tracking goes on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def as_history(learner: Learner) -> History:
+    """The learner's history so far as numpy arrays keyed like ``metrics``, plus ``step``."""
+    history = {"step": np.asarray(learner.history["step"], dtype=np.int64)}
+    for key in learner.step.keys:
+        if learner.history.get(key):
+            history[key] = np.stack(learner.history[key])
+    return history
+
+
+def train(
+    learner: Learner,
+    epochs: int = 1,
+    track_every: Schedule = 1,
+    *,
+    progress: bool = True,
+) -> History:
+    """Train ``learner`` for ``epochs`` passes over its batches, tracking its quantities.
+
+    Args:
+      learner: what to train; its state carries over to the next call.
+      epochs: passes over ``learner.batches`` (at least 1).
+      track_every: compute quantities every k-th step (k >= 1), or a callable
+        ``step -> bool``. Other steps run the bare optimizer update.
+      progress: show a progress bar with the loss and steps/s.
+
+    Returns:
+      Every tracked value so far as numpy arrays keyed like ``metrics`` (one row per tracked
+      step), with ``history["step"]`` the steps they were taken at (counted from 0).
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    due = _schedule(track_every)
+    total = len(learner.batches) * epochs if hasattr(learner.batches, "__len__") else None
+    if total == 0:
+        raise ValueError("batches is empty: there is nothing to train on")
+    bar = tqdm(total=total, unit="step", disable=not progress, dynamic_ncols=True)
+    pending: tuple[int, Metrics] | None = None
+    last_loss, shown = None, time.monotonic()
+    try:
+        for epoch in range(epochs):
+            n_batches = 0
+            for batch in learner.batches:
+                step = learner.steps_done
+                learner.state, metrics, loss = learner.step.step_with_loss(
+                    learner.state, batch, track=bool(due(step))
+                )
+                # Fetch the previous tracked step only now, so the host never waits on the
+                # step it just dispatched.
+                if pending is not None:
+                    _record(learner, *pending)
+                pending = (step, metrics) if metrics else None
+                if last_loss is not None and time.monotonic() - shown > 0.25:
+                    bar.set_postfix(loss=f"{float(last_loss):.4g}", refresh=False)
+                    shown = time.monotonic()
+                last_loss = loss
+                learner.steps_done += 1
+                n_batches += 1
+                bar.update()
+            if n_batches == 0:
+                raise ValueError(
+                    "batches yielded nothing"
+                    + (" in epoch 1" if epoch == 0 else f" in epoch {epoch + 1}: it was exhausted")
+                    + "; pass a re-iterable such as a list, or an object whose __iter__ starts over"
+                )
+    finally:
+        if pending is not None:
+            _record(learner, *pending)
+        if last_loss is not None:
+            bar.set_postfix(loss=f"{float(last_loss):.4g}", refresh=False)
+        bar.close()
+    return as_history(learner)

@@ -1,0 +1,176 @@
+"""The quantity protocol and the step context that quantities read from.
+
+A quantity is a key plus a pure function of a :class:`StepContext` and its own state,
+in the style of an optax transformation: ``init(params) -> state`` and
+``compute(ctx, state) -> (value, state)``. Everything runs inside the compiled train step.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lmd4ml import stats
+from lmd4ml.stats import LossFn, PerSample, PyTree
+
+
+class StepContext:
+    """What one train step knows, with shared statistics built lazily, at most once each.
+
+    Attributes are computed on first access while the step is traced, so a statistic that no
+    quantity reads never enters the compiled program, and one that several read is built once.
+    All per-sample statistics declared by the step's quantities (``Quantity.per_sample``) come
+    from a single chunked pass over the batch.
+
+    Attributes:
+      params: θₜ, where this step's gradient is taken.
+      new_params: θₜ₊₁ = θₜ + updates.
+      updates: the optimizer's update θₜ₊₁ − θₜ.
+      losses: per-sample losses ℓᵢ at θₜ, shape (B,).
+      grads: the mean gradient g = (1/B) Σᵢ ∇ℓᵢ that the optimizer used.
+      vjp: ``vjp(c)`` = Σᵢ cᵢ ∇ℓᵢ for a cotangent c of shape (B,).
+    """
+
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        batch: PyTree,
+        params: PyTree,
+        losses: jax.Array,
+        vjp: Callable[[jax.Array], PyTree],
+        grads: PyTree,
+        updates: PyTree,
+        new_params: PyTree,
+        per_sample: Mapping[str, PerSample] | None = None,
+        memory_budget: int = 2**26,
+    ):
+        self.loss_fn = loss_fn
+        self.batch = batch
+        self.params = params
+        self.losses = losses
+        self.vjp = vjp
+        self.grads = grads
+        self.updates = updates
+        self.new_params = new_params
+        self._declared = dict(per_sample or {})
+        self._memory_budget = memory_budget
+
+    @property
+    def batch_size(self) -> int:
+        """B, the number of samples (a Python int, known while tracing)."""
+        return self.losses.shape[0]
+
+    @cached_property
+    def loss(self) -> jax.Array:
+        """L = mean(ℓ)."""
+        return jnp.mean(self.losses)
+
+    @cached_property
+    def grad_sq_norm(self) -> jax.Array:
+        """‖g‖²."""
+        return optax.tree.norm(self.grads, squared=True)
+
+    @cached_property
+    def _declared_pass(self) -> dict[str, jax.Array]:
+        return self._pass(self._declared)
+
+    def _pass(self, wanted: Mapping[str, PerSample]) -> dict[str, jax.Array]:
+        chunk = stats.chunk_size(self.params, self._memory_budget, self.batch_size)
+        return stats.per_sample_pass(self.loss_fn, self.params, self.batch, wanted, chunk)
+
+    def per_sample(self, stat: PerSample) -> jax.Array:
+        """The value of a per-sample statistic, from the shared pass when it was declared."""
+        if stat.name in self._declared:
+            return self._declared_pass[stat.name]
+        return self._pass({stat.name: stat})[stat.name]
+
+    @cached_property
+    def sq_norms(self) -> jax.Array:
+        """‖∇ℓᵢ‖² for every sample, shape (B,)."""
+        return self.per_sample(stats.SQ_NORMS)
+
+    @cached_property
+    def projections(self) -> jax.Array:
+        """pᵢ = ∇ℓᵢ · g for every sample, shape (B,), from one JVP along g."""
+        return stats.projections(self.loss_fn, self.params, self.batch, self.grads)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantity(abc.ABC):
+    """Base of every quantity: a ``key`` and a pure ``compute``.
+
+    Subclasses set ``key``, override :meth:`compute`, and where they carry state across steps
+    also :meth:`init`. ``per_sample`` lists the per-sample statistics ``compute`` reads, so
+    the step can build them all in one pass.
+    """
+
+    key: ClassVar[str]
+    per_sample: ClassVar[tuple[PerSample, ...]] = ()
+
+    def init(self, params: PyTree) -> PyTree:
+        """The quantity's state before the first step (empty by default)."""
+        del params
+        return ()
+
+    def check(self, batch_size: int) -> None:
+        """Raise ``ValueError`` if this quantity has no value for batches of ``batch_size``."""
+
+    @abc.abstractmethod
+    def compute(self, ctx: StepContext, state: PyTree) -> tuple[Any, PyTree]:
+        """The value at this step and the next state."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _FunctionQuantity(Quantity):
+    name: str
+    fn: Callable[..., Any]
+    init_fn: Callable[[PyTree], PyTree] | None
+    stats: tuple[PerSample, ...]
+
+    @property
+    def key(self) -> str:  # type: ignore[override]
+        return self.name
+
+    @property
+    def per_sample(self) -> tuple[PerSample, ...]:  # type: ignore[override]
+        return self.stats
+
+    def init(self, params: PyTree) -> PyTree:
+        return () if self.init_fn is None else self.init_fn(params)
+
+    def compute(self, ctx: StepContext, state: PyTree) -> tuple[Any, PyTree]:
+        if self.init_fn is None:
+            return self.fn(ctx), state
+        return self.fn(ctx, state)
+
+
+def quantity(
+    key: str,
+    fn: Callable[..., Any],
+    *,
+    init: Callable[[PyTree], PyTree] | None = None,
+    per_sample: Sequence[PerSample] = (),
+) -> Quantity:
+    """A quantity from one function of the step context.
+
+    Without ``init``, ``fn(ctx) -> value``. With ``init``, the quantity carries state:
+    ``init(params) -> state`` and ``fn(ctx, state) -> (value, state)``.
+
+    Example:
+      >>> import lmd4ml as lm, jax.numpy as jnp
+      >>> max_loss = lm.quantity("max_loss", lambda ctx: jnp.max(ctx.losses))
+      >>> max_loss.key
+      'max_loss'
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"a quantity key must be a non-empty string, got {key!r}")
+    if not callable(fn):
+        raise TypeError(f"quantity {key!r}: fn must be callable, got {type(fn).__name__}")
+    return _FunctionQuantity(key, fn, init, tuple(per_sample))
