@@ -107,7 +107,9 @@ class InstrumentedStep:
                 f"optimizer must be an optax GradientTransformation, got {type(optimizer)}"
             )
         if memory_budget < 1:
-            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+            raise ValueError(
+                f"memory_budget must be a positive number of bytes, got {memory_budget}"
+            )
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.quantities = quantities

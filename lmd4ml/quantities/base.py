@@ -121,6 +121,7 @@ class Quantity(abc.ABC):
 
     def check(self, batch_size: int) -> None:
         """Raise ``ValueError`` if this quantity has no value for batches of ``batch_size``."""
+        del batch_size
 
     @abc.abstractmethod
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[Any, PyTree]:
