@@ -9,14 +9,14 @@ step and only when some quantity asks for it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
+from lmd4ml.stats import ghost
+from lmd4ml.stats._types import LossFn, PyTree
 
 
 class PerSample(NamedTuple):
@@ -79,19 +79,6 @@ def chunk_size(params: PyTree, memory_budget: int, batch: int) -> int:
     return int(min(batch, max(1, memory_budget // max(per_sample, 1))))
 
 
-def per_sample_grads(loss_fn: LossFn, params: PyTree, batch: PyTree) -> PyTree:
-    """Per-sample gradients ∇ℓᵢ with a leading axis of length B (materialises B×P).
-
-    Each sample's loss is evaluated on a batch of one, so a model must treat samples
-    independently (no batch-norm statistics in training mode).
-    """
-
-    def one(p: PyTree, sample: PyTree) -> jax.Array:
-        return loss_fn(p, jax.tree.map(lambda x: x[None], sample))[0]
-
-    return jax.vmap(jax.grad(one), in_axes=(None, 0))(params, batch)
-
-
 def per_sample_pass(
     loss_fn: LossFn,
     params: PyTree,
@@ -102,14 +89,20 @@ def per_sample_pass(
     """Every statistic in ``stats`` from one pass over the batch in chunks of ``chunk`` samples.
 
     Peak memory holds one chunk's per-sample gradients (``chunk`` × P), never B×P unless
-    ``chunk`` = B. Full chunks run in a ``lax.scan``; a shorter last chunk runs once after it.
+    ``chunk`` = B; per-sample squared norms form no per-sample gradient of dense parameters
+    at all (:mod:`lmd4ml.stats.ghost`). Full chunks run in a ``lax.scan``, a shorter last
+    chunk once after it.
     """
     n = batch_size(batch)
     n_full, rest = divmod(n, chunk)
 
     def on_chunk(chunk_batch: PyTree) -> dict[str, jax.Array]:
-        grads = per_sample_grads(loss_fn, params, chunk_batch)
-        return {name: s.fn(grads, params) for name, s in stats.items()}
+        f = ghost.factors(loss_fn, params, chunk_batch)
+        out = {SQ_NORMS.name: ghost.sq_norms(f)} if SQ_NORMS.name in stats else {}
+        if others := {name: s for name, s in stats.items() if name != SQ_NORMS.name}:
+            grads = ghost.grads(f, params)
+            out.update({name: s.fn(grads, params) for name, s in others.items()})
+        return out
 
     def body(carry: dict, chunk_batch: PyTree) -> tuple[dict, dict]:
         out = on_chunk(chunk_batch)
@@ -141,44 +134,3 @@ def projections(loss_fn: LossFn, params: PyTree, batch: PyTree, direction: PyTre
     Exact and free of per-sample gradients: the JVP of the loss vector is J v.
     """
     return jax.jvp(lambda p: loss_fn(p, batch), (params,), (direction,))[1]
-
-
-def bin_index(values: jax.Array, nbins: int, lo: float, hi: float) -> jax.Array:
-    """Bin of each value over ``nbins`` equal bins on [lo, hi]; outliers clamp to the edge bins.
-
-    NaN gets index ``nbins`` (out of range) so that a scatter with ``mode="drop"`` skips it.
-
-    Example:
-      >>> bin_index(jnp.array([-9.0, 0.0, 0.99, 1.0, jnp.nan]), 4, -1.0, 1.0).tolist()
-      [0, 2, 3, 3, 4]
-    """
-    scaled = (jnp.clip(values, lo, hi) - lo) * (nbins / (hi - lo))
-    index = jnp.minimum(jnp.floor(scaled).astype(jnp.int32), nbins - 1)
-    return jnp.where(jnp.isnan(values), nbins, index)
-
-
-def histogram(values: jax.Array, nbins: int, lo: float, hi: float) -> jax.Array:
-    """Counts (int32) of ``values`` in ``nbins`` equal bins on [lo, hi], outliers clamped.
-
-    A scatter-add of bin indices: ``jnp.histogram`` searches sorted edges and is about 25×
-    slower on CPU for the sizes per-sample gradients reach.
-
-    Example:
-      >>> histogram(jnp.array([-0.3, 0.1, 0.2, 7.0]), 2, -1.0, 1.0).tolist()
-      [1, 3]
-    """
-    index = bin_index(values.ravel(), nbins, lo, hi)
-    return jnp.zeros(nbins, jnp.int32).at[index].add(1, mode="drop")
-
-
-__all__ = [
-    "SQ_NORMS",
-    "PerSample",
-    "batch_size",
-    "bin_index",
-    "chunk_size",
-    "histogram",
-    "per_sample_grads",
-    "per_sample_pass",
-    "projections",
-]

@@ -1,0 +1,32 @@
+"""Shared statistics that quantities build on, each computed once per step when needed.
+
+- :mod:`~lmd4ml.stats.per_sample`: per-sample reductions in bounded chunks, projections.
+- :mod:`~lmd4ml.stats.ghost`: per-sample gradients of dense parameters as factors (ghost norms).
+- :mod:`~lmd4ml.stats.histogram`: exact histograms by scatter-add.
+"""
+
+from lmd4ml.stats._types import LossFn, PyTree
+from lmd4ml.stats.ghost import factored_leaves
+from lmd4ml.stats.histogram import bin_index, histogram
+from lmd4ml.stats.per_sample import (
+    SQ_NORMS,
+    PerSample,
+    batch_size,
+    chunk_size,
+    per_sample_pass,
+    projections,
+)
+
+__all__ = [
+    "SQ_NORMS",
+    "LossFn",
+    "PerSample",
+    "PyTree",
+    "batch_size",
+    "bin_index",
+    "chunk_size",
+    "factored_leaves",
+    "histogram",
+    "per_sample_pass",
+    "projections",
+]

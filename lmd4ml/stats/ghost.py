@@ -1,0 +1,249 @@
+"""Per-sample gradients of dense parameters as factors, from one batched backward pass.
+
+A parameter W that the model uses once, as an operand of a ``dot_general`` y = x·W (a dense
+layer, an attention projection, an einsum without batch axes), has the per-sample gradient
+∇W ℓᵢ = XᵢᵀΔᵢ: Xᵢ is sample i's other operand and Δᵢ = ∂ℓᵢ/∂yᵢ the cotangent of the
+product, each flattened to (positions, features). Its squared norm
+‖XᵢᵀΔᵢ‖² = Σₜₜ′ (XᵢXᵢᵀ)ₜₜ′(ΔᵢΔᵢᵀ)ₜₜ′ needs neither the gradient itself nor per-sample
+weight gradients ("ghost norms", Goodfellow 2015; Li et al. 2022).
+
+No model code is needed: the single-sample loss is traced to a jaxpr, calls to ``jax.jit``
+functions are inlined, and each parameter leaf whose only use is such a product gets a zero
+"tap" added to the product's output. One ``vmap`` of ``grad`` with respect to the taps gives
+every Δᵢ. Leaves used any other way (biases, convolutions, normalisation scales) get plain
+per-sample gradients from the same pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core
+from jax.extend.core import primitives
+
+from lmd4ml.stats._types import LossFn, PyTree
+
+_INLINED = (primitives.jit_p, primitives.closed_call_p)
+
+
+class Product(NamedTuple):
+    """How a factored leaf enters the model: one ``dot_general`` with the leaf as one operand."""
+
+    param_is_lhs: bool
+    params: dict[str, Any]  # the dot_general's own parameters (dimension numbers, precision)
+    out: jax.ShapeDtypeStruct  # the product's per-sample shape
+    operand_dtype: Any  # the leaf's dtype inside the product (after any cast)
+
+
+class Factors(NamedTuple):
+    """One chunk's per-sample gradient information, each array with a leading sample axis.
+
+    ``inputs[k]`` and ``cotangents[k]`` are Xᵢ and Δᵢ for factored leaf k; ``grads[k]`` is the
+    plain per-sample gradient of every other leaf k.
+    """
+
+    products: dict[int, Product]
+    inputs: dict[int, jax.Array]
+    cotangents: dict[int, jax.Array]
+    grads: dict[int, jax.Array]
+
+
+def _read(env: dict, var: Any) -> Any:
+    return var.val if isinstance(var, core.Literal) else env[var]
+
+
+def _bind_params(eqn: Any) -> dict:
+    bound = eqn.primitive.get_bind_params(eqn.params)
+    # JAX < 0.7 returned (subfuns, params); no primitive that is not inlined has subfuns now.
+    return bound[1] if isinstance(bound, tuple) else bound
+
+
+Visit = Callable[[Any, list, list, list], list]
+
+
+def _walk(closed: core.ClosedJaxpr, args: Sequence, origins: Sequence, visit: Visit) -> list:
+    """Evaluate ``closed`` on ``args``, inlining jit calls and tracking which values are leaves.
+
+    ``origins[j]`` is the parameter leaf that argument j is (or None). ``visit(eqn, inputs,
+    input_origins, outputs)`` sees every equation that is not inlined and returns its outputs.
+    """
+    jaxpr = closed.jaxpr
+    env = dict(zip(jaxpr.constvars, closed.consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    origin = {v: o for v, o in zip(jaxpr.invars, origins, strict=True) if o is not None}
+    for eqn in jaxpr.eqns:
+        inputs = [_read(env, v) for v in eqn.invars]
+        in_origins = [None if isinstance(v, core.Literal) else origin.get(v) for v in eqn.invars]
+        if eqn.primitive in _INLINED:
+            inner = eqn.params.get("jaxpr") or eqn.params["call_jaxpr"]
+            outputs = _walk(inner, inputs, in_origins, visit)
+        elif eqn.primitive is primitives.convert_element_type_p and in_origins[0] is not None:
+            # A cast (mixed precision, flax's promote_dtype) keeps the value a view of the leaf.
+            outputs = [eqn.primitive.bind(*inputs, **_bind_params(eqn))]
+            origin[eqn.outvars[0]] = in_origins[0]
+        else:
+            outputs = eqn.primitive.bind(*inputs, **_bind_params(eqn))
+            outputs = outputs if eqn.primitive.multiple_results else [outputs]
+            outputs = visit(eqn, inputs, in_origins, outputs)
+        env.update(zip(eqn.outvars, outputs, strict=True))
+    return [_read(env, v) for v in jaxpr.outvars]
+
+
+def _single_sample_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree) -> core.ClosedJaxpr:
+    def single(p: PyTree, sample: PyTree) -> jax.Array:
+        return loss_fn(p, jax.tree.map(lambda x: x[None], sample))[0]
+
+    sample = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
+    return jax.make_jaxpr(single)(params, sample)
+
+
+def _products(closed: core.ClosedJaxpr, n_leaves: int) -> dict[int, Product]:
+    """The leaves used exactly once, as one operand of a ``dot_general`` without batch axes."""
+    uses: dict[int, list] = {k: [] for k in range(n_leaves)}
+
+    def count(eqn: Any, inputs: list, in_origins: list, outputs: list) -> list:
+        for position, k in enumerate(in_origins):
+            if k is not None:
+                uses[k].append((eqn, position, in_origins))
+        return outputs
+
+    args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
+    origins = [*range(n_leaves), *[None] * (len(args) - n_leaves)]
+    jax.eval_shape(lambda *a: _walk(closed, a, origins, count), *args)
+    products = {}
+    for k, found in uses.items():
+        if len(found) != 1:
+            continue
+        eqn, position, in_origins = found[0]
+        if eqn.primitive is not primitives.dot_general_p or in_origins[1 - position] is not None:
+            continue
+        _, (batch_lhs, batch_rhs) = eqn.params["dimension_numbers"]
+        if not batch_lhs and not batch_rhs:
+            out = eqn.outvars[0].aval
+            shape = jax.ShapeDtypeStruct(out.shape, out.dtype)
+            dtype = eqn.invars[position].aval.dtype
+            products[k] = Product(position == 0, dict(eqn.params), shape, dtype)
+    return products
+
+
+def factored_leaves(loss_fn: LossFn, params: PyTree, batch: PyTree) -> list[str]:
+    """Paths of the parameter leaves whose per-sample norms come from factors (ghost norms).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> loss = lambda p, batch: jnp.sum(batch @ p["w"] + p["b"], axis=1)
+      >>> factored_leaves(loss, params, jnp.ones((4, 3)))
+      ["['w']"]
+    """
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    closed = _single_sample_jaxpr(loss_fn, params, batch)
+    return [paths[k] for k in sorted(_products(closed, len(paths)))]
+
+
+def _plain_grads(loss_fn: LossFn, params: PyTree, batch: PyTree) -> PyTree:
+    """Per-sample gradients by ``vmap`` of ``grad`` of the loss on a batch of one sample."""
+
+    def one(p: PyTree, sample: PyTree) -> jax.Array:
+        return loss_fn(p, jax.tree.map(lambda x: x[None], sample))[0]
+
+    return jax.vmap(jax.grad(one), in_axes=(None, 0))(params, batch)
+
+
+def factors(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Factors:
+    """Per-sample factors (Xᵢ, Δᵢ) of factored leaves and gradients of the rest, one pass."""
+    leaves = jax.tree.leaves(params)
+    closed = _single_sample_jaxpr(loss_fn, params, batch)
+    products = _products(closed, len(leaves))
+    if not products:
+        return Factors(
+            {}, {}, {}, dict(enumerate(jax.tree.leaves(_plain_grads(loss_fn, params, batch))))
+        )
+    rest = [k for k in range(len(leaves)) if k not in products]
+
+    def tapped(rest_leaves: list, taps: dict, sample_leaves: list) -> tuple[jax.Array, dict]:
+        inputs = {}
+
+        def tap(eqn: Any, args: list, in_origins: list, outputs: list) -> list:
+            k = next((o for o in in_origins if o in products), None)
+            if eqn.primitive is not primitives.dot_general_p or k is None:
+                return outputs
+            inputs[k] = args[1] if products[k].param_is_lhs else args[0]
+            return [outputs[0] + taps[k]]
+
+        merged = list(leaves)
+        for k, leaf in zip(rest, rest_leaves, strict=True):
+            merged[k] = leaf
+        origins = [*range(len(leaves)), *[None] * len(sample_leaves)]
+        (loss,) = _walk(closed, [*merged, *sample_leaves], origins, tap)
+        return loss, inputs
+
+    taps = {k: jnp.zeros(p.out.shape, p.out.dtype) for k, p in products.items()}
+    per_sample = jax.vmap(jax.grad(tapped, argnums=(0, 1), has_aux=True), in_axes=(None, None, 0))
+    (rest_grads, cotangents), inputs = per_sample(
+        [leaves[k] for k in rest], taps, jax.tree.leaves(batch)
+    )
+    return Factors(products, inputs, cotangents, dict(zip(rest, rest_grads, strict=True)))
+
+
+def _as_matrices(x: jax.Array, delta: jax.Array, product: Product) -> tuple[jax.Array, jax.Array]:
+    """One sample's X (positions × contracted features) and Δ (positions × output features)."""
+    (contract_lhs, contract_rhs), _ = product.params["dimension_numbers"]
+    contract = contract_rhs if product.param_is_lhs else contract_lhs
+    free = [d for d in range(x.ndim) if d not in contract]
+    positions = 1
+    for d in free:
+        positions *= x.shape[d]
+    x_matrix = jnp.transpose(x, (*free, *contract)).reshape(positions, -1)
+    # dot_general's output lists the lhs's free axes first, then the rhs's.
+    n_param_free = delta.ndim - len(free)
+    if product.param_is_lhs:
+        delta = jnp.moveaxis(delta, tuple(range(n_param_free)), tuple(range(-n_param_free, 0)))
+    return x_matrix, delta.reshape(positions, -1)
+
+
+def _ghost_sq_norm(x: jax.Array, delta: jax.Array, product: Product) -> jax.Array:
+    xm, dm = _as_matrices(x, delta, product)
+    positions, features_in = xm.shape
+    features_out = dm.shape[1]
+    if positions * (features_in + features_out) <= features_in * features_out:
+        return jnp.sum((xm @ xm.T) * (dm @ dm.T))
+    return jnp.sum(jnp.square(xm.T @ dm))
+
+
+def sq_norms(f: Factors) -> jax.Array:
+    """‖∇ℓᵢ‖² per sample from factors, without forming factored leaves' gradients."""
+    total = sum(
+        jax.vmap(partial(_ghost_sq_norm, product=p))(f.inputs[k], f.cotangents[k])
+        for k, p in f.products.items()
+    )
+    for g in f.grads.values():
+        total = total + jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
+    return total
+
+
+def _leaf_grad(x: jax.Array, delta: jax.Array, leaf: jax.Array, product: Product) -> jax.Array:
+    def product_of(w: jax.Array) -> jax.Array:
+        w = w.astype(product.operand_dtype)
+        operands = (w, x) if product.param_is_lhs else (x, w)
+        return primitives.dot_general_p.bind(*operands, **product.params)
+
+    (grad,) = jax.linear_transpose(product_of, leaf)(delta)
+    return grad
+
+
+def grads(f: Factors, params: PyTree) -> PyTree:
+    """Every per-sample gradient, a pytree like ``params`` with a leading sample axis."""
+    leaves, treedef = jax.tree.flatten(params)
+    out = []
+    for k, leaf in enumerate(leaves):
+        if k in f.products:
+            per = jax.vmap(partial(_leaf_grad, leaf=leaf, product=f.products[k]))
+            out.append(per(f.inputs[k], f.cotangents[k]))
+        else:
+            out.append(f.grads[k])
+    return jax.tree.unflatten(treedef, out)
