@@ -96,15 +96,19 @@ def _schedule(track_every: Schedule) -> Callable[[int], bool]:
 
 
 def _nonfinite_keys(metrics: dict[str, Any]) -> list[str]:
-    return [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v, float)))]
+    return [
+        key
+        for key, value in metrics.items()
+        if not all(np.all(np.isfinite(np.asarray(x, float))) for x in jax.tree.leaves(value))
+    ]
 
 
 def _record(learner: Learner, step: int, metrics: Metrics) -> None:
     """Bring one tracked step's metrics to the host and append them to the history."""
-    values = jax.device_get(metrics)
+    values = jax.tree.map(np.asarray, jax.device_get(metrics))
     learner.history["step"].append(step)
     for key, value in values.items():
-        learner.history[key].append(np.asarray(value))
+        learner.history[key].append(value)
     bad = _nonfinite_keys(values)
     if bad and learner.first_nonfinite is None:
         learner.first_nonfinite = step
@@ -117,11 +121,14 @@ def _record(learner: Learner, step: int, metrics: Metrics) -> None:
 
 
 def as_history(learner: Learner) -> History:
-    """The learner's history so far as numpy arrays keyed like ``metrics``, plus ``step``."""
+    """The learner's history so far as numpy arrays keyed like ``metrics``, plus ``step``.
+
+    A pytree-valued quantity keeps its structure, each leaf stacked over tracked steps.
+    """
     history = {"step": np.asarray(learner.history["step"], dtype=np.int64)}
     for key in learner.step.keys:
-        if learner.history.get(key):
-            history[key] = np.stack(learner.history[key])
+        if rows := learner.history.get(key):
+            history[key] = jax.tree.map(lambda *leaf_rows: np.stack(leaf_rows), *rows)
     return history
 
 

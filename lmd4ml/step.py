@@ -121,12 +121,15 @@ class InstrumentedStep:
     def init(self, params: PyTree) -> StepState:
         """The state before the first step; ``params`` become θ₀."""
         check_params(params)
-        return StepState(
+        state = StepState(
             params=params,
             opt_state=self.optimizer.init(params),
             quantity_states={q.key: q.init(params) for q in self.quantities},
             step=jnp.zeros((), jnp.int32),
         )
+        # Weak-typed leaves (jnp.array(1.0), a Python 0.0 from an init) come back strong from
+        # the first step; making them strong now keeps that step from compiling twice.
+        return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), state)
 
     def active_keys(self, track: bool | Collection[str]) -> frozenset[str]:
         """The keys a ``track`` argument selects; unknown keys are an error."""

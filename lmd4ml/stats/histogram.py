@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
 def bin_index(values: jax.Array, nbins: int, lo: float, hi: float) -> jax.Array:
     """Bin of each value over ``nbins`` equal bins on [lo, hi]; outliers clamp to the edge bins.
 
-    NaN gets index ``nbins`` (out of range) so that a dropping scatter skips it.
+    Bins are those of ``np.histogram(..., range=(lo, hi))``: the floor of the scaled value is
+    corrected against the exact edges, so a value within rounding of an edge (a tiny negative
+    gradient next to 0, say) lands on the right side. NaN gets index ``nbins`` (out of range)
+    so that a dropping scatter skips it.
 
     Example:
-      >>> bin_index(jnp.array([-9.0, 0.0, 0.99, 1.0, jnp.nan]), 4, -1.0, 1.0).tolist()
-      [0, 2, 3, 3, 4]
+      >>> bin_index(jnp.array([-9.0, -1e-20, 0.0, 0.99, 1.0, jnp.nan]), 4, -1.0, 1.0).tolist()
+      [0, 1, 2, 3, 3, 4]
     """
-    scaled = (jnp.clip(values, lo, hi) - lo) * (nbins / (hi - lo))
-    index = jnp.minimum(jnp.floor(scaled).astype(jnp.int32), nbins - 1)
+    edges = jnp.asarray(np.linspace(lo, hi, nbins + 1), values.dtype)
+    clipped = jnp.clip(values, edges[0], edges[-1])
+    index = jnp.floor((clipped - edges[0]) * (nbins / (hi - lo))).astype(jnp.int32)
+    index = jnp.clip(index, 0, nbins - 1)
+    index = index - (clipped < edges[index])
+    index = index + ((clipped >= edges[index + 1]) & (index < nbins - 1))
     return jnp.where(jnp.isnan(values), nbins, index)
 
 
