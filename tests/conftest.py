@@ -1,0 +1,24 @@
+"""Session set-up: float64 everywhere, and the model zoo as fixtures."""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import models  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", params=sorted(models.ZOO))
+def case(request: pytest.FixtureRequest) -> models.Case:
+    """Every model kind in the zoo, built once per session."""
+    return models.get(request.param)
+
+
+@pytest.fixture(scope="session")
+def mlp_case() -> models.Case:
+    return models.get("mlp")
+
+
+@pytest.fixture(scope="session")
+def regression_case() -> models.Case:
+    return models.get("regression")
