@@ -155,6 +155,15 @@ class InstrumentedStep:
         state, metrics, _ = self._jitted(state, batch, active=self.active_keys(track))
         return state, metrics
 
+    def lower(
+        self, state: StepState, batch: PyTree, track: bool | Collection[str] = True
+    ) -> jax.stages.Lowered:
+        """The variant ``track`` selects, lowered for ``state`` and ``batch`` (as ``jax.jit``'s).
+
+        ``step.lower(state, batch).compile().memory_analysis()`` tells what it holds.
+        """
+        return self._jitted.lower(state, batch, active=self.active_keys(track))
+
     def step_with_loss(
         self, state: StepState, batch: PyTree, track: bool | Collection[str] = True
     ) -> tuple[StepState, Metrics, jax.Array]:

@@ -82,8 +82,9 @@ class StepContext:
         return self._pass(self._declared)
 
     def _pass(self, wanted: Mapping[str, PerSample]) -> dict[str, jax.Array]:
-        chunk = stats.chunk_size(self.params, self._memory_budget, self.batch_size)
-        return stats.per_sample_pass(self.loss_fn, self.params, self.batch, wanted, chunk)
+        return stats.per_sample_pass(
+            self.loss_fn, self.params, self.batch, wanted, self._memory_budget
+        )
 
     def per_sample(self, stat: PerSample) -> jax.Array:
         """The value of a per-sample statistic, from the shared pass when it was declared."""

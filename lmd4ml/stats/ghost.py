@@ -36,6 +36,7 @@ class Product(NamedTuple):
     param_is_lhs: bool
     params: dict[str, Any]  # the dot_general's own parameters (dimension numbers, precision)
     out: jax.ShapeDtypeStruct  # the product's per-sample shape
+    other: jax.ShapeDtypeStruct  # the other operand's per-sample shape
     operand_dtype: Any  # the leaf's dtype inside the product (after any cast)
 
 
@@ -126,8 +127,23 @@ def _products(closed: core.ClosedJaxpr, n_leaves: int) -> dict[int, Product]:
             out = eqn.outvars[0].aval
             shape = jax.ShapeDtypeStruct(out.shape, out.dtype)
             dtype = eqn.invars[position].aval.dtype
-            products[k] = Product(position == 0, dict(eqn.params), shape, dtype)
+            x = eqn.invars[1 - position].aval
+            other = jax.ShapeDtypeStruct(x.shape, x.dtype)
+            products[k] = Product(position == 0, dict(eqn.params), shape, other, dtype)
     return products
+
+
+def analyse(loss_fn: LossFn, params: PyTree, batch: PyTree) -> dict[int, Product]:
+    """Which parameter leaves (by flat index) are factored, and through which product."""
+    closed = _single_sample_jaxpr(loss_fn, params, batch)
+    return _products(closed, len(jax.tree.leaves(params)))
+
+
+def sq_norm_footprint(params: PyTree, products: dict[int, Product]) -> list:
+    """One sample's arrays that per-sample squared norms hold: factors and unfactored leaves."""
+    leaves = jax.tree.leaves(params)
+    rest = [leaf for k, leaf in enumerate(leaves) if k not in products]
+    return [*rest, *(p.out for p in products.values()), *(p.other for p in products.values())]
 
 
 def factored_leaves(loss_fn: LossFn, params: PyTree, batch: PyTree) -> list[str]:
@@ -141,8 +157,7 @@ def factored_leaves(loss_fn: LossFn, params: PyTree, batch: PyTree) -> list[str]
       ["['w']"]
     """
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    closed = _single_sample_jaxpr(loss_fn, params, batch)
-    return [paths[k] for k in sorted(_products(closed, len(paths)))]
+    return [paths[k] for k in sorted(analyse(loss_fn, params, batch))]
 
 
 def _plain_grads(loss_fn: LossFn, params: PyTree, batch: PyTree) -> PyTree:

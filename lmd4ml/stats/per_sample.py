@@ -68,15 +68,16 @@ def batch_size(batch: PyTree) -> int:
     return sizes.pop()
 
 
-def chunk_size(params: PyTree, memory_budget: int, batch: int) -> int:
-    """How many samples' gradients fit in ``memory_budget`` bytes (at least 1, at most ``batch``).
+def chunk_size(per_sample: PyTree, memory_budget: int, batch: int) -> int:
+    """How many samples fit in ``memory_budget`` bytes when each holds arrays like ``per_sample``
+    (at least 1, at most ``batch``); for full per-sample gradients, ``per_sample`` is the params.
 
     Example:
       >>> chunk_size({"w": np.zeros((1000,), np.float32)}, memory_budget=40_000, batch=64)
       10
     """
-    per_sample = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    return int(min(batch, max(1, memory_budget // max(per_sample, 1))))
+    nbytes = sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(per_sample))
+    return int(min(batch, max(1, memory_budget // max(nbytes, 1))))
 
 
 def per_sample_pass(
@@ -84,22 +85,31 @@ def per_sample_pass(
     params: PyTree,
     batch: PyTree,
     stats: Mapping[str, PerSample],
-    chunk: int,
+    memory_budget: int,
 ) -> dict[str, jax.Array]:
-    """Every statistic in ``stats`` from one pass over the batch in chunks of ``chunk`` samples.
+    """Every statistic in ``stats`` from one pass over the batch in chunks.
 
-    Peak memory holds one chunk's per-sample gradients (``chunk`` × P), never B×P unless
-    ``chunk`` = B; per-sample squared norms form no per-sample gradient of dense parameters
-    at all (:mod:`lmd4ml.stats.ghost`). Full chunks run in a ``lax.scan``, a shorter last
-    chunk once after it.
+    A chunk holds as many samples as fit in ``memory_budget`` bytes of what the pass
+    materialises: every per-sample gradient when some statistic needs them, otherwise (only
+    squared norms) the factors and unfactored leaves of :mod:`lmd4ml.stats.ghost`, which form
+    no per-sample gradient of dense parameters at all. Full chunks run in a ``lax.scan``, a
+    shorter last chunk once after it.
     """
     n = batch_size(batch)
+    needs_grads = any(name != SQ_NORMS.name for name in stats)
+    footprint = (
+        params
+        if needs_grads
+        else ghost.sq_norm_footprint(params, ghost.analyse(loss_fn, params, batch))
+    )
+    chunk = chunk_size(footprint, memory_budget, n)
     n_full, rest = divmod(n, chunk)
 
     def on_chunk(chunk_batch: PyTree) -> dict[str, jax.Array]:
         f = ghost.factors(loss_fn, params, chunk_batch)
         out = {SQ_NORMS.name: ghost.sq_norms(f)} if SQ_NORMS.name in stats else {}
-        if others := {name: s for name, s in stats.items() if name != SQ_NORMS.name}:
+        if needs_grads:
+            others = {name: s for name, s in stats.items() if name != SQ_NORMS.name}
             grads = ghost.grads(f, params)
             out.update({name: s.fn(grads, params) for name, s in others.items()})
         return out
