@@ -1,0 +1,327 @@
+"""A shared-memory ring of metric records: one training process writes, dashboards read live.
+
+The segment holds a header (magic, format version, capacity, record size, the layout as JSON
+and the writer's count of records written) and then ``capacity`` fixed-size slots. A slot is a
+sequence number, the step (int64) and every field's bytes at the offsets the layout gives, so a
+reader attaches knowing only the segment name.
+
+Torn records are excluded by a seqlock per slot: for the record with global index i the writer
+sets the slot's sequence number to 2i + 1, writes the data, sets it to 2i + 2 and only then
+raises the count to i + 1. A reader copies the sequence numbers, then the slots, then the
+sequence numbers again, and keeps a record only when both copies read 2i + 2. Records are
+overwritten oldest first, so the rejected ones are always the oldest of a read: what a reader
+gets is contiguous, and what it lost to the writer lapping it is reported as ``missed``.
+
+Memory ordering: the writer's and readers' numpy copies are plain loads and stores in separate C
+calls (which the compiler cannot reorder across), and the protocol relies on the hardware
+keeping stores in program order and loads in program order, as x86-64 (TSO) does. On weakly
+ordered CPUs (ARM) a reader could, rarely, accept a record mixing two writes.
+
+Cleanup: the segment has mode 0600 and ``RingWriter.close`` unlinks it. For a writer that dies
+without closing (SIGKILL included) a watchdog process, started by the writer, unlinks it when
+its pipe from the writer closes; the pipe is inherited by children forked from the writer, so
+then the segment outlives a killed writer until they exit too. Segments are opened with
+``shm_open`` and ``mmap`` rather than ``multiprocessing.shared_memory``, which (before Python
+3.13) registers every attach with the resource tracker to be unlinked at exit: readers would
+have to unregister, and the tracker keeps one entry per name for all the processes sharing it,
+so a reader in the writer's process or family (a notebook plotting its own run) would cancel
+the writer's registration, and two such readers make the tracker raise.
+"""
+
+from __future__ import annotations
+
+import _posixshmem
+import contextlib
+import json
+import mmap
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+from hashlib import blake2b
+from typing import Any, NamedTuple
+
+import numpy as np
+
+MAGIC = b"LMD4RING"
+VERSION = 1
+_COUNT_OFFSET = 64  # the writer's count gets a cache line of its own
+_LAYOUT_OFFSET = 128
+_HEADER = np.dtype(
+    [("magic", "S8"), ("version", "<u4"), ("layout_size", "<u4"), ("capacity", "<u8"),
+     ("record_size", "<u8"), ("data_offset", "<u8")]
+)  # fmt: skip
+_RESERVED = ("seq", "step")
+
+# Run with -I -S so that it starts in milliseconds and imports nothing of the user's.
+_WATCHDOG = """
+import sys, _posixshmem
+if sys.stdin.buffer.read() != b"closed":
+    try:
+        _posixshmem.shm_unlink("/" + sys.argv[1])
+    except FileNotFoundError:
+        pass
+"""
+
+Fields = Mapping[str, tuple[tuple[int, ...], Any]]
+
+
+class Batch(NamedTuple):
+    """The records one ``RingReader.read`` returns; ``next`` is the ``since`` of the next read."""
+
+    start: int
+    next: int
+    missed: int
+    steps: np.ndarray
+    values: dict[str, np.ndarray]
+
+
+def ring_name(run_id: str) -> str:
+    """The shared-memory name for a run: readable when short and plain, else hashed.
+
+    macOS allows 31 characters in a POSIX shm name, so long ids keep a prefix and a hash.
+
+    Example:
+      >>> ring_name("run-7"), ring_name("a/very/long/experiment/name")
+      ('lmd4ml_run-7', 'lmd4ml_a_very_l_16e559ee7b5c')
+    """
+    if re.fullmatch(r"[A-Za-z0-9_.-]{1,16}", run_id):
+        return f"lmd4ml_{run_id}"
+    digest = blake2b(run_id.encode(), digest_size=6).hexdigest()
+    return f"lmd4ml_{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id[:8])}_{digest}"
+
+
+def record_dtype(fields: Fields) -> np.dtype:
+    """The slot layout: seq (uint64), step (int64), then each field at its dtype's alignment.
+
+    Example:
+      >>> dt = record_dtype({"loss": ((), "float32"), "hist": ((3,), "int32")})
+      >>> [(name, dt.fields[name][1]) for name in dt.names], dt.itemsize
+      ([('seq', 0), ('step', 8), ('loss', 16), ('hist', 20)], 32)
+    """
+    names, formats, offsets, end = ["seq", "step"], ["<u8", "<i8"], [0, 8], 16
+    for name, (shape, dtype) in fields.items():
+        if name in _RESERVED:
+            raise ValueError(f"field name {name!r} is reserved by the ring")
+        dtype = np.dtype(dtype)
+        if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+            raise ValueError(f"field {name!r}: {dtype} is not a plain numeric dtype")
+        end += -end % dtype.alignment
+        names.append(name)
+        formats.append((dtype.newbyteorder("<"), tuple(shape)))
+        offsets.append(end)
+        end += dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    itemsize = end + -end % 8  # keeps every slot's seq 8-byte aligned
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": itemsize})
+
+
+def _layout(dtype: np.dtype) -> list[dict[str, Any]]:
+    return [
+        {"name": n, "shape": list(dtype[n].shape), "dtype": dtype[n].base.str,
+         "offset": dtype.fields[n][1]}
+        for n in dtype.names[2:]
+    ]  # fmt: skip
+
+
+def _parse_header(
+    name: str, buf: mmap.mmap
+) -> tuple[dict[str, tuple[tuple[int, ...], np.dtype]], np.dtype, int, int]:
+    """The fields, record dtype, capacity and data offset a ring's header describes."""
+    if buf[:8] != MAGIC:
+        raise ValueError(f"shared memory {name!r} is not an lmd4ml ring")
+    header = np.ndarray((), _HEADER, buf).copy()  # a copy holds no export of buf
+    if header["version"] != VERSION:
+        raise ValueError(
+            f"ring {name!r} has format version {header['version']}, this lmd4ml reads {VERSION}"
+        )
+    layout_size, capacity, data_offset = (
+        int(header[k]) for k in ("layout_size", "capacity", "data_offset")
+    )
+    layout = json.loads(buf[_LAYOUT_OFFSET : _LAYOUT_OFFSET + layout_size])
+    fields = {f["name"]: (tuple(f["shape"]), np.dtype(f["dtype"])) for f in layout}
+    dtype = record_dtype(fields)
+    if dtype.itemsize != header["record_size"] or _layout(dtype) != layout:
+        raise ValueError(f"ring {name!r} has a layout this lmd4ml does not produce")
+    if len(buf) < data_offset + capacity * dtype.itemsize:
+        raise ValueError(f"ring {name!r} is shorter than its header says")
+    return fields, dtype, capacity, data_offset
+
+
+def _unlink(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        _posixshmem.shm_unlink("/" + name)
+
+
+def _map(name: str, size: int = 0) -> mmap.mmap:
+    """Map segment ``name``: created with ``size`` bytes and mode 0600, else read-only."""
+    create = size > 0
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL if create else os.O_RDONLY
+    fd = _posixshmem.shm_open("/" + name, flags, mode=0o600)
+    try:
+        if create:
+            os.ftruncate(fd, size)
+        else:
+            size = os.fstat(fd).st_size
+            if size < _LAYOUT_OFFSET:
+                raise ValueError(f"shared memory {name!r} is not an lmd4ml ring")
+        return mmap.mmap(fd, size, access=mmap.ACCESS_WRITE if create else mmap.ACCESS_READ)
+    except OSError:
+        if create:
+            _unlink(name)
+        raise
+    finally:
+        os.close(fd)
+
+
+class RingWriter:
+    """Creates the ring ``name`` and appends records to it; ``close`` (or exit) removes it.
+
+    ``fields`` maps each metric name to ``(shape, dtype)``; ``write`` takes a value for every
+    field, cast within its kind (float64 to a float32 field, not float to int).
+
+    Example:
+      >>> with RingWriter(ring_name("doc"), {"loss": ((), "float32")}, capacity=8) as w:
+      ...     for step in range(3):
+      ...         w.write(step, {"loss": 1.0 / (step + 1)})
+      ...     with RingReader(w.name) as r:
+      ...         batch = r.read(since=1)
+      >>> batch.start, batch.next, batch.missed, batch.steps.tolist(), batch.values["loss"].tolist()
+      (1, 3, 0, [1, 2], [0.5, 0.3333333432674408])
+    """
+
+    def __init__(self, name: str, fields: Fields, capacity: int = 4096):
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        dtype = record_dtype(fields)
+        layout = json.dumps(_layout(dtype)).encode()
+        data_offset = _LAYOUT_OFFSET + len(layout)
+        data_offset += -data_offset % 64
+        size = data_offset + capacity * dtype.itemsize
+        try:
+            buf = _map(name, size)
+        except FileExistsError:
+            raise FileExistsError(
+                f"shared memory {name!r} exists: a live run with the same id, or one that left "
+                f"it behind (remove /dev/shm/{name})"
+            ) from None
+        self.name = name
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _WATCHDOG, name],
+            stdin=subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C at the terminal must not kill it before the writer
+        )
+        buf[_LAYOUT_OFFSET:data_offset] = layout.ljust(data_offset - _LAYOUT_OFFSET, b" ")
+        self._count = np.ndarray((1,), "<u8", buf, _COUNT_OFFSET)
+        records = np.ndarray((capacity,), dtype, buf, data_offset)
+        self._seq, self._steps = records["seq"], records["step"]
+        self._columns = {n: records[n] for n in fields}
+        self._dtypes = {n: dtype[n].base for n in fields}
+        self._shapes = {n: dtype[n].shape for n in fields}
+        self._castable: set[tuple[str, np.dtype]] = set()
+        self._capacity, self._written = capacity, 0
+        header = np.ndarray((), _HEADER, buf)
+        header[()] = (b"", VERSION, len(layout), capacity, dtype.itemsize, data_offset)
+        header["magic"] = MAGIC  # last: a reader never takes a half-written header for valid
+        # Last, so that garbage collection releases the views above before closing the mapping.
+        self._buf = buf
+
+    def write(self, step: int, values: Mapping[str, Any]) -> None:
+        """Append the record for ``step``; ``values`` has one array per field, in its shape."""
+        arrays = []
+        for name, shape in self._shapes.items():
+            if name not in values:
+                raise ValueError(f"no value for field {name!r}")
+            value = np.asarray(values[name])
+            if value.shape != shape:
+                raise ValueError(f"field {name!r}: shape {value.shape}, expected {shape}")
+            if (name, value.dtype) not in self._castable:  # can_cast is most of a write's cost
+                dtype = self._dtypes[name]
+                if not np.can_cast(value.dtype, dtype, "same_kind"):
+                    raise ValueError(f"field {name!r}: cannot cast {value.dtype} to {dtype}")
+                self._castable.add((name, value.dtype))
+            arrays.append(value)
+        if len(values) != len(arrays):
+            raise ValueError(f"unknown fields {sorted(set(values) - set(self._shapes))}")
+        i = self._written
+        slot = i % self._capacity
+        self._seq[slot] = 2 * i + 1
+        self._steps[slot] = step
+        for column, value in zip(self._columns.values(), arrays, strict=True):
+            column[slot] = value
+        self._seq[slot] = 2 * i + 2
+        self._count[0] = self._written = i + 1
+
+    def close(self) -> None:
+        """Unlink the segment (readers attached keep their mapping) and stop the watchdog."""
+        if self._watchdog.stdin.closed:
+            return
+        self._seq = self._steps = self._count = self._columns = None  # release the buffer
+        self._buf.close()
+        _unlink(self.name)
+        self._watchdog.stdin.write(b"closed")
+        self._watchdog.stdin.close()
+        # Reaped in the background: waiting for a fresh interpreter to start and exit would
+        # add about 10 ms to every close.
+        threading.Thread(target=self._watchdog.wait, daemon=True).start()
+
+    def __enter__(self) -> RingWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RingReader:
+    """Attaches to the ring ``name`` (in any process) and reads what was written since an index.
+
+    ``fields`` maps each field to ``(shape, dtype)`` as the writer declared them.
+    """
+
+    def __init__(self, name: str):
+        try:
+            buf = _map(name)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no lmd4ml ring {name!r} in shared memory: the run has ended or not started, "
+                "or another user owns it"
+            ) from None
+        try:
+            self.fields, dtype, capacity, data_offset = _parse_header(name, buf)
+        except ValueError:
+            buf.close()
+            raise
+        self.name, self._capacity = name, capacity
+        self._count = np.ndarray((1,), "<u8", buf, _COUNT_OFFSET)
+        self._records = np.ndarray((capacity,), dtype, buf, data_offset)
+        self._buf = buf  # last, as in RingWriter
+
+    def read(self, since: int = 0) -> Batch:
+        """Every record with global index ≥ ``since`` still in the ring, oldest first."""
+        written = int(self._count[0])
+        if not 0 <= since <= written:
+            raise ValueError(f"since={since} is outside the {written} records written")
+        first = max(since, written - self._capacity)
+        index = np.arange(first, written, dtype=np.uint64)
+        slots = index % np.uint64(self._capacity)
+        seq = self._records["seq"]
+        before = seq[slots]
+        records = self._records[slots]
+        after = seq[slots]
+        torn = np.flatnonzero((before != 2 * index + 2) | (after != 2 * index + 2))
+        start = first + (int(torn[-1]) + 1 if torn.size else 0)
+        records = records[start - first :]
+        values = {n: np.ascontiguousarray(records[n]) for n in self.fields}
+        return Batch(start, written, start - since, np.ascontiguousarray(records["step"]), values)
+
+    def close(self) -> None:
+        """Detach; the segment stays for the writer and other readers. Idempotent."""
+        self._count = self._records = None
+        self._buf.close()
+
+    def __enter__(self) -> RingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,248 @@
+"""The shared-memory ring: round trips, torn-free reads under a full-speed writer, lapping,
+cleanup (close, SIGKILL) and attach errors, with writers and readers in separate processes."""
+
+import multiprocessing as mp
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmd4ml.telemetry.ring import MAGIC, RingReader, RingWriter, ring_name
+
+SPAWN = mp.get_context("spawn")
+TIMEOUT = 60
+
+STRESS_RECORDS = 100_000
+STRESS_CAPACITY = 64
+STRESS_FIELDS = {"x": ((), np.float64), "hist": ((100,), np.int32), "check": ((), np.uint64)}
+_WEIGHTS = np.arange(1, 201, 2, dtype=np.uint64)
+
+
+@pytest.fixture
+def name():
+    """A fresh segment name, removed after the test whatever happened."""
+    name = ring_name(f"t{uuid.uuid4().hex[:12]}")
+    yield name
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def _checksum(steps: np.ndarray, xs: np.ndarray, hists: np.ndarray) -> np.ndarray:
+    """Mixes every field of a record, so parts of two different records disagree with it."""
+    h = steps.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    h ^= xs.view(np.uint64)
+    return h + (hists.astype(np.uint64) * _WEIGHTS).sum(axis=-1)
+
+
+def _read_in_child(name, since, queue):
+    with RingReader(name) as reader:
+        queue.put((reader.fields, reader.read(since)))
+
+
+def _stress_writer(name, created, start, done):
+    rng = np.random.default_rng(0)
+    pool = 997  # prime, so records a ring's length apart hold different values
+    xs = rng.standard_normal(pool)
+    hists = rng.integers(-(2**31), 2**31, (pool, 100), dtype=np.int32)
+    steps = np.arange(STRESS_RECORDS)
+    checks = _checksum(steps, xs[steps % pool], hists[steps % pool])
+    with RingWriter(name, STRESS_FIELDS, capacity=STRESS_CAPACITY) as writer:
+        created.set()
+        start.wait()
+        for step in range(STRESS_RECORDS):
+            k = step % pool
+            writer.write(step, {"x": xs[k], "hist": hists[k], "check": checks[step]})
+        done.set()
+
+
+def _stress_reader(name, created, start, done, results):
+    created.wait()
+    errors, read, missed, lapped, polls, since = [], 0, 0, 0, 0, 0
+    with RingReader(name) as reader:
+        start.wait()
+        while True:
+            finished = done.is_set()  # before reading: that read then sees every record
+            batch = reader.read(since)
+            n = len(batch.steps)
+            if batch.start != since + batch.missed or batch.next != batch.start + n:
+                errors.append(f"since {since}: start {batch.start}, next {batch.next}, n {n}")
+            # steps are the records' indices here: this checks they strictly increase too
+            if not np.array_equal(batch.steps, np.arange(batch.start, batch.next)):
+                errors.append(f"steps {batch.steps[:3]}... from {batch.start}")
+            check = _checksum(batch.steps, batch.values["x"], batch.values["hist"])
+            torn = np.count_nonzero(check != batch.values["check"])
+            if torn:
+                errors.append(f"{torn} torn records in [{batch.start}, {batch.next})")
+            read, missed, lapped = read + n, missed + batch.missed, lapped + (batch.missed > 0)
+            since = batch.next
+            if finished:
+                break
+            polls += 1
+            if polls % 8 == 0:
+                time.sleep(0.001)  # long enough for the writer to lap this reader
+    results.put({"read": read, "missed": missed, "lapped": lapped, "errors": errors})
+
+
+def test_round_trip_across_processes(name):
+    fields = {
+        "loss": ((), np.float32),
+        "count": ((), np.int64),
+        "dead": ((), np.bool_),
+        "hist": ((100,), np.int32),
+        "layer/w": ((2, 3), np.float64),
+        "bytes": ((3,), np.uint8),
+    }
+    rng = np.random.default_rng(1)
+    records = [
+        {
+            "loss": rng.standard_normal(dtype=np.float32),
+            "count": rng.integers(2**40),
+            "dead": bool(step % 2),
+            "hist": rng.integers(0, 1000, 100, dtype=np.int32),
+            "layer/w": rng.standard_normal((2, 3)),
+            "bytes": rng.integers(0, 256, 3, dtype=np.uint8),
+        }
+        for step in range(5)
+    ]
+    with RingWriter(name, fields, capacity=16) as writer:
+        assert writer.name == name
+        for step, values in enumerate(records):
+            writer.write(10 * step, values)
+        queue = SPAWN.Queue()
+        child = SPAWN.Process(target=_read_in_child, args=(name, 1, queue))
+        child.start()
+        got_fields, batch = queue.get(timeout=TIMEOUT)
+        child.join(TIMEOUT)
+        assert child.exitcode == 0
+        # a reader's exit must leave the segment to the writer
+        assert Path("/dev/shm", name).exists()
+        with RingReader(name) as reader:
+            assert reader.read(1).steps.tolist() == batch.steps.tolist()
+    assert got_fields == {k: (shape, np.dtype(dtype)) for k, (shape, dtype) in fields.items()}
+    assert (batch.start, batch.next, batch.missed) == (1, 5, 0)
+    assert batch.steps.dtype == np.int64 and batch.steps.tolist() == [10, 20, 30, 40]
+    for key, (shape, dtype) in fields.items():
+        assert batch.values[key].dtype == dtype and batch.values[key].shape == (4, *shape)
+        np.testing.assert_array_equal(batch.values[key], [r[key] for r in records[1:]])
+
+
+def test_stress_many_readers_one_writer(name):
+    created, start, done = SPAWN.Event(), SPAWN.Barrier(4), SPAWN.Event()
+    results = SPAWN.Queue()
+    writer = SPAWN.Process(target=_stress_writer, args=(name, created, start, done))
+    readers = [
+        SPAWN.Process(target=_stress_reader, args=(name, created, start, done, results))
+        for _ in range(3)
+    ]
+    for process in [writer, *readers]:
+        process.start()
+    outcomes = [results.get(timeout=TIMEOUT) for _ in readers]
+    for process in [writer, *readers]:
+        process.join(TIMEOUT)
+        assert process.exitcode == 0
+    for outcome in outcomes:
+        assert outcome["errors"] == []
+        assert outcome["read"] + outcome["missed"] == STRESS_RECORDS
+        assert outcome["read"] > 0 and outcome["lapped"] > 0, outcome
+    assert not Path("/dev/shm", name).exists()
+
+
+def test_lapped_reader_counts_missed_records(name):
+    with RingWriter(name, {"x": ((), np.float32)}, capacity=4) as writer, RingReader(name) as r:
+        for step in range(10):
+            writer.write(step, {"x": step})
+        batch = r.read()
+        assert (batch.start, batch.next, batch.missed) == (6, 10, 6)
+        assert batch.steps.tolist() == [6, 7, 8, 9]
+        assert r.read(8).steps.tolist() == [8, 9] and r.read(8).missed == 0
+        empty = r.read(10)
+        assert (empty.start, empty.next, empty.missed, empty.steps.shape) == (10, 10, 0, (0,))
+        assert empty.values["x"].shape == (0,)
+        for step in range(10, 13):
+            writer.write(step, {"x": step})
+        assert r.read(10).steps.tolist() == [10, 11, 12]
+        batch = r.read(7)
+        assert (batch.start, batch.missed, batch.values["x"].tolist()) == (9, 2, [9, 10, 11, 12])
+        with pytest.raises(ValueError, match="since=14"):
+            r.read(14)
+
+
+def test_write_rejects_bad_values_and_leaves_ring_intact(name):
+    fields = {"loss": ((), np.float32), "hist": ((4,), np.int32)}
+    with RingWriter(name, fields, capacity=8) as writer, RingReader(name) as reader:
+        good = {"loss": np.float64(0.5), "hist": np.arange(4, dtype=np.int64)}  # same-kind casts
+        writer.write(0, good)
+        with pytest.raises(ValueError, match="'hist'"):
+            writer.write(1, {"loss": 1.0})
+        with pytest.raises(ValueError, match=r"'hist': shape \(5,\)"):
+            writer.write(1, {**good, "hist": np.zeros(5)})
+        with pytest.raises(ValueError, match="'hist': cannot cast float64"):
+            writer.write(1, {**good, "hist": np.zeros(4)})
+        with pytest.raises(ValueError, match=r"unknown fields.*'extra'"):
+            writer.write(1, {**good, "extra": 1.0})
+        writer.write(1, good)
+        batch = reader.read()
+        assert (batch.start, batch.missed, batch.steps.tolist()) == (0, 0, [0, 1])
+    with pytest.raises(ValueError, match="'step' is reserved"):
+        RingWriter(name, {"step": ((), np.int64)})
+    with pytest.raises(ValueError, match="capacity"):
+        RingWriter(name, {"x": ((), np.float32)}, capacity=0)
+
+
+def test_close_unlinks_private_segment(name):
+    path = Path("/dev/shm", name)
+    writer = RingWriter(name, {"x": ((), np.float32)})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError, match=name):
+        RingWriter(name, {"x": ((), np.float32)})
+    reader = RingReader(name)
+    reader.close()
+    reader.close()
+    assert path.exists()
+    writer.close()
+    assert not path.exists()
+    writer.close()
+    with RingWriter(name, {"x": ((), np.float32)}):
+        assert path.exists()
+    assert not path.exists()
+
+
+def test_sigkill_of_writer_removes_segment(name):
+    script = (
+        "import sys, time\n"
+        "from lmd4ml.telemetry.ring import RingWriter\n"
+        "writer = RingWriter(sys.argv[1], {'x': ((), 'float32')})\n"
+        "print(writer.name, flush=True)\n"
+        "time.sleep(TIMEOUT)\n"
+    ).replace("TIMEOUT", str(TIMEOUT))
+    path = Path("/dev/shm", name)
+    with subprocess.Popen(
+        [sys.executable, "-c", script, name], stdout=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout.readline().strip() == name
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(TIMEOUT)
+    deadline = time.monotonic() + 5
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not path.exists()
+
+
+def test_attach_errors(name):
+    with pytest.raises(FileNotFoundError, match=f"no lmd4ml ring '{name}'"):
+        RingReader(name)
+    path = Path("/dev/shm", name)
+    for content in [bytes(4096), b"tiny", MAGIC[:4] + bytes(4092)]:
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match="is not an lmd4ml ring"):
+            RingReader(name)
+    path.write_bytes(MAGIC + np.uint32(99).tobytes() + bytes(4084))
+    with pytest.raises(ValueError, match="format version 99"):
+        RingReader(name)
