@@ -1,0 +1,439 @@
+"""Durable run store: one SQLite file per run, readable while it is written.
+
+A runs directory holds one subdirectory per run, each with a ``run.sqlite``: the run's
+metadata, its field layout (name, shape, dtype) and the value of every field at every
+tracked step. The file is in WAL mode with ``synchronous=NORMAL``: a commit survives the
+writing process being killed (not a power cut), and readers in other processes see every
+committed step without blocking the writer. ``RunWriter`` commits in batches, at most every
+``commit_every`` seconds, so a killed run loses at most the steps appended since its last
+commit.
+
+Layout of the file (format ``lmd4ml-run``, version 1):
+
+* ``meta(key, value)``: JSON values for ``format``, ``version``, ``start_time``,
+  ``end_time`` (Unix seconds), ``status`` and ``metadata`` (the caller's dict);
+* ``fields(idx, name, shape, dtype)``: the layout, in the writer's order;
+* ``steps(step)``: every appended step;
+* ``v<idx>(step, value)``: one table per field, the value's raw bytes (C order, the
+  layout's dtype and shape); a step the caller left the field out of has no row.
+
+Example:
+  >>> import tempfile, numpy as np
+  >>> runs = tempfile.mkdtemp()
+  >>> fields = {"loss": ((), np.float32), "hist": ((3,), np.int32)}
+  >>> with RunWriter(new_run_dir(runs, "demo"), {"lr": 0.1}, fields) as writer:
+  ...     for step in range(4):
+  ...         writer.append(step, {"loss": 1.0 / (step + 1), "hist": [step, 0, 1]})
+  >>> run = load_run(f"{runs}/demo")
+  >>> run.metadata["lr"], run.metadata["status"], run.keys
+  (0.1, 'finished', ['loss', 'hist'])
+  >>> steps, values = run["hist"]
+  >>> steps.tolist(), values.shape, values.dtype
+  ([0, 1, 2, 3], (4, 3), dtype('int32'))
+  >>> [(r["name"], r["n_steps"]) for r in list_runs(runs)]
+  [('demo', 4)]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+FORMAT = "lmd4ml-run"
+VERSION = 1
+DB_NAME = "run.sqlite"
+_RUN_KEYS = ("format", "version", "start_time", "end_time", "status")
+# How a run can end; "running" is its status until then (or forever, if it was killed).
+STATUSES = ("finished", "failed", "interrupted")
+
+# name -> (index in the file, shape, dtype)
+Layout = dict[str, tuple[int, tuple[int, ...], np.dtype]]
+
+# Keys the store itself puts in a run's metadata (and list_runs adds); the caller's dict
+# may not use them, so that nothing it passes is silently replaced.
+RESERVED_KEYS = frozenset(
+    {"format", "version", "start_time", "end_time", "status", "path", "name", "n_steps"}
+)
+
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE fields (idx INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,"
+    " shape TEXT NOT NULL, dtype TEXT NOT NULL)",
+    "CREATE TABLE steps (step INTEGER PRIMARY KEY)",
+)
+
+
+class RunStoreError(ValueError):
+    """A path that is not a readable lmd4ml run: missing, damaged or foreign."""
+
+
+def new_run_dir(runs_dir: str | os.PathLike, name: str | None = None) -> pathlib.Path:
+    """Create and return a fresh run directory ``runs_dir/<name>``.
+
+    Without a name it is ``YYYYmmdd-HHMMSS-xxxx`` (local time and a random suffix), so
+    directory listings sort by start time. An existing name raises ``FileExistsError``.
+
+    Example:
+      >>> import tempfile
+      >>> new_run_dir(tempfile.mkdtemp(), "baseline").name
+      'baseline'
+    """
+    runs_dir = pathlib.Path(runs_dir)
+    if name is not None and (name in ("", ".", "..") or re.search(r"[/\\]", name)):
+        raise ValueError(f"new_run_dir: name must be a plain directory name, got {name!r}")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = runs_dir / (name or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            if name is not None:
+                raise
+
+
+def _json_default(value: Any) -> Any:
+    """Numpy values as plain Python; anything else as its repr rather than failing a run."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    return repr(value)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_default)
+
+
+def _connect(path: pathlib.Path) -> sqlite3.Connection:
+    # Autocommit mode: transactions are opened and committed explicitly by _transaction.
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _initialise(conn: sqlite3.Connection, layout: Layout, metadata: Mapping[str, Any]) -> None:
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "start_time": time.time(),
+        "end_time": None,
+        "status": "running",
+        "metadata": dict(metadata),
+    }
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, _dumps(v)) for k, v in meta.items()])
+    for name, (idx, shape, dtype) in layout.items():
+        conn.execute(
+            "INSERT INTO fields VALUES (?, ?, ?, ?)", (idx, name, json.dumps(shape), dtype.str)
+        )
+        conn.execute(f"CREATE TABLE v{idx} (step INTEGER PRIMARY KEY, value BLOB NOT NULL)")
+
+
+class RunWriter:
+    """Append the values of tracked steps to a new ``run.sqlite`` in ``run_dir``.
+
+    ``fields`` maps each field name to ``(shape, dtype)``; ``append`` takes any subset of
+    them per step, as arrays (or scalars, JAX arrays) cast to that dtype. Steps must
+    increase. Appends are buffered and committed once ``commit_every`` seconds have passed
+    since the last commit, and on ``flush`` and ``close``. One thread at a time.
+
+    Used as a context manager it closes the run as ``"failed"`` when the block raises and
+    ``"finished"`` otherwise.
+
+    Example:
+      >>> import tempfile
+      >>> writer = RunWriter(tempfile.mkdtemp(), {}, {"loss": ((), "float32")})
+      >>> writer.append(0, {"loss": 0.5})
+      >>> writer.close(); writer.close()
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        metadata: Mapping[str, Any],
+        fields: Mapping[str, tuple[tuple[int, ...], Any]],
+        commit_every: float = 1.0,
+    ):
+        reserved = sorted(RESERVED_KEYS.intersection(metadata))
+        if reserved:
+            raise ValueError(f"RunWriter: metadata may not use the store's keys {reserved}")
+        self.layout: Layout = {
+            name: (idx, tuple(int(n) for n in shape), np.dtype(dtype))
+            for idx, (name, (shape, dtype)) in enumerate(fields.items())
+        }
+        self.path = pathlib.Path(run_dir) / DB_NAME
+        if self.path.exists():
+            raise FileExistsError(
+                f"RunWriter: {self.path} already exists; runs are never overwritten"
+            )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.commit_every = commit_every
+        self._buffer: dict[int, list[tuple[int, bytes]]] = {
+            i: [] for i, _, _ in self.layout.values()
+        }
+        self._steps: list[tuple[int]] = []
+        self._last_step: int | None = None
+        # The file is built under another name and renamed into place, so that a reader
+        # never finds a half-initialised run.
+        staging = self.path.with_name(f".{DB_NAME}.{secrets.token_hex(4)}")
+        conn = _connect(staging)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            with _transaction(conn):
+                _initialise(conn, self.layout, metadata)
+        finally:
+            conn.close()
+        os.replace(staging, self.path)
+        self._conn: sqlite3.Connection | None = _connect(self.path)
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._last_commit = time.monotonic()
+
+    def append(self, step: int, values: Mapping[str, Any]) -> None:
+        """Buffer the values of one step; commit if ``commit_every`` seconds have passed."""
+        if self._conn is None:
+            raise ValueError(f"RunWriter: {self.path} is closed")
+        step = int(step)
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(
+                f"RunWriter: step {step} after step {self._last_step}; steps must increase"
+            )
+        if not values.keys() <= self.layout.keys():
+            unknown = sorted(set(values) - self.layout.keys())
+            raise ValueError(f"RunWriter: fields {unknown} not in the layout {list(self.layout)}")
+        rows = []
+        for name, value in values.items():
+            idx, shape, dtype = self.layout[name]
+            array = np.asarray(value, dtype=dtype)
+            if array.shape != shape:
+                raise ValueError(
+                    f"RunWriter: field {name!r} has shape {array.shape}, layout says {shape}"
+                )
+            rows.append((idx, array.tobytes()))
+        # Buffered only once every value is valid, so a rejected step leaves nothing behind.
+        for idx, blob in rows:
+            self._buffer[idx].append((step, blob))
+        self._steps.append((step,))
+        self._last_step = step
+        if time.monotonic() - self._last_commit >= self.commit_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit every buffered step."""
+        if self._conn is None:
+            raise ValueError(f"RunWriter: {self.path} is closed")
+        if self._steps:
+            with _transaction(self._conn) as conn:
+                conn.executemany("INSERT INTO steps VALUES (?)", self._steps)
+                for idx, rows in self._buffer.items():
+                    if rows:
+                        conn.executemany(f"INSERT INTO v{idx} VALUES (?, ?)", rows)
+            self._steps.clear()
+            for rows in self._buffer.values():
+                rows.clear()
+        self._last_commit = time.monotonic()
+
+    def close(self, status: str = "finished") -> None:
+        """Commit what is buffered, record ``status`` and the end time; later calls do nothing."""
+        if status not in STATUSES:
+            raise ValueError(f"RunWriter.close: status must be one of {STATUSES}, got {status!r}")
+        if self._conn is None:
+            return
+        try:
+            self.flush()
+            with _transaction(self._conn) as conn:
+                conn.executemany(
+                    "UPDATE meta SET value = ? WHERE key = ?",
+                    [(_dumps(status), "status"), (_dumps(time.time()), "end_time")],
+                )
+        finally:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("failed" if exc_type is not None else "finished")
+
+
+class Run:
+    """A stored run, as returned by ``load_run``.
+
+    ``metadata`` and ``keys`` are read once; ``run[key]`` and ``steps()`` read the file on
+    every call, so a run that is still being written shows every step committed so far.
+    """
+
+    def __init__(self, db: pathlib.Path, metadata: dict, layout: Layout):
+        self.path = db.parent
+        self.metadata = metadata
+        self.keys = list(layout)
+        self._db = db
+        self._layout = layout
+
+    def __getitem__(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)``: int64 steps of shape (n,), values of shape (n, *shape)."""
+        if key not in self._layout:
+            raise KeyError(f"{key!r} is not a field of the run {self.path}; it has {self.keys}")
+        idx, shape, dtype = self._layout[key]
+        with _reading(self._db) as conn:
+            rows = conn.execute(f"SELECT step, value FROM v{idx} ORDER BY step").fetchall()
+            steps = np.fromiter((step for step, _ in rows), np.int64, len(rows))
+            data = bytearray().join(value for _, value in rows)
+            if len(data) != len(rows) * dtype.itemsize * math.prod(shape):
+                raise RunStoreError(f"{self._db}: values of {key!r} do not match its layout")
+        return steps, np.frombuffer(data, dtype).reshape(len(rows), *shape)
+
+    def steps(self) -> np.ndarray:
+        """Every appended step, int64, increasing."""
+        with _reading(self._db) as conn:
+            rows = conn.execute("SELECT step FROM steps ORDER BY step").fetchall()
+        return np.fromiter((step for (step,) in rows), np.int64, len(rows))
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, status={self.metadata['status']!r}, keys={self.keys})"
+
+
+@contextlib.contextmanager
+def _reading(db: pathlib.Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection; whatever goes wrong reading becomes a RunStoreError."""
+    try:
+        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        raise RunStoreError(f"{db}: cannot open ({e})") from e
+    try:
+        yield conn
+    except RunStoreError:
+        raise
+    except (sqlite3.Error, ValueError, TypeError) as e:
+        raise RunStoreError(f"{db}: damaged or not an lmd4ml run ({e})") from e
+    finally:
+        conn.close()
+
+
+def _check_file(db: pathlib.Path) -> None:
+    """Catch an empty, foreign or truncated file before SQLite reads it."""
+    with open(db, "rb") as f:
+        header = f.read(100)
+    if not header:
+        raise RunStoreError(f"{db}: empty file, not an lmd4ml run")
+    if not header.startswith(b"SQLite format 3\0"):
+        raise RunStoreError(f"{db}: not an SQLite database (bad header)")
+    if len(header) < 100:
+        raise RunStoreError(f"{db}: truncated ({len(header)} bytes)")
+    wal = db.with_name(db.name + "-wal")
+    # With a live write-ahead log the main file may legitimately lag behind its header.
+    if wal.exists() and wal.stat().st_size > 0:
+        return
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    n_pages = int.from_bytes(header[28:32], "big")
+    size = db.stat().st_size
+    # The header's page count is valid when its version stamp matches the change counter.
+    if header[24:28] == header[92:96] and size < page_size * n_pages:
+        raise RunStoreError(
+            f"{db}: truncated ({size} bytes, its header says {page_size * n_pages})"
+        )
+
+
+def _open(path: str | os.PathLike) -> tuple[Run, int]:
+    """The run at ``path`` and its number of steps."""
+    path = pathlib.Path(path)
+    db = path / DB_NAME if path.is_dir() else path
+    if not db.is_file():
+        what = f"no {DB_NAME} in it" if path.is_dir() else "no such file or directory"
+        raise RunStoreError(f"{path}: not an lmd4ml run ({what})")
+    _check_file(db)
+    with _reading(db) as conn:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        if not {"meta", "fields", "steps"} <= tables:
+            raise RunStoreError(f"{db}: an SQLite database but not an lmd4ml run (no run tables)")
+        meta = {key: json.loads(value) for key, value in conn.execute("SELECT * FROM meta")}
+        if meta.get("format") != FORMAT:
+            raise RunStoreError(f"{db}: not an lmd4ml run (format {meta.get('format')!r})")
+        if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
+            raise RunStoreError(
+                f"{db}: run format version {meta.get('version')!r}; this lmd4ml reads {VERSION}"
+            )
+        missing = [key for key in (*_RUN_KEYS, "metadata") if key not in meta]
+        if missing:
+            raise RunStoreError(f"{db}: damaged, its run metadata lacks {missing}")
+        if not isinstance(meta["start_time"], int | float):
+            raise RunStoreError(f"{db}: damaged, its start_time is {meta['start_time']!r}")
+        layout = {
+            name: (idx, tuple(json.loads(shape)), np.dtype(dtype))
+            for idx, name, shape, dtype in conn.execute("SELECT * FROM fields ORDER BY idx")
+        }
+        missing = [name for name, (idx, _, _) in layout.items() if f"v{idx}" not in tables]
+        if missing:
+            raise RunStoreError(f"{db}: damaged, no values table for fields {missing}")
+        (n_steps,) = conn.execute("SELECT count(*) FROM steps").fetchone()
+        metadata = {
+            **meta["metadata"],
+            **{key: meta[key] for key in _RUN_KEYS},
+        }
+    return Run(db, metadata, layout), n_steps
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """The run in directory ``path`` (or its ``run.sqlite``); ``RunStoreError`` if there is none.
+
+    Example:
+      >>> import tempfile
+      >>> load_run(tempfile.mkdtemp())
+      Traceback (most recent call last):
+      ...
+      lmd4ml.telemetry.store.RunStoreError: ...: not an lmd4ml run (no run.sqlite in it)
+    """
+    return _open(path)[0]
+
+
+def list_runs(runs_dir: str | os.PathLike) -> list[dict]:
+    """Every run in ``runs_dir``, oldest first: its metadata plus "path", "name", "n_steps".
+
+    Subdirectories without a ``run.sqlite`` are skipped; a run that cannot be read is
+    listed with status "damaged" and an "error" message. A missing ``runs_dir`` has no runs.
+
+    Example:
+      >>> import tempfile
+      >>> list_runs(tempfile.mkdtemp())
+      []
+    """
+    runs_dir = pathlib.Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    entries = []
+    for path in runs_dir.iterdir():
+        db = path / DB_NAME
+        if not db.is_file():
+            continue
+        place = {"path": str(path), "name": path.name}
+        try:
+            run, n_steps = _open(path)
+            entry = {**run.metadata, **place, "n_steps": n_steps}
+            order = run.metadata["start_time"]
+        except RunStoreError as e:
+            entry = {**place, "n_steps": 0, "start_time": None, "end_time": None}
+            entry.update(status="damaged", error=str(e))
+            order = db.stat().st_mtime
+        entries.append((order, path.name, entry))
+    return [entry for _, _, entry in sorted(entries, key=lambda e: e[:2])]

@@ -1,0 +1,303 @@
+"""The run store: round trips, live reading, durability under SIGKILL, damaged files."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lmd4ml.telemetry.store import (
+    RunStoreError,
+    RunWriter,
+    list_runs,
+    load_run,
+    new_run_dir,
+)
+
+FIELDS = {
+    "loss": ((), np.float32),
+    "norm_test": ((), np.float64),
+    "nan_seen": ((), np.bool_),
+    "grad_hist_1d": ((100,), np.int32),
+    "per_layer/['w']": ((2, 3), np.float32),
+}
+
+
+def _values(step: int) -> dict[str, np.ndarray]:
+    values = {
+        "loss": np.float32(1.0 / (step + 1)),
+        "norm_test": np.nan if step == 3 else step * 0.25,
+        "nan_seen": step == 3,
+        "per_layer/['w']": np.arange(6, dtype=np.float32).reshape(2, 3) * step,
+    }
+    if step % 2 == 0:  # a field tracked on some steps only
+        values["grad_hist_1d"] = np.arange(100, dtype=np.int32) + step
+    return values
+
+
+def _write(run_dir, n_steps: int, **kwargs) -> None:
+    with RunWriter(run_dir, {"config": {"lr": 0.1}}, FIELDS, **kwargs) as writer:
+        for step in range(n_steps):
+            writer.append(step, _values(step))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> str:
+    """A closed run of 2000 steps, large enough to span many pages of the file."""
+    run_dir = new_run_dir(tmp_path_factory.mktemp("runs"), "finished")
+    _write(run_dir, 2000)
+    return str(run_dir)
+
+
+def test_round_trip(tmp_path):
+    run_dir = new_run_dir(tmp_path, "r")
+    _write(run_dir, 10)
+    run = load_run(run_dir)
+    assert run.path == run_dir
+    assert run.keys == list(FIELDS)
+    np.testing.assert_array_equal(run.steps(), np.arange(10))
+    for key, (shape, dtype) in FIELDS.items():
+        steps, values = run[key]
+        expected_steps = [s for s in range(10) if key in _values(s)]
+        assert steps.dtype == np.int64 and steps.tolist() == expected_steps
+        assert values.dtype == dtype and values.shape == (len(steps), *shape)
+        expected = np.array([_values(s)[key] for s in expected_steps], dtype)
+        np.testing.assert_array_equal(values, expected)  # NaN included, bit for bit
+    assert load_run(run_dir / "run.sqlite").keys == run.keys
+
+
+def test_metadata(tmp_path):
+    metadata = {
+        "config": {"lr": 1e-3, "layers": (64, 10)},
+        "optimizer": "adam",
+        "n_params": np.int64(26122),
+        "versions": {"jax": "0.4.35"},
+    }
+    before = time.time()
+    with RunWriter(tmp_path, metadata, {"loss": ((), "float32")}) as writer:
+        assert load_run(tmp_path).metadata["status"] == "running"
+    meta = load_run(tmp_path).metadata
+    assert meta["config"] == {"lr": 1e-3, "layers": [64, 10]}
+    assert meta["n_params"] == 26122 and meta["versions"] == {"jax": "0.4.35"}
+    assert meta["format"] == "lmd4ml-run" and meta["version"] == 1
+    assert meta["status"] == "finished"
+    assert before <= meta["start_time"] <= meta["end_time"] <= time.time()
+    writer.close("failed")  # already closed: nothing changes
+    assert load_run(tmp_path).metadata["status"] == "finished"
+
+
+def test_failed_run_is_marked(tmp_path):
+    with pytest.raises(RuntimeError), RunWriter(tmp_path, {}, FIELDS) as writer:
+        writer.append(0, _values(0))
+        raise RuntimeError("diverged")
+    run = load_run(tmp_path)
+    assert run.metadata["status"] == "failed"
+    assert run.steps().tolist() == [0]
+
+
+def test_writer_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match=r"store's keys \['status'\]"):
+        RunWriter(tmp_path / "a", {"status": "x"}, FIELDS)
+    writer = RunWriter(tmp_path / "b", {}, FIELDS)
+    with pytest.raises(FileExistsError):
+        RunWriter(tmp_path / "b", {}, FIELDS)
+    writer.append(5, _values(5))
+    with pytest.raises(ValueError, match="steps must increase"):
+        writer.append(5, _values(5))
+    with pytest.raises(ValueError, match=r"fields \['lr'\] not in the layout"):
+        writer.append(6, {"lr": 1.0})
+    with pytest.raises(ValueError, match=r"has shape \(3,\), layout says \(100,\)"):
+        writer.append(6, {"loss": 1.0, "grad_hist_1d": [1, 2, 3]})
+    writer.append(6, {"loss": 2.0})  # the rejected step 6 left nothing behind
+    with pytest.raises(ValueError, match="status must be"):
+        writer.close("done")
+    writer.close()
+    with pytest.raises(ValueError, match="closed"):
+        writer.append(7, {})
+    run = load_run(tmp_path / "b")
+    assert run.steps().tolist() == [5, 6]
+    np.testing.assert_array_equal(run["loss"][1], np.float32([1 / 6, 2]))
+    with pytest.raises(KeyError, match=r"lr.* is not a field .* it has .*loss"):
+        run["lr"]
+
+
+def test_new_run_dir(tmp_path):
+    names = [new_run_dir(tmp_path / "runs").name for _ in range(20)]
+    assert len(set(names)) == 20
+    assert all(re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{4}", name) for name in names)
+    assert new_run_dir(tmp_path / "runs", "base").is_dir()
+    with pytest.raises(FileExistsError):
+        new_run_dir(tmp_path / "runs", "base")
+    with pytest.raises(ValueError, match="plain directory name"):
+        new_run_dir(tmp_path, "../escape")
+
+
+def test_list_runs(tmp_path, finished_run):
+    for name in ["b", "a", "c"]:  # started in this order, not the alphabetical one
+        with RunWriter(new_run_dir(tmp_path, name), {"name_of": name}, FIELDS) as writer:
+            writer.append(0, _values(0))
+    (tmp_path / "not_a_run").mkdir()
+    (tmp_path / "stray.txt").write_text("x")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "run.sqlite").write_bytes(b"garbage" * 100)
+    runs = list_runs(tmp_path)
+    assert [r["name"] for r in runs] == ["b", "a", "c", "broken"]
+    assert [r["n_steps"] for r in runs] == [1, 1, 1, 0]
+    assert runs[0]["name_of"] == "b" and runs[0]["status"] == "finished"
+    assert runs[0]["path"] == str(tmp_path / "b")
+    assert runs[-1]["status"] == "damaged" and "bad header" in runs[-1]["error"]
+    assert list_runs(tmp_path / "missing") == []
+
+
+def test_buffered_until_commit(tmp_path):
+    writer = RunWriter(tmp_path, {}, FIELDS, commit_every=3600)
+    writer.append(0, _values(0))
+    assert load_run(tmp_path).steps().tolist() == []
+    writer.flush()
+    assert load_run(tmp_path).steps().tolist() == [0]
+    writer.close()
+    with RunWriter(tmp_path / "eager", {}, FIELDS, commit_every=0) as writer:
+        writer.append(0, _values(0))
+        assert load_run(tmp_path / "eager").steps().tolist() == [0]
+
+
+READER = """
+import sys
+from lmd4ml.telemetry.store import load_run
+run = load_run(sys.argv[1])
+print(run.metadata["status"], run.steps().tolist(), run["grad_hist_1d"][0].tolist())
+"""
+
+
+def test_readable_while_writing(tmp_path):
+    writer = RunWriter(tmp_path, {}, FIELDS, commit_every=3600)
+    for step in range(5):
+        writer.append(step, _values(step))
+    writer.flush()
+    writer.append(5, _values(5))  # buffered: not visible yet
+    out = subprocess.run(
+        [sys.executable, "-c", READER, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split(maxsplit=1) == ["running", "[0, 1, 2, 3, 4] [0, 2, 4]\n"]
+    writer.append(6, _values(6))  # the writer carries on after the reader came and went
+    writer.close()
+    assert load_run(tmp_path).steps().tolist() == list(range(7))
+
+
+KILLED_WRITER = """
+import sys, time
+import numpy as np
+from lmd4ml.telemetry.store import RunWriter
+fields = {"loss": ((), "float32"), "grad_hist_1d": ((100,), "int32")}
+writer = RunWriter(sys.argv[1], {}, fields, commit_every=1.0)
+start = time.monotonic()
+for step in range(10**6):
+    writer.append(step, {"loss": step, "grad_hist_1d": np.full(100, step)})
+    print(step, time.monotonic() - start, flush=True)
+    time.sleep(0.01)
+"""
+
+
+def test_sigkill_keeps_a_prefix(tmp_path):
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    appended = {}  # step -> seconds since the first append, when append returned
+    try:
+        for line in child.stdout:
+            step, elapsed = line.split()
+            appended[int(step)] = float(elapsed)
+            if float(elapsed) >= 2.5:
+                break
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    reached = max(appended)
+    assert reached >= 100, f"the writer only reached step {reached}"
+
+    run = load_run(tmp_path)
+    steps = run.steps()
+    n = len(steps)
+    np.testing.assert_array_equal(steps, np.arange(n))
+    assert n > 0 and run.metadata["status"] == "running"
+    if n <= reached:  # steps n..reached were appended and lost: at most one commit interval
+        assert appended[reached] - appended[n] <= 1.0 + 0.25
+    loss_steps, loss = run["loss"]
+    hist_steps, hist = run["grad_hist_1d"]
+    np.testing.assert_array_equal(loss_steps, steps)
+    np.testing.assert_array_equal(hist_steps, steps)
+    np.testing.assert_array_equal(loss, steps)
+    np.testing.assert_array_equal(hist, np.repeat(steps[:, None], 100, axis=1))
+
+
+def _damage(path, how: str) -> None:
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        if how == "truncated":
+            f.truncate(size // 2)
+        elif how == "short":
+            f.truncate(60)
+        else:
+            f.seek({"header": 0, "schema": 100, "middle": size // 2}[how])
+            f.write(np.random.default_rng(0).bytes(100 if how == "header" else 30_000))
+
+
+def _read_everything(path) -> None:
+    run = load_run(path)
+    run.steps()
+    for key in run.keys:
+        run[key]
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("truncated", "truncated"),
+        ("short", "truncated"),
+        ("header", "not an SQLite database"),
+        ("schema", "malformed"),
+        ("middle", "malformed"),
+    ],
+)
+def test_damaged_file(tmp_path, finished_run, how, message):
+    run_dir = shutil.copytree(finished_run, tmp_path / "run")
+    _damage(run_dir / "run.sqlite", how)
+    with pytest.raises(RunStoreError, match=message) as error:
+        _read_everything(run_dir)
+    assert str(run_dir / "run.sqlite") in str(error.value)
+    assert list_runs(tmp_path)[0]["status"] == ("finished" if how == "middle" else "damaged")
+
+
+def test_foreign_and_missing(tmp_path):
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(RunStoreError, match=r"empty_dir: not an lmd4ml run \(no run.sqlite"):
+        load_run(tmp_path / "empty_dir")
+    with pytest.raises(RunStoreError, match="no such file or directory"):
+        load_run(tmp_path / "nowhere")
+
+    (tmp_path / "empty_file").mkdir()
+    (tmp_path / "empty_file" / "run.sqlite").touch()
+    with pytest.raises(RunStoreError, match="empty file"):
+        load_run(tmp_path / "empty_file")
+
+    foreign = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE users (name TEXT)")
+    with pytest.raises(RunStoreError, match=r"foreign\.sqlite: an SQLite database but not"):
+        load_run(foreign)
+
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as conn:
+        for table in ["meta (key, value)", "fields (idx, name, shape, dtype)", "steps (step)"]:
+            conn.execute(f"CREATE TABLE {table}")
+        conn.execute("INSERT INTO meta VALUES ('format', ?)", (json.dumps("other"),))
+    with pytest.raises(RunStoreError, match="not an lmd4ml run \\(format 'other'\\)"):
+        load_run(other)
