@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--track-every", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs-dir", default="runs", help="where the run is kept")
     args = parser.parse_args()
 
     digits = load_digits()
@@ -100,8 +101,8 @@ def main() -> None:
         f"{'epoch':>5} {'loss':>8} {'grad_norm':>9} {'distance':>8} {'update':>8} "
         f"{'norm_test':>9} {'|g|<1e-3':>10} {'clamped':>8} {'test acc':>8}"
     )
-    for epoch in range(1, args.epochs + 1):
-        history = lm.train(learner, epochs=1, track_every=args.track_every)
+
+    def report(epoch: int, history: lm.History) -> None:
         last = {k: v[-1] for k, v in history.items()}
         counts = last["grad_hist_1d"]
         centre = counts[49:51].sum() / counts.sum()
@@ -112,6 +113,19 @@ def main() -> None:
             f"{last['distance']:>8.3f} {last['update_size']:>8.4f} {last['norm_test']:>9.4f} "
             f"{centre:>10.1%} {clamped:>8.1%} {accuracy:>8.1%}"
         )
+
+    lm.train(
+        learner,
+        epochs=args.epochs,
+        track_every=args.track_every,
+        runs_dir=args.runs_dir,
+        on_epoch=report,
+    )
+    run = lm.list_runs(args.runs_dir)[-1]
+    print(
+        f"run kept in {run['path']} ({run['n_steps']} tracked steps): "
+        f"lm.load_run({str(run['path'])!r})"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from lmd4ml.quantities import (
 )
 from lmd4ml.stats import PerSample
 from lmd4ml.step import InstrumentedStep, StepState, instrument
+from lmd4ml.telemetry.export import to_csv, to_json, to_tensorboard
+from lmd4ml.telemetry.store import Run, RunStoreError, list_runs, load_run
 
 __version__ = "0.1.0"
 
@@ -29,11 +31,18 @@ __all__ = [
     "NormTest",
     "PerSample",
     "Quantity",
+    "Run",
+    "RunStoreError",
     "StepContext",
     "StepState",
     "UpdateSize",
     "instrument",
+    "list_runs",
+    "load_run",
     "quantity",
     "stats",
+    "to_csv",
+    "to_json",
+    "to_tensorboard",
     "train",
 ]

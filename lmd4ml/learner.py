@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import collections
+import importlib.metadata
+import os
+import platform
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,6 +20,8 @@ from tqdm.auto import tqdm
 from lmd4ml.quantities import Quantity
 from lmd4ml.stats import LossFn, PyTree
 from lmd4ml.step import InstrumentedStep, Metrics, instrument
+from lmd4ml.telemetry.store import new_run_dir
+from lmd4ml.telemetry.writer import Telemetry, fields_of
 
 History = dict[str, np.ndarray]
 Schedule = int | Callable[[int], bool]
@@ -103,8 +108,8 @@ def _nonfinite_keys(metrics: dict[str, Any]) -> list[str]:
     ]
 
 
-def _record(learner: Learner, step: int, metrics: Metrics) -> None:
-    """Bring one tracked step's metrics to the host and append them to the history."""
+def _record(learner: Learner, step: int, metrics: Metrics) -> Metrics:
+    """Bring one tracked step's metrics to the host, append them to the history, return them."""
     values = jax.tree.map(np.asarray, jax.device_get(metrics))
     learner.history["step"].append(step)
     for key, value in values.items():
@@ -116,8 +121,9 @@ def _record(learner: Learner, step: int, metrics: Metrics) -> None:
             f"non-finite values (NaN or Inf) first at step {step} in {bad}; they are recorded "
             "as they are and tracking goes on",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+    return values
 
 
 def as_history(learner: Learner) -> History:
@@ -132,11 +138,52 @@ def as_history(learner: Learner) -> History:
     return history
 
 
+def run_metadata(learner: Learner, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run records about itself: quantities, model, optimizer, config and versions."""
+    params = learner.state.params
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return {
+        "quantities": [repr(q) for q in learner.step.quantities],
+        "keys": list(learner.step.keys),
+        "model": {
+            "kind": "nnx.Module" if learner._module else type(params).__name__,
+            "class": type(learner._module[0]).__name__ if learner._module else None,
+            "n_params": int(sum(np.size(x) for _, x in leaves)),
+            "shapes": {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in leaves},
+        },
+        "optimizer": repr(learner.step.optimizer),
+        "config": {
+            k: v if isinstance(v, int | float | str | bool) else repr(v) for k, v in config.items()
+        },
+        "versions": {
+            name: importlib.metadata.version(name)
+            for name in ("lmd4ml", "jax", "jaxlib", "flax", "optax", "numpy")
+        },
+        "python": platform.python_version(),
+        "pid": os.getpid(),
+    }
+
+
+def _open_telemetry(
+    learner: Learner,
+    batch: PyTree,
+    runs_dir: str | os.PathLike,
+    run_name: str | None,
+    config: Mapping[str, Any],
+) -> Telemetry:
+    shapes = jax.eval_shape(lambda s, b: learner.step(s, b, track=True)[1], learner.state, batch)
+    run_dir = new_run_dir(runs_dir, run_name)
+    return Telemetry(run_dir, run_metadata(learner, config), fields_of(shapes))
+
+
 def train(
     learner: Learner,
     epochs: int = 1,
     track_every: Schedule = 1,
     *,
+    runs_dir: str | os.PathLike | None = "runs",
+    run_name: str | None = None,
+    on_epoch: Callable[[int, History], None] | None = None,
     progress: bool = True,
 ) -> History:
     """Train ``learner`` for ``epochs`` passes over its batches, tracking its quantities.
@@ -146,6 +193,10 @@ def train(
       epochs: passes over ``learner.batches`` (at least 1).
       track_every: compute quantities every k-th step (k >= 1), or a callable
         ``step -> bool``. Other steps run the bare optimizer update.
+      runs_dir: each call writes one run, ``runs_dir/<run>/``, with every tracked value (see
+        :func:`lmd4ml.load_run`) and a live ring for dashboards; ``None`` writes nothing.
+      run_name: the run's directory name (default: a sortable timestamp).
+      on_epoch: called after each epoch with the epoch (from 1) and the history so far.
       progress: show a progress bar with the loss and steps/s.
 
     Returns:
@@ -158,21 +209,39 @@ def train(
     total = len(learner.batches) * epochs if hasattr(learner.batches, "__len__") else None
     if total == 0:
         raise ValueError("batches is empty: there is nothing to train on")
+    config = {
+        "epochs": epochs,
+        "track_every": track_every,
+        "memory_budget": learner.step.memory_budget,
+    }
     bar = tqdm(total=total, unit="step", disable=not progress, dynamic_ncols=True)
     pending: tuple[int, Metrics] | None = None
+    telemetry: Telemetry | None = None
     last_loss, shown = None, time.monotonic()
+    status = "failed"
+
+    def record_pending() -> None:
+        nonlocal pending
+        if pending is not None:
+            values = _record(learner, *pending)
+            if telemetry is not None:
+                telemetry.submit(pending[0], values)
+            pending = None
+
     try:
         for epoch in range(epochs):
             n_batches = 0
             for batch in learner.batches:
                 step = learner.steps_done
+                track = bool(due(step))
+                if track and telemetry is None and runs_dir is not None:
+                    telemetry = _open_telemetry(learner, batch, runs_dir, run_name, config)
                 learner.state, metrics, loss = learner.step.step_with_loss(
-                    learner.state, batch, track=bool(due(step))
+                    learner.state, batch, track=track
                 )
                 # Fetch the previous tracked step only now, so the host never waits on the
                 # step it just dispatched.
-                if pending is not None:
-                    _record(learner, *pending)
+                record_pending()
                 pending = (step, metrics) if metrics else None
                 if last_loss is not None and time.monotonic() - shown > 0.25:
                     bar.set_postfix(loss=f"{float(last_loss):.4g}", refresh=False)
@@ -187,9 +256,17 @@ def train(
                     + (" in epoch 1" if epoch == 0 else f" in epoch {epoch + 1}: it was exhausted")
                     + "; pass a re-iterable such as a list, or an object whose __iter__ starts over"
                 )
+            if on_epoch is not None:
+                record_pending()
+                on_epoch(epoch + 1, as_history(learner))
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
     finally:
-        if pending is not None:
-            _record(learner, *pending)
+        record_pending()
+        if telemetry is not None:
+            telemetry.close(status)
         if last_loss is not None:
             bar.set_postfix(loss=f"{float(last_loss):.4g}", refresh=False)
         bar.close()

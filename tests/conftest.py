@@ -22,3 +22,9 @@ def mlp_case() -> models.Case:
 @pytest.fixture(scope="session")
 def regression_case() -> models.Case:
     return models.get("regression")
+
+
+@pytest.fixture(autouse=True)
+def _runs_in_tmp(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm.train keeps runs in ./runs by default: keep each test's in its own directory."""
+    monkeypatch.chdir(tmp_path)
