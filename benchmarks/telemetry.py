@@ -24,7 +24,7 @@ from models import mlp
 
 import lmd4ml as lm
 from lmd4ml.telemetry.store import new_run_dir
-from lmd4ml.telemetry.writer import Telemetry, fields_of
+from lmd4ml.telemetry.writer import Telemetry
 
 QUANTITY_SETS = {
     "scalars": lambda: [lm.Loss(), lm.GradNorm(), lm.Distance(), lm.UpdateSize(), lm.NormTest()],
@@ -53,7 +53,7 @@ def writer_cost(learner: lm.Learner, runs_dir: str, n: int = 20_000) -> float:
     (the interval sleeps only happen on an empty queue, so it runs flat out).
     """
     record = {k: v[-1] for k, v in learner.history.items() if k != "step"}
-    telemetry = Telemetry(new_run_dir(runs_dir), {}, fields_of(jax.eval_shape(lambda: record)))
+    telemetry = Telemetry(new_run_dir(runs_dir), {}, jax.eval_shape(lambda: record))
     start = time.perf_counter()
     for step in range(n):
         telemetry.submit(step, record)

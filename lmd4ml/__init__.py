@@ -1,6 +1,6 @@
 """lmd4ml: Cockpit's training diagnostics for any JAX model, inside one compiled optax step."""
 
-from lmd4ml import stats
+from lmd4ml import schedules, stats
 from lmd4ml.learner import History, Learner, train
 from lmd4ml.quantities import (
     Distance,
@@ -40,6 +40,7 @@ __all__ = [
     "list_runs",
     "load_run",
     "quantity",
+    "schedules",
     "stats",
     "to_csv",
     "to_json",

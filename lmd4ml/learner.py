@@ -18,13 +18,31 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from lmd4ml.quantities import Quantity
+from lmd4ml.schedules import Schedule, as_schedule
 from lmd4ml.stats import LossFn, PyTree
 from lmd4ml.step import InstrumentedStep, Metrics, instrument
 from lmd4ml.telemetry.store import new_run_dir
-from lmd4ml.telemetry.writer import Telemetry, fields_of
+from lmd4ml.telemetry.writer import Telemetry
 
-History = dict[str, np.ndarray]
-Schedule = int | Callable[[int], bool]
+
+class History(dict):
+    """Tracked values as numpy arrays, keyed like ``metrics``, plus ``"step"``.
+
+    ``history[key]`` stacks a quantity's values over the steps it was tracked at (a pytree
+    value keeps its structure, each leaf stacked); ``history["step"]`` lists every step at
+    which any quantity was tracked, and ``history.steps(key)`` those of one quantity, the same
+    unless quantities have schedules of their own.
+    """
+
+    def __init__(self, values: dict[str, Any], steps: dict[str, np.ndarray]):
+        super().__init__(values)
+        self._steps = steps
+
+    def steps(self, key: str) -> np.ndarray:
+        """The steps at which ``key`` was tracked, int64."""
+        if key not in self._steps:
+            raise KeyError(f"{key!r} was never tracked; tracked: {sorted(self._steps)}")
+        return self._steps[key]
 
 
 class Learner:
@@ -72,6 +90,7 @@ class Learner:
         )
         self.state = self.step.init(params)
         self.history: dict[str, list] = collections.defaultdict(list)
+        self.tracked_steps: dict[str, list[int]] = collections.defaultdict(list)
         self.first_nonfinite: int | None = None
         self.steps_done = 0
 
@@ -90,14 +109,21 @@ class Learner:
         return module
 
 
-def _schedule(track_every: Schedule) -> Callable[[int], bool]:
-    if callable(track_every):
-        return track_every
-    if isinstance(track_every, bool) or not isinstance(track_every, int) or track_every < 1:
-        raise ValueError(
-            f"track_every must be an integer >= 1 or a callable step -> bool, got {track_every!r}"
+def _due_keys(
+    learner: Learner, track_every: Schedule, schedules: Mapping[str, Schedule]
+) -> Callable[[int], frozenset[str]]:
+    """``step -> keys due there``, from the default schedule and each quantity's own."""
+    unknown = sorted(set(schedules) - set(learner.step.keys))
+    if unknown:
+        raise KeyError(
+            f"schedules names unknown quantities {unknown}; known: {list(learner.step.keys)}"
         )
-    return lambda step: step % track_every == 0
+    default = as_schedule(track_every, "track_every")
+    by_key = {
+        key: as_schedule(schedules[key], f"schedules[{key!r}]") if key in schedules else default
+        for key in learner.step.keys
+    }
+    return lambda step: frozenset(key for key, due in by_key.items() if due(step))
 
 
 def _nonfinite_keys(metrics: dict[str, Any]) -> list[str]:
@@ -114,6 +140,7 @@ def _record(learner: Learner, step: int, metrics: Metrics) -> Metrics:
     learner.history["step"].append(step)
     for key, value in values.items():
         learner.history[key].append(value)
+        learner.tracked_steps[key].append(step)
     bad = _nonfinite_keys(values)
     if bad and learner.first_nonfinite is None:
         learner.first_nonfinite = step
@@ -127,15 +154,14 @@ def _record(learner: Learner, step: int, metrics: Metrics) -> Metrics:
 
 
 def as_history(learner: Learner) -> History:
-    """The learner's history so far as numpy arrays keyed like ``metrics``, plus ``step``.
-
-    A pytree-valued quantity keeps its structure, each leaf stacked over tracked steps.
-    """
-    history = {"step": np.asarray(learner.history["step"], dtype=np.int64)}
+    """The learner's history so far (see :class:`History`)."""
+    values: dict[str, Any] = {"step": np.asarray(learner.history["step"], dtype=np.int64)}
+    steps = {}
     for key in learner.step.keys:
         if rows := learner.history.get(key):
-            history[key] = jax.tree.map(lambda *leaf_rows: np.stack(leaf_rows), *rows)
-    return history
+            values[key] = jax.tree.map(lambda *leaf_rows: np.stack(leaf_rows), *rows)
+            steps[key] = np.asarray(learner.tracked_steps[key], dtype=np.int64)
+    return History(values, steps)
 
 
 def run_metadata(learner: Learner, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -173,7 +199,7 @@ def _open_telemetry(
 ) -> Telemetry:
     shapes = jax.eval_shape(lambda s, b: learner.step(s, b, track=True)[1], learner.state, batch)
     run_dir = new_run_dir(runs_dir, run_name)
-    return Telemetry(run_dir, run_metadata(learner, config), fields_of(shapes))
+    return Telemetry(run_dir, run_metadata(learner, config), shapes)
 
 
 def train(
@@ -181,6 +207,7 @@ def train(
     epochs: int = 1,
     track_every: Schedule = 1,
     *,
+    schedules: Mapping[str, Schedule] | None = None,
     runs_dir: str | os.PathLike | None = "runs",
     run_name: str | None = None,
     on_epoch: Callable[[int, History], None] | None = None,
@@ -192,7 +219,10 @@ def train(
       learner: what to train; its state carries over to the next call.
       epochs: passes over ``learner.batches`` (at least 1).
       track_every: compute quantities every k-th step (k >= 1), or a callable
-        ``step -> bool``. Other steps run the bare optimizer update.
+        ``step -> bool`` (see :mod:`lmd4ml.schedules`). Steps with nothing due run the bare
+        optimizer update.
+      schedules: a schedule of its own for some quantities, by key, in place of
+        ``track_every``, e.g. ``{"hess_max_ev": 16, "grad_hist_2d": lm.schedules.every(64)}``.
       runs_dir: each call writes one run, ``runs_dir/<run>/``, with every tracked value (see
         :func:`lmd4ml.load_run`) and a live ring for dashboards; ``None`` writes nothing.
       run_name: the run's directory name (default: a sortable timestamp).
@@ -205,13 +235,14 @@ def train(
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
-    due = _schedule(track_every)
+    due = _due_keys(learner, track_every, schedules or {})
     total = len(learner.batches) * epochs if hasattr(learner.batches, "__len__") else None
     if total == 0:
         raise ValueError("batches is empty: there is nothing to train on")
     config = {
         "epochs": epochs,
         "track_every": track_every,
+        "schedules": dict(schedules or {}),
         "memory_budget": learner.step.memory_budget,
     }
     bar = tqdm(total=total, unit="step", disable=not progress, dynamic_ncols=True)
@@ -233,7 +264,7 @@ def train(
             n_batches = 0
             for batch in learner.batches:
                 step = learner.steps_done
-                track = bool(due(step))
+                track = due(step)
                 if track and telemetry is None and runs_dir is not None:
                     telemetry = _open_telemetry(learner, batch, runs_dir, run_name, config)
                 learner.state, metrics, loss = learner.step.step_with_loss(

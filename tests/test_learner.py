@@ -161,6 +161,42 @@ def test_history_has_one_row_per_tracked_step(name: str) -> None:
             np.testing.assert_allclose(history[key][row], value, rtol=1e-14, err_msg=key)
 
 
+def test_quantities_on_schedules_of_their_own() -> None:
+    batches = linear_batches(4)
+    learner = lm.Learner(linear_params(), linear_loss, batches, optax.adam(1e-2), quantities())
+    schedules = {"norm_test": 3, "grad_hist_1d": lm.schedules.logarithmic(0, 1, steps=3)}
+    history = lm.train(learner, epochs=3, schedules=schedules, runs_dir=".", run_name="r",
+                       progress=False)  # fmt: skip
+    expected = {"norm_test": [0, 3, 6, 9], "grad_hist_1d": [0, 1, 3, 10], "loss": list(range(12))}
+    for key, steps in expected.items():
+        np.testing.assert_array_equal(history.steps(key), steps)
+        assert len(history[key]) == len(steps)
+        np.testing.assert_array_equal(lm.load_run("r")[key][0], steps)
+    np.testing.assert_array_equal(history["step"], range(12))
+    # Tracking never changes training: values equal tracking everything at every step.
+    by_hand = dict(replay(batches * 3, lambda t: True))
+    for key, steps in expected.items():
+        for row, t in enumerate(steps):
+            np.testing.assert_allclose(history[key][row], by_hand[t][key], rtol=1e-12, err_msg=key)
+    # One compilation per distinct set of quantities due together, none after.
+    assert set(learner.step.trace_count.values()) == {1}
+    # Due sets: everything (steps 0, 3); all but the histogram (6, 9); all but the norm test
+    # (1, 10); neither (the rest).
+    assert len(learner.step.trace_count) == 4
+    lm.train(learner, epochs=2, schedules=schedules, runs_dir=None, progress=False)
+    assert set(learner.step.trace_count.values()) == {1}
+
+
+def test_schedules_must_name_tracked_quantities() -> None:
+    learner = lm.Learner(
+        linear_params(), linear_loss, linear_batches(), optax.sgd(0.1), [lm.Loss()]
+    )
+    with pytest.raises(KeyError, match=r"unknown quantities \['hess_trace'\]; known: \['loss'\]"):
+        lm.train(learner, schedules={"hess_trace": 4}, progress=False)
+    with pytest.raises(ValueError, match=r"schedules\['loss'\] must be an integer >= 1.*0"):
+        lm.train(learner, schedules={"loss": 0}, progress=False)
+
+
 def test_train_continues_where_it_stopped() -> None:
     batches = linear_batches(3)
     learner = lm.Learner(linear_params(), linear_loss, batches, optax.adam(1e-2), quantities())

@@ -173,13 +173,11 @@ def test_lapped_reader_counts_missed_records(name):
             r.read(14)
 
 
-def test_write_rejects_bad_values_and_leaves_ring_intact(name):
+def test_write_rejects_bad_values_and_marks_absent_fields(name):
     fields = {"loss": ((), np.float32), "hist": ((4,), np.int32)}
     with RingWriter(name, fields, capacity=8) as writer, RingReader(name) as reader:
         good = {"loss": np.float64(0.5), "hist": np.arange(4, dtype=np.int64)}  # same-kind casts
         writer.write(0, good)
-        with pytest.raises(ValueError, match="'hist'"):
-            writer.write(1, {"loss": 1.0})
         with pytest.raises(ValueError, match=r"'hist': shape \(5,\)"):
             writer.write(1, {**good, "hist": np.zeros(5)})
         with pytest.raises(ValueError, match="'hist': cannot cast float64"):
@@ -187,8 +185,12 @@ def test_write_rejects_bad_values_and_leaves_ring_intact(name):
         with pytest.raises(ValueError, match=r"unknown fields.*'extra'"):
             writer.write(1, {**good, "extra": 1.0})
         writer.write(1, good)
+        writer.write(2, {"loss": 2.0})  # a step that tracked only some fields
         batch = reader.read()
-        assert (batch.start, batch.missed, batch.steps.tolist()) == (0, 0, [0, 1])
+        assert (batch.start, batch.missed, batch.steps.tolist()) == (0, 0, [0, 1, 2])
+        assert batch.present["loss"].tolist() == [True, True, True]
+        assert batch.present["hist"].tolist() == [True, True, False]
+        assert batch.values["hist"][2].tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="'step' is reserved"):
         RingWriter(name, {"step": ((), np.int64)})
     with pytest.raises(ValueError, match="capacity"):

@@ -53,7 +53,7 @@ _HEADER = np.dtype(
     [("magic", "S8"), ("version", "<u4"), ("layout_size", "<u4"), ("capacity", "<u8"),
      ("record_size", "<u8"), ("data_offset", "<u8")]
 )  # fmt: skip
-_RESERVED = ("seq", "step")
+_RESERVED = ("seq", "step", "present")
 
 # Run with -I -S so that it starts in milliseconds and imports nothing of the user's.
 _WATCHDOG = """
@@ -76,6 +76,7 @@ class Batch(NamedTuple):
     missed: int
     steps: np.ndarray
     values: dict[str, np.ndarray]
+    present: dict[str, np.ndarray]  # per field, bool (n,): was it tracked at that step
 
 
 def ring_name(run_id: str) -> str:
@@ -94,14 +95,17 @@ def ring_name(run_id: str) -> str:
 
 
 def record_dtype(fields: Fields) -> np.dtype:
-    """The slot layout: seq (uint64), step (int64), then each field at its dtype's alignment.
+    """The slot layout: seq (uint64), step (int64), a presence flag per field, then each field
+    at its dtype's alignment.
 
     Example:
       >>> dt = record_dtype({"loss": ((), "float32"), "hist": ((3,), "int32")})
       >>> [(name, dt.fields[name][1]) for name in dt.names], dt.itemsize
-      ([('seq', 0), ('step', 8), ('loss', 16), ('hist', 20)], 32)
+      ([('seq', 0), ('step', 8), ('present', 16), ('loss', 20), ('hist', 24)], 40)
     """
-    names, formats, offsets, end = ["seq", "step"], ["<u8", "<i8"], [0, 8], 16
+    names, offsets = ["seq", "step", "present"], [0, 8, 16]
+    formats = ["<u8", "<i8", ("?", (len(fields),))]
+    end = 16 + len(fields)
     for name, (shape, dtype) in fields.items():
         if name in _RESERVED:
             raise ValueError(f"field name {name!r} is reserved by the ring")
@@ -121,7 +125,7 @@ def _layout(dtype: np.dtype) -> list[dict[str, Any]]:
     return [
         {"name": n, "shape": list(dtype[n].shape), "dtype": dtype[n].base.str,
          "offset": dtype.fields[n][1]}
-        for n in dtype.names[2:]
+        for n in dtype.names[len(_RESERVED):]
     ]  # fmt: skip
 
 
@@ -215,7 +219,7 @@ class RingWriter:
         buf[_LAYOUT_OFFSET:data_offset] = layout.ljust(data_offset - _LAYOUT_OFFSET, b" ")
         self._count = np.ndarray((1,), "<u8", buf, _COUNT_OFFSET)
         records = np.ndarray((capacity,), dtype, buf, data_offset)
-        self._seq, self._steps = records["seq"], records["step"]
+        self._seq, self._steps, self._present = records["seq"], records["step"], records["present"]
         self._columns = {n: records[n] for n in fields}
         self._dtypes = {n: dtype[n].base for n in fields}
         self._shapes = {n: dtype[n].shape for n in fields}
@@ -228,11 +232,15 @@ class RingWriter:
         self._buf = buf
 
     def write(self, step: int, values: Mapping[str, Any]) -> None:
-        """Append the record for ``step``; ``values`` has one array per field, in its shape."""
+        """Append the record for ``step``: an array in its shape for each field tracked then.
+
+        Fields left out are marked absent (and zeroed) in the record.
+        """
         arrays = []
         for name, shape in self._shapes.items():
             if name not in values:
-                raise ValueError(f"no value for field {name!r}")
+                arrays.append(None)
+                continue
             value = np.asarray(values[name])
             if value.shape != shape:
                 raise ValueError(f"field {name!r}: shape {value.shape}, expected {shape}")
@@ -242,14 +250,15 @@ class RingWriter:
                     raise ValueError(f"field {name!r}: cannot cast {value.dtype} to {dtype}")
                 self._castable.add((name, value.dtype))
             arrays.append(value)
-        if len(values) != len(arrays):
+        if not values.keys() <= self._shapes.keys():
             raise ValueError(f"unknown fields {sorted(set(values) - set(self._shapes))}")
         i = self._written
         slot = i % self._capacity
         self._seq[slot] = 2 * i + 1
         self._steps[slot] = step
+        self._present[slot] = [value is not None for value in arrays]
         for column, value in zip(self._columns.values(), arrays, strict=True):
-            column[slot] = value
+            column[slot] = 0 if value is None else value
         self._seq[slot] = 2 * i + 2
         self._count[0] = self._written = i + 1
 
@@ -257,7 +266,8 @@ class RingWriter:
         """Unlink the segment (readers attached keep their mapping) and stop the watchdog."""
         if self._watchdog.stdin.closed:
             return
-        self._seq = self._steps = self._count = self._columns = None  # release the buffer
+        # Release every view of the buffer, or closing the mapping fails.
+        self._seq = self._steps = self._present = self._count = self._columns = None
         self._buf.close()
         _unlink(self.name)
         self._watchdog.stdin.write(b"closed")
@@ -313,7 +323,9 @@ class RingReader:
         start = first + (int(torn[-1]) + 1 if torn.size else 0)
         records = records[start - first :]
         values = {n: np.ascontiguousarray(records[n]) for n in self.fields}
-        return Batch(start, written, start - since, np.ascontiguousarray(records["step"]), values)
+        present = dict(zip(self.fields, np.ascontiguousarray(records["present"].T), strict=True))
+        steps = np.ascontiguousarray(records["step"])
+        return Batch(start, written, start - since, steps, values, present)
 
     def close(self) -> None:
         """Detach; the segment stays for the writer and other readers. Idempotent."""

@@ -62,21 +62,23 @@ def fields_of(shapes: Mapping[str, Any]) -> Fields:
 class Telemetry:
     """The sinks of one run: its ring (live) and its store (durable), fed from a thread.
 
-    ``submit`` returns at once; the thread writes what has queued up every ``interval``
-    seconds; ``close`` writes what is left, then closes both sinks.
+    ``shapes`` is what ``jax.eval_shape`` gives for a step's full metrics; a step may submit
+    any subset of its keys. ``submit`` returns at once; the thread writes what has queued up
+    every ``interval`` seconds; ``close`` writes what is left, then closes both sinks.
     """
 
     def __init__(
         self,
         run_dir: Path,
         metadata: Mapping[str, Any],
-        fields: Fields,
+        shapes: Mapping[str, Any],
         ring_capacity: int = 4096,
         interval: float = 0.05,
     ):
         self.run_dir = Path(run_dir)
         self.interval = interval
-        self.fields = fields
+        self.fields = fields = fields_of(shapes)
+        self._names = {key: list(fields_of({key: shape})) for key, shape in shapes.items()}
         self.store = RunWriter(self.run_dir, metadata, fields)
         self._failed: set[str] = set()
         self.ring: RingWriter | None = None
@@ -107,10 +109,13 @@ class Telemetry:
                 self._closing.wait(self.interval)
 
     def _write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        # The names are fixed by the layout, whose order a list of the values flattens to in
-        # one call; naming every leaf again would cost more than writing it.
-        leaves = jax.tree.leaves(list(metrics.values()))
-        values = dict(zip(self.fields, map(np.asarray, leaves), strict=True))
+        # The names are fixed by the layout; naming every leaf again would cost more than
+        # writing it.
+        values = {
+            name: np.asarray(leaf)
+            for key, value in metrics.items()
+            for name, leaf in zip(self._names[key], jax.tree.leaves(value), strict=True)
+        }
         if self.ring is not None:
             self._guarded("the live ring", step, self.ring.write, values)
         self._guarded("the run store", step, self.store.append, values)

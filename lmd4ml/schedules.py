@@ -1,0 +1,66 @@
+"""When to track: a schedule says, for a step counted from 0, whether a quantity is computed.
+
+Anywhere a schedule is taken, an integer k means "every k-th step" and any callable
+``step -> bool`` is used as it is. ``lm.train`` asks every quantity's schedule at every step;
+the quantities due together run as one compiled variant of the step, compiled the first time
+that set is due (so a few distinct sets cost a few compilations, never one per step).
+
+Example:
+  >>> import lmd4ml as lm
+  >>> [step for step in range(12) if lm.schedules.every(4, start=1)(step)]
+  [1, 5, 9]
+  >>> sorted(step for step in range(1000) if lm.schedules.logarithmic(0, 3, steps=8)(step))
+  [0, 1, 2, 7, 19, 51, 138, 372]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+Schedule = int | Callable[[int], bool]
+
+
+def every(k: int, start: int = 0) -> Callable[[int], bool]:
+    """Track at steps ``start``, ``start + k``, ``start + 2k``, …"""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"every: k must be an integer >= 1, got {k!r}")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"every: start must be an integer >= 0, got {start!r}")
+    return lambda step: step >= start and (step - start) % k == 0
+
+
+def logarithmic(
+    start: float, end: float, steps: int = 300, base: float = 10.0, init: bool = True
+) -> Callable[[int], bool]:
+    """Track at ``steps`` points spaced evenly in log between ``base**start`` and ``base**end``.
+
+    The points are truncated to integers, as in Cockpit's schedule of the same name, so early
+    steps, where training changes fastest, are tracked densely and later ones sparsely. With
+    ``init`` step 0 is tracked too.
+    """
+    if not steps >= 1:
+        raise ValueError(f"logarithmic: steps must be >= 1, got {steps!r}")
+    if not end >= start:
+        raise ValueError(f"logarithmic: end must be >= start, got start={start}, end={end}")
+    points = np.logspace(start, end, steps, base=base).astype(np.int64)
+    due = frozenset(points.tolist()) | ({0} if init else set())
+    return due.__contains__
+
+
+def as_schedule(schedule: Schedule, what: str = "a schedule") -> Callable[[int], bool]:
+    """A callable ``step -> bool`` from an integer k (every k-th step) or a callable.
+
+    Example:
+      >>> as_schedule(3)(6), as_schedule(lambda step: step < 2)(5)
+      (True, False)
+    """
+    if callable(schedule):
+        return schedule
+    if isinstance(schedule, bool) or not isinstance(schedule, int) or schedule < 1:
+        raise ValueError(
+            f"{what} must be an integer >= 1 (every k-th step) or a callable step -> bool, "
+            f"got {schedule!r}"
+        )
+    return every(schedule)
