@@ -109,3 +109,135 @@ def spread_maxval(grads: np.ndarray) -> float:
     """A histogram range a few times the typical gradient element, rounded to 2 digits."""
     typical = np.quantile(np.abs(grads[np.isfinite(grads)]), 0.75)
     return float(f"{3 * typical:.2g}")
+
+
+@functools.cache
+def _mean_loss_hessian(loss_fn: Callable, treedef: Any, shapes: tuple) -> Callable:
+    """Jitted ∇²L of a flat parameter vector, for parameters of this structure."""
+    bounds = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1]
+
+    def mean_loss(flat: jax.Array, batch: Any) -> jax.Array:
+        pieces = [
+            piece.reshape(shape)
+            for piece, shape in zip(jax.numpy.split(flat, bounds), shapes, strict=True)
+        ]
+        return jax.numpy.mean(loss_fn(jax.tree.unflatten(treedef, pieces), batch))
+
+    return jax.jit(jax.hessian(mean_loss))
+
+
+def hessian(loss_fn: Callable, params: Any, batch: Any) -> np.ndarray:
+    """∇²L of L = mean(ℓ) over the flattened parameters (D×D, :func:`flatten` order), by
+    ``jax.hessian`` of a function of one flat vector."""
+    leaves, treedef = jax.tree.flatten(params)
+    hess = _mean_loss_hessian(loss_fn, treedef, tuple(np.shape(leaf) for leaf in leaves))
+    return np.asarray(hess(jax.numpy.asarray(flatten(params)), batch))
+
+
+# ------------------------------------------------- further Cockpit quantities (QUANTITIES.md)
+
+
+def inner_test(grads: np.ndarray) -> float:
+    """√((Σᵢpᵢ² − B‖g‖⁴) / ((B−1)·B·‖g‖⁴))."""
+    b = grads.shape[0]
+    g = mean_grad(grads)
+    g4 = (g @ g) ** 2
+    return float(np.sqrt((np.sum(projections(grads) ** 2) - b * g4) / ((b - 1) * b * g4)))
+
+
+def ortho_test(grads: np.ndarray) -> float:
+    """√(1/(B(B−1)) · Σᵢ[‖∇ℓᵢ‖²/‖g‖² − pᵢ²/‖g‖⁴])."""
+    b = grads.shape[0]
+    g2 = mean_grad(grads) @ mean_grad(grads)
+    terms = np.sum(grads**2, axis=1) / g2 - projections(grads) ** 2 / g2**2
+    return float(np.sqrt(terms.sum() / (b * (b - 1))))
+
+
+GSNR_EPS = 1e-5
+
+
+def mean_gsnr(grads: np.ndarray) -> float:
+    """mean_j g_j² / ((1/B)Σᵢ(∇ℓᵢ)_j² − g_j² + ε)."""
+    g = mean_grad(grads)
+    return float(np.mean(g**2 / (np.mean(grads**2, axis=0) - g**2 + GSNR_EPS)))
+
+
+def early_stopping(grads: np.ndarray) -> float:
+    """1 − B · mean_j[g_j² / (σ_j² + ε)], σ_j² the unbiased variance of (∇ℓᵢ)_j."""
+    b = grads.shape[0]
+    g = mean_grad(grads)
+    var = np.var(grads, axis=0, ddof=1)
+    return float(1 - b * np.mean(g**2 / (var + GSNR_EPS)))
+
+
+def cabs(grads: np.ndarray, losses: np.ndarray, lr: float) -> float:
+    """lr · (1/B)Σᵢ‖∇ℓᵢ − g‖² / L."""
+    spread = np.mean(np.sum((grads - mean_grad(grads)) ** 2, axis=1))
+    return float(lr * spread / losses.mean())
+
+
+def noise_scale_estimates(grads: np.ndarray) -> tuple[float, float]:
+    """(S, |G|²) from batch sizes 1 and B (McCandlish et al. 2018, eqs. A.1, A.2)."""
+    b = grads.shape[0]
+    small = np.mean(np.sum(grads**2, axis=1))  # |G_1|², averaged over the B batches of one
+    g = mean_grad(grads)
+    big = g @ g  # |G_B|²
+    return float((small - big) / (1 - 1 / b)), float((b * big - small) / (b - 1))
+
+
+def noise_scale(estimates: list[tuple[float, float]], decay: float) -> list[float]:
+    """B_simple after each step: bias-corrected EMAs of S and of |G|², then their ratio."""
+    values, s_avg, g_avg = [], 0.0, 0.0
+    for n, (s, g2) in enumerate(estimates, start=1):
+        s_avg = decay * s_avg + (1 - decay) * s
+        g_avg = decay * g_avg + (1 - decay) * g2
+        values.append((s_avg / (1 - decay**n)) / (g_avg / (1 - decay**n)))
+    return values
+
+
+def alpha(
+    losses: np.ndarray,
+    grads: np.ndarray,
+    losses_next: np.ndarray,
+    grads_next: np.ndarray,
+    d: np.ndarray,
+) -> float:
+    """Cockpit's α for the step d = θₜ₊₁ − θₜ, both ends observed on the same batch.
+
+    Slopes are per-sample projections ∇ℓᵢ·d/‖d‖; the quadratic is the maximum-likelihood
+    fit μ = (ΦΛ⁻¹Φᵀ)⁻¹ΦΛ⁻¹y with Λ the diagonal of sample variances (ddof=1), a zero
+    variance replaced by 1e-10; α = 2t/ᾱ − 1 with ᾱ = −μ₁/μ₂, and −1 for a concave fit.
+    """
+    t = float(np.linalg.norm(d))
+    fs = [losses.mean(), losses_next.mean()]
+    slopes = [grads @ d / t, grads_next @ d / t]
+    dfs = [s.mean() for s in slopes]
+    variances = [np.var(x, ddof=1) for x in (losses, losses_next, *slopes)]
+    variances = [v if v != 0 else 1e-10 for v in variances]
+    phi = np.array([[1, 0, 0], [1, t, t**2], [0, 1, 0], [0, 1, 2 * t]]).T
+    lambda_inv = np.linalg.inv(np.diag(variances))
+    mu = np.linalg.inv(phi @ lambda_inv @ phi.T) @ phi @ lambda_inv @ np.array(fs + dfs)
+    if mu[2] < 0:
+        return -1.0
+    return float(2 * t / (-mu[1] / mu[2]) - 1)
+
+
+def grad_hist_2d(
+    grads: np.ndarray, theta: np.ndarray, bins: tuple[int, int], ranges: tuple
+) -> np.ndarray:
+    """np.histogram2d of (∇ℓᵢ)_j against θ_j, both clamped into ``ranges``, NaN pairs left out."""
+    x = grads.ravel()
+    y = np.broadcast_to(theta, grads.shape).ravel()
+    keep = ~(np.isnan(x) | np.isnan(y))
+    (x_lo, x_hi), (y_lo, y_hi) = ranges
+    x, y = np.clip(x[keep], x_lo, x_hi), np.clip(y[keep], y_lo, y_hi)
+    return np.histogram2d(x, y, bins=bins, range=ranges)[0].astype(np.int64)
+
+
+def leaf_norms(flat: np.ndarray, tree: Any) -> dict[str, float]:
+    """‖·‖ of ``flat`` (in :func:`flatten` order) in total and per leaf of ``tree``, by path."""
+    pieces = jax.tree_util.tree_leaves_with_path(unflatten_like(flat, tree))
+    out = {"total": float(np.linalg.norm(flat))}
+    for path, piece in pieces:
+        out[jax.tree_util.keystr(path, simple=True, separator="/")] = float(np.linalg.norm(piece))
+    return out

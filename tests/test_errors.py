@@ -80,7 +80,7 @@ def test_wrong_loss_shape_fails_in_train_before_any_step() -> None:
 
 def test_norm_test_rejects_a_batch_of_one() -> None:
     step, state = step_for(squared_error, [lm.Loss(), lm.NormTest()])
-    with pytest.raises(ValueError, match=r"NormTest needs at least 2 samples.*batch size 1"):
+    with pytest.raises(ValueError, match=r"NormTest needs batches of at least 2 samples.*got 1"):
         step(state, linear_batch(1))
     # Only the selections that include NormTest need two samples.
     _, metrics = step(state, linear_batch(1), track={"loss"})
@@ -93,7 +93,7 @@ def test_norm_test_batch_of_one_fails_in_train_before_any_step() -> None:
     learner = lm.Learner(
         jnp.zeros(3), squared_error, [linear_batch(1)], optax.sgd(0.1), [lm.NormTest()]
     )
-    with pytest.raises(ValueError, match="NormTest needs at least 2 samples"):
+    with pytest.raises(ValueError, match="NormTest needs batches of at least 2 samples"):
         lm.train(learner, progress=False)
     assert_untrained(learner)
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 from lmd4ml import stats
 from lmd4ml.stats import LossFn, PerSample, PyTree
@@ -101,6 +102,35 @@ class StepContext:
     def projections(self) -> jax.Array:
         """pᵢ = ∇ℓᵢ · g for every sample, shape (B,), from one JVP along g."""
         return stats.projections(self.loss_fn, self.params, self.batch, self.grads)
+
+    @cached_property
+    def second_moment(self) -> PyTree:
+        """(1/B) Σᵢ (∇ℓᵢ)² per coordinate, a pytree like the params (one per-sample pass)."""
+        unravel = ravel_pytree(self.params)[1]
+        return unravel(self.per_sample(stats.SQ_GRADS) / self.batch_size)
+
+    @cached_property
+    def hvp(self) -> Callable[[PyTree], PyTree]:
+        """``hvp(v)`` = ∇²L v at θₜ, forward over reverse, the gradient linearized once."""
+        return stats.hessian.hvp(self.loss_fn, self.params, self.batch)
+
+    @cached_property
+    def _hessian_diags(self) -> dict[stats.hessian.DiagEstimator, PyTree]:
+        return {}
+
+    def hessian_diag(
+        self, estimator: stats.hessian.DiagEstimator, key: jax.Array | None = None
+    ) -> PyTree:
+        """diag(∇²L), a pytree like the params, built once per step per ``estimator``.
+
+        ``key`` draws Hutchinson's probes; equal estimators (same method, probes and seed)
+        share the first caller's, so quantities with the same settings see the same estimate.
+        """
+        if estimator not in self._hessian_diags:
+            self._hessian_diags[estimator] = estimator(
+                self.hvp, self.params, key, self._memory_budget
+            )
+        return self._hessian_diags[estimator]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,3 +48,75 @@ class GradHist1d(Quantity):
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         return ctx.per_sample(self.per_sample[0]), state
+
+
+def _hist_2d(
+    grads: PyTree,
+    params: PyTree,
+    bins: tuple[int, int],
+    range: tuple[tuple[float, float], tuple[float, float]],
+) -> jax.Array:
+    return sum(
+        stats.histogram2d(g, p, bins, range)
+        for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params), strict=True)
+    )
+
+
+def _is_interval(pair: object) -> bool:
+    try:
+        lo, hi = pair  # type: ignore[misc]
+        return float(lo) < float(hi)
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class GradHist2d(Quantity):
+    """Counts of (per-sample gradient element, parameter value) pairs on a 2-D grid.
+
+    Every element (∇ℓᵢ)_j of every per-sample gradient is paired with its parameter θₜ,j;
+    ``bins`` = (gradient bins, parameter bins) of equal width over ``range`` =
+    ((g_lo, g_hi), (θ_lo, θ_hi)). Values outside clamp into the edge bins; pairs with a NaN
+    are left out. Counts are int32 of shape ``bins`` and sum to B·D for a finite gradient.
+
+    Example:
+      >>> import lmd4ml as lm
+      >>> lm.GradHist2d(bins=(20, 30), range=((-0.1, 0.1), (-1.0, 1.0))).key
+      'grad_hist_2d'
+    """
+
+    bins: tuple[int, int] = (40, 50)
+    range: tuple[tuple[float, float], tuple[float, float]] = ((-1.0, 1.0), (-2.0, 2.0))
+    key = "grad_hist_2d"
+
+    def __post_init__(self):
+        bins_ok = (
+            isinstance(self.bins, tuple | list)
+            and len(self.bins) == 2
+            and all(isinstance(n, numbers.Integral) and n >= 1 for n in self.bins)
+        )
+        if not bins_ok:
+            raise ValueError(
+                f"GradHist2d: bins must be two integers >= 1 (gradient bins, parameter bins); "
+                f"got {self.bins!r}"
+            )
+        range_ok = (
+            isinstance(self.range, tuple | list)
+            and len(self.range) == 2
+            and all(_is_interval(pair) for pair in self.range)
+        )
+        if not range_ok:
+            raise ValueError(
+                "GradHist2d: range must be two (lo, hi) pairs with lo < hi, "
+                f"((gradient lo, hi), (parameter lo, hi)); got {self.range!r}"
+            )
+
+    @property
+    def per_sample(self) -> tuple[PerSample, ...]:  # type: ignore[override]
+        bins = (int(self.bins[0]), int(self.bins[1]))
+        ranges = tuple((float(lo), float(hi)) for lo, hi in self.range)
+        fn = partial(_hist_2d, bins=bins, range=ranges)
+        return (PerSample(f"grad_hist_2d[{bins},{ranges}]", fn, "sum"),)
+
+    def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
+        return ctx.per_sample(self.per_sample[0]), state

@@ -3,12 +3,15 @@
 - :mod:`~lmd4ml.stats.per_sample`: per-sample reductions in bounded chunks, projections.
 - :mod:`~lmd4ml.stats.ghost`: per-sample gradients of dense parameters as factors (ghost norms).
 - :mod:`~lmd4ml.stats.histogram`: exact histograms by scatter-add.
+- :mod:`~lmd4ml.stats.hessian`: Hessian-vector products, Hessian diagonal, top eigenvalue.
 """
 
+from lmd4ml.stats import hessian
 from lmd4ml.stats._types import LossFn, PyTree
 from lmd4ml.stats.ghost import factored_leaves
-from lmd4ml.stats.histogram import bin_index, histogram
+from lmd4ml.stats.histogram import bin_index, histogram, histogram2d
 from lmd4ml.stats.per_sample import (
+    SQ_GRADS,
     SQ_NORMS,
     PerSample,
     batch_size,
@@ -18,6 +21,7 @@ from lmd4ml.stats.per_sample import (
 )
 
 __all__ = [
+    "SQ_GRADS",
     "SQ_NORMS",
     "LossFn",
     "PerSample",
@@ -26,7 +30,9 @@ __all__ = [
     "bin_index",
     "chunk_size",
     "factored_leaves",
+    "hessian",
     "histogram",
+    "histogram2d",
     "per_sample_pass",
     "projections",
 ]

@@ -51,6 +51,15 @@ SQ_NORMS = PerSample("sq_norms", _sq_norms, "concat")
 """Per-sample squared gradient norms ‖∇ℓᵢ‖², shape (B,)."""
 
 
+def _sq_grads(grads: PyTree, params: PyTree) -> jax.Array:
+    del params
+    return jnp.concatenate([jnp.sum(jnp.square(g), axis=0).ravel() for g in jax.tree.leaves(grads)])
+
+
+SQ_GRADS = PerSample("sq_grads", _sq_grads, "sum")
+"""Σᵢ(∇ℓᵢ)² per coordinate, raveled in ``jax.flatten_util.ravel_pytree`` order, shape (D,)."""
+
+
 def batch_size(batch: PyTree) -> int:
     """The common leading dimension of every array in ``batch``.
 

@@ -1,0 +1,202 @@
+"""Gradient noise: signal-to-noise ratios, early stopping, batch-size rules (CABS, B_simple).
+
+All of these compare the mean gradient g with the spread of the per-sample gradients ∇ℓᵢ,
+either per coordinate (from :attr:`StepContext.second_moment`, one per-sample pass shared
+with every quantity that reads it) or globally (from the per-sample squared norms).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lmd4ml import stats
+from lmd4ml.quantities.base import Quantity, StepContext
+from lmd4ml.quantities.gradient_tests import check_variance_batch
+from lmd4ml.stats import PyTree
+
+GSNR_EPS = 1e-5
+"""ε added to every per-coordinate variance by MeanGSNR and EarlyStopping (Cockpit's)."""
+
+
+def _mean_over_coordinates(tree: PyTree) -> jax.Array:
+    """The mean of every element of every leaf: a mean over the D parameters."""
+    leaves = jax.tree.leaves(tree)
+    return sum(jnp.sum(x) for x in leaves) / sum(x.size for x in leaves)
+
+
+def _sq_grads(ctx: StepContext) -> PyTree:
+    return jax.tree.map(jnp.square, ctx.grads)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanGSNR(Quantity):
+    """Mean gradient signal-to-noise ratio, mean_j g_j² / ((1/B)Σᵢ(∇ℓᵢ)_j² − g_j² + ε).
+
+    Per coordinate j, the squared mean gradient over the (biased) variance of the per-sample
+    gradients, averaged over the D parameters; ε = 1e-5 (Liu et al. 2020). High values: the
+    samples agree on where to go.
+
+    Example:
+      >>> import lmd4ml as lm
+      >>> lm.MeanGSNR().key
+      'mean_gsnr'
+    """
+
+    key = "mean_gsnr"
+    per_sample = (stats.SQ_GRADS,)
+
+    def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
+        ratios = jax.tree.map(
+            lambda m, g2: g2 / (m - g2 + GSNR_EPS), ctx.second_moment, _sq_grads(ctx)
+        )
+        return _mean_over_coordinates(ratios), state
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping(Quantity):
+    """Evidence-based early-stopping criterion 1 − B · mean_j[g_j² / (σ_j² + ε)].
+
+    σ_j² = (Σᵢ(∇ℓᵢ)_j² − B g_j²)/(B−1) is the unbiased per-coordinate variance of the
+    per-sample gradients and ε = 1e-5 (Mahsereci et al. 2017). Above 0, the batch gradient
+    is indistinguishable from the noise of a zero-mean gradient: stop. Needs B ≥ 2.
+
+    Example:
+      >>> import lmd4ml as lm
+      >>> lm.EarlyStopping().key
+      'early_stopping'
+    """
+
+    key = "early_stopping"
+    per_sample = (stats.SQ_GRADS,)
+
+    def check(self, batch_size: int) -> None:
+        check_variance_batch("EarlyStopping", batch_size)
+
+    def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
+        b = ctx.batch_size
+        snr = jax.tree.map(
+            lambda m, g2: g2 / (b / (b - 1) * (m - g2) + GSNR_EPS),
+            ctx.second_moment,
+            _sq_grads(ctx),
+        )
+        return 1.0 - b * _mean_over_coordinates(snr), state
+
+
+def _trace_cov_biased(ctx: StepContext) -> jax.Array:
+    """(1/B)Σᵢ‖∇ℓᵢ − g‖² = (1/B)Σᵢ‖∇ℓᵢ‖² − ‖g‖²."""
+    return jnp.mean(ctx.sq_norms) - ctx.grad_sq_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class CABS(Quantity):
+    """CABS batch size η · (1/B)Σᵢ‖∇ℓᵢ − g‖² / L (Balles et al. 2017).
+
+    The batch size that Balles et al.'s rule couples to the learning rate η. With ``lr``
+    given, η = ``lr``; without, η = ‖θₜ₊₁ − θₜ‖/‖g‖, the learning rate of the SGD step as
+    long as the update applied. For plain SGD both are the learning rate; for adaptive or
+    momentum optimizers the second is the step actually taken (see docs/instruments/cabs.md).
+
+    Example:
+      >>> import lmd4ml as lm
+      >>> lm.CABS(lr=0.1).key
+      'cabs'
+    """
+
+    lr: float | None = None
+    key = "cabs"
+    per_sample = (stats.SQ_NORMS,)
+
+    def __post_init__(self):
+        if self.lr is not None and not (isinstance(self.lr, int | float) and self.lr > 0):
+            raise ValueError(
+                f"CABS: lr must be a positive number (the SGD learning rate) or None for the "
+                f"effective step ‖update‖/‖g‖; got {self.lr!r}"
+            )
+
+    def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
+        if self.lr is None:
+            lr = optax.tree.norm(ctx.updates) / jnp.sqrt(ctx.grad_sq_norm)
+        else:
+            lr = self.lr
+        return lr * _trace_cov_biased(ctx) / ctx.loss, state
+
+
+class NoiseScaleState(NamedTuple):
+    """Exponential moving averages (not bias-corrected) of NoiseScale's two estimates."""
+
+    trace_cov: jax.Array  # EMA of S, the estimate of tr(Σ)
+    grad_sq_norm: jax.Array  # EMA of the estimate of |G|²
+    count: jax.Array  # steps averaged so far
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseScale(Quantity):
+    """Gradient noise scale B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, appendix A).
+
+    Each step gives unbiased estimates from batches of 1 and of B samples,
+    |G|² ≈ (B‖g‖² − (1/B)Σᵢ‖∇ℓᵢ‖²)/(B−1) and tr(Σ) ≈ S = ((1/B)Σᵢ‖∇ℓᵢ‖² − ‖g‖²)·B/(B−1).
+    Both are noisy (|G|² can come out negative), so each is averaged on its own with decay
+    β, debiased as Adam's moments are, and the value is their ratio. Needs B ≥ 2.
+
+    Example:
+      >>> import lmd4ml as lm
+      >>> lm.NoiseScale(decay=0.9).key
+      'noise_scale'
+    """
+
+    decay: float = 0.99
+    key = "noise_scale"
+    per_sample = (stats.SQ_NORMS,)
+
+    def __post_init__(self):
+        if not (isinstance(self.decay, int | float) and 0 <= self.decay < 1):
+            raise ValueError(
+                f"NoiseScale: decay must be a number in [0, 1) (0: no averaging); "
+                f"got {self.decay!r}"
+            )
+
+    def check(self, batch_size: int) -> None:
+        check_variance_batch("NoiseScale", batch_size)
+
+    def init(self, params: PyTree) -> NoiseScaleState:
+        zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
+        return NoiseScaleState(zero, zero, jnp.zeros((), jnp.int32))
+
+    @staticmethod
+    def estimates(ctx: StepContext) -> tuple[jax.Array, jax.Array]:
+        """This step's unbiased estimates (S, |G|²) of tr(Σ) and |G|²."""
+        b = ctx.batch_size
+        small = jnp.mean(ctx.sq_norms)  # E‖G_est‖² for batches of 1
+        big = ctx.grad_sq_norm  # ... and of B
+        return (small - big) * b / (b - 1), (b * big - small) / (b - 1)
+
+    def averages(self, state: NoiseScaleState) -> tuple[jax.Array, jax.Array]:
+        """The debiased averages (S, |G|²) in ``state``, each EMA over 1 − decayⁿ.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> q = NoiseScale(decay=0.5)
+          >>> state = NoiseScaleState(jnp.array(0.5), jnp.array(0.25), jnp.array(1))
+          >>> [float(x) for x in q.averages(state)]
+          [1.0, 0.5]
+        """
+        correction = 1 - self.decay ** state.count.astype(state.trace_cov.dtype)
+        return state.trace_cov / correction, state.grad_sq_norm / correction
+
+    def compute(
+        self, ctx: StepContext, state: NoiseScaleState
+    ) -> tuple[jax.Array, NoiseScaleState]:
+        dtype = state.trace_cov.dtype
+        s, g2 = (x.astype(dtype) for x in self.estimates(ctx))
+        state = NoiseScaleState(
+            trace_cov=self.decay * state.trace_cov + (1 - self.decay) * s,
+            grad_sq_norm=self.decay * state.grad_sq_norm + (1 - self.decay) * g2,
+            count=state.count + 1,
+        )
+        trace_cov, grad_sq_norm = self.averages(state)
+        return trace_cov / grad_sq_norm, state
