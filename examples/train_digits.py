@@ -5,6 +5,7 @@ prints the diagnostics read together: loss, gradient norm, distance from the sta
 size, the norm test and where the per-sample gradients sit in the histogram.
 
     python examples/train_digits.py --epochs 30
+    python examples/train_digits.py --dashboard     # and watch it live at http://127.0.0.1:8050
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ def main() -> None:
     parser.add_argument("--track-every", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs-dir", default="runs", help="where the run is kept")
+    parser.add_argument(
+        "--dashboard",
+        nargs="?",
+        const=8050,
+        type=int,
+        metavar="PORT",
+        help="watch training live in the browser (default port 8050)",
+    )
     args = parser.parse_args()
 
     digits = load_digits()
@@ -119,6 +128,7 @@ def main() -> None:
         epochs=args.epochs,
         track_every=args.track_every,
         runs_dir=args.runs_dir,
+        dashboard=args.dashboard or False,
         on_epoch=report,
     )
     run = lm.list_runs(args.runs_dir)[-1]

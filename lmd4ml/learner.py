@@ -212,6 +212,7 @@ def train(
     run_name: str | None = None,
     on_epoch: Callable[[int, History], None] | None = None,
     progress: bool = True,
+    dashboard: bool | int = False,
 ) -> History:
     """Train ``learner`` for ``epochs`` passes over its batches, tracking its quantities.
 
@@ -228,6 +229,10 @@ def train(
       run_name: the run's directory name (default: a sortable timestamp).
       on_epoch: called after each epoch with the epoch (from 1) and the history so far.
       progress: show a progress bar with the loss and steps/s.
+      dashboard: serve the live dashboard of ``runs_dir`` (``True``: on port 8050, or this
+        port) from a process of its own and print its URL; it outlives training, then stops
+        5 minutes after this process has exited and no page is open (see
+        :mod:`lmd4ml.dashboard.launch`). Needs the ``dashboard`` extra.
 
     Returns:
       Every tracked value so far as numpy arrays keyed like ``metrics`` (one row per tracked
@@ -239,6 +244,14 @@ def train(
     total = len(learner.batches) * epochs if hasattr(learner.batches, "__len__") else None
     if total == 0:
         raise ValueError("batches is empty: there is nothing to train on")
+    if dashboard is not False:
+        if runs_dir is None:
+            raise ValueError("dashboard=True shows the runs in runs_dir, which is None")
+        from lmd4ml.dashboard.launch import open_dashboard
+
+        port = 8050 if dashboard is True else int(dashboard)
+        url, server = open_dashboard(runs_dir, port)
+        print(f"lmd4ml dashboard: {url} (server pid {server.pid})", flush=True)
     config = {
         "epochs": epochs,
         "track_every": track_every,

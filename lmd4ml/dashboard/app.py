@@ -1,0 +1,266 @@
+"""The Dash app: one page showing the runs of a runs directory, live while they train.
+
+Every callback's work is a plain function of its inputs (:func:`update`, :func:`run_options`,
+:func:`csv_download`, :func:`toggle_pause`), so tests call them without a browser. A
+``dcc.Interval`` polls every 2 seconds: new steps arrive as a ``Patch`` to the one figure;
+the figure is redrawn only when the choice of runs or options changes, a run is re-read
+(it ended, or its ring lapped the reader) or a trace outgrows its point budget.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
+
+from lmd4ml.dashboard.data import RunCache, RunData
+from lmd4ml.dashboard.figure import extend, figure, view_key
+from lmd4ml.telemetry.export import to_csv
+from lmd4ml.telemetry.store import RunStoreError, list_runs, load_run
+
+# Each update replots the whole figure, 0.2-0.4 s of CPU in headless Chromium on 2 cores:
+# a poll every 2 s keeps what a watching page takes from training small.
+POLL_MS = 2000
+LIST_TTL_S = 2.0
+
+_PAGE = """<!DOCTYPE html>
+<html>
+<head>{%metas%}<title>{%title%}</title>{%favicon%}{%css%}
+<style>
+body { margin: 0; font-family: system-ui, sans-serif; }
+.page { min-height: 100vh; padding: 8px 16px; }
+body.dark { background: #111; color: #ddd; color-scheme: dark;
+  --Dash-Text-Primary: rgba(230, 235, 255, 0.87); --Dash-Text-Strong: rgba(240, 242, 255, 0.95);
+  --Dash-Text-Weak: rgba(220, 225, 255, 0.65); --Dash-Fill-Inverse-Strong: #1d1f24;
+  --Dash-Stroke-Strong: rgba(200, 210, 255, 0.45); --Dash-Stroke-Weak: rgba(200, 210, 255, 0.2);
+  --Dash-Fill-Interactive-Weak: rgba(200, 210, 255, 0.08);
+  --Dash-Fill-Disabled: rgba(200, 210, 255, 0.25);
+  --Dash-Text-Disabled: rgba(220, 225, 255, 0.45); }
+body.dark button { background: #2a2d33; color: #ddd; border: 1px solid #555; }
+.bar { display: flex; flex-wrap: wrap; gap: 14px; align-items: center; }
+.bar h1 { font-size: 18px; margin: 0 8px 0 0; }
+.runs { flex: 1 1 280px; max-width: 480px; }
+.status { margin: 6px 0; font-size: 14px; }
+.status .live { color: #2ca02c; font-weight: 600; }
+.status .ended { color: #888; font-weight: 600; }
+.status .dead { color: #d62728; font-weight: 600; }
+.smooth { width: 220px; }
+button { padding: 3px 10px; }
+</style>
+</head>
+<body>{%app_entry%}<footer>{%config%}{%scripts%}{%renderer%}</footer></body>
+</html>"""
+
+
+class Listing:
+    """``list_runs(runs_dir)``, re-read at most every ``LIST_TTL_S`` (it opens every run)."""
+
+    def __init__(self, runs_dir: str | os.PathLike):
+        self.runs_dir = Path(runs_dir)
+        self._lock = threading.Lock()
+        self._at = -LIST_TTL_S
+        self._runs: list[dict] = []
+
+    def __call__(self) -> list[dict]:
+        with self._lock:
+            if time.monotonic() - self._at >= LIST_TTL_S:
+                self._runs = list_runs(self.runs_dir)
+                self._at = time.monotonic()
+            return self._runs
+
+
+def run_options(listing: Listing) -> list[dict]:
+    """The run chooser's options, newest first; damaged runs are listed but disabled."""
+    options = []
+    for run in reversed(listing()):
+        label = f"{run['name']} ({run['status']}, {run['n_steps']} steps)"
+        options.append(
+            {"label": label, "value": run["path"], "disabled": run["status"] == "damaged"}
+        )
+    return options
+
+
+def chosen(listing: Listing, selected: Sequence[str] | None) -> list[str]:
+    """The runs to show: those chosen, or else the newest readable run."""
+    if selected:
+        return list(selected)
+    readable = [r for r in listing() if r["status"] != "damaged"]
+    return [readable[-1]["path"]] if readable else []
+
+
+def describe(run: RunData) -> html.Span:
+    """One run's state for the status line: live with step and steps/s, ended, or killed."""
+    step = run.last_step
+    state = run.state
+    if state == "live":
+        rate = run.steps_per_second()
+        speed = f" · {rate:.0f} steps/s" if rate is not None else ""
+        return html.Span(
+            [html.Span("● LIVE", className="live"), f" {run.name} · step {step}{speed}"]
+        )
+    if state == "killed":
+        pid = run.metadata.get("pid")
+        return html.Span(
+            [
+                html.Span("✖ TRAINING PROCESS GONE", className="dead"),
+                f" {run.name}: process {pid} ended without closing the run (killed?); "
+                f"showing its {_n(run)} stored steps, last step {step}",
+            ]
+        )
+    if state == "starting":
+        return html.Span([html.Span("◌ STARTING", className="live"), f" {run.name}"])
+    return html.Span(
+        [html.Span(f"■ {state.upper()}", className="ended"), f" {run.name} · {_n(run)} steps"]
+    )
+
+
+def _n(run: RunData) -> int:
+    return max((c.n for c in run.columns.values()), default=0)
+
+
+def update(
+    cache: RunCache,
+    listing: Listing,
+    selected: Sequence[str] | None,
+    smoothing: float,
+    logy: bool,
+    dark: bool,
+    view: dict | None,
+    redraw: bool,
+) -> tuple[Any, dict | None, list]:
+    """One poll or option change: ``(figure or Patch, view, status line)``.
+
+    ``redraw`` asks for the full figure (an option changed); otherwise new steps are sent as
+    a Patch when the drawn figure can take them.
+    """
+    with cache.lock:
+        runs, status = [], []
+        for path in chosen(listing, selected):
+            try:
+                run = cache.get(path)
+            except RunStoreError as error:
+                status.append(html.Div(f"cannot show {Path(path).name}: {error}", className="dead"))
+                continue
+            runs.append(run)
+            status.append(html.Div(describe(run)))
+        if not runs:
+            message = f"no runs yet in {listing.runs_dir}: waiting for lm.train(runs_dir=...)"
+            return {"data": [], "layout": {}}, None, [*status, html.Div(message)]
+        key = view_key([str(r.path) for r in runs], smoothing, logy, dark)
+        if not redraw and view is not None and view.get("key") == key:
+            patched = extend(runs, view, smoothing)
+            if patched is not None:
+                patch, new_view = patched
+                return (no_update if patch is None else patch), new_view, status
+        fig, new_view = figure(runs, smoothing, logy, dark)
+        return fig, new_view, status
+
+
+def toggle_pause(clicks: int | None) -> tuple[bool, str, str]:
+    """The poll's ``disabled``, the button's label and the pause badge after ``clicks``."""
+    paused = bool(clicks and clicks % 2)
+    return paused, ("▶ resume" if paused else "❚❚ pause"), ("❚❚ PAUSED" if paused else "")
+
+
+def csv_download(listing: Listing, selected: Sequence[str] | None) -> dict:
+    """The first shown run as CSV (one row per step), for ``dcc.Download``."""
+    paths = chosen(listing, selected)
+    if not paths:
+        return no_update
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run.csv"
+        to_csv(load_run(paths[0]), out)
+        return {"content": out.read_text(), "filename": f"{Path(paths[0]).name}.csv"}
+
+
+def create_app(runs_dir: str | os.PathLike) -> Dash:
+    """The dashboard for ``runs_dir`` (which need not have runs yet)."""
+    cache, listing = RunCache(), Listing(runs_dir)
+    app = Dash(__name__, title="lmd4ml", update_title=None)
+    app.index_string = _PAGE
+    controls = [
+        html.H1("lmd4ml"),
+        dcc.Dropdown(
+            id="runs", options=run_options(listing), value=[], multi=True, className="runs",
+            placeholder="newest run (choose several to overlay them)",
+        ),
+        dcc.Checklist(id="logy", options=[{"label": " log y", "value": "log"}], value=[]),
+        html.Span("smoothing"),
+        html.Div(
+            dcc.Slider(id="smoothing", min=0, max=0.99, step=0.01, value=0,
+                       marks={0: "0", 0.5: "0.5", 0.99: "0.99"}),
+            className="smooth",
+        ),
+        dcc.RadioItems(id="theme", options=["light", "dark"], value="light", inline=True),
+        html.Button("❚❚ pause", id="pause"),
+        html.Button("CSV", id="csv"),
+        dcc.Download(id="download"),
+    ]  # fmt: skip
+    app.layout = html.Div(
+        id="page",
+        className="page",
+        children=[
+            html.Div(controls, className="bar"),
+            html.Div([html.Span(id="paused", className="dead"), html.Div(id="status")],
+                     className="status"),
+            dcc.Graph(id="cockpit", config={"displaylogo": False}),
+            dcc.Interval(id="tick", interval=POLL_MS),
+            dcc.Interval(id="list-tick", interval=3 * POLL_MS),
+            dcc.Store(id="view"),
+        ],
+    )  # fmt: skip
+
+    @app.callback(
+        Output("cockpit", "figure"),
+        Output("view", "data"),
+        Output("status", "children"),
+        Input("tick", "n_intervals"),
+        Input("runs", "value"),
+        Input("smoothing", "value"),
+        Input("logy", "value"),
+        Input("theme", "value"),
+        State("view", "data"),
+    )
+    def _update(_, selected, smoothing, logy, theme, view):
+        redraw = ctx.triggered_id not in ("tick", None)
+        return update(
+            cache, listing, selected, smoothing or 0.0, "log" in logy, theme == "dark", view,
+            redraw,
+        )  # fmt: skip
+
+    @app.callback(Output("runs", "options"), Input("list-tick", "n_intervals"))
+    def _options(_):
+        return run_options(listing)
+
+    @app.callback(
+        Output("tick", "disabled"),
+        Output("pause", "children"),
+        Output("paused", "children"),
+        Input("pause", "n_clicks"),
+    )
+    def _pause(clicks):
+        return toggle_pause(clicks)
+
+    # On the body, so that the dropdown's menu (rendered outside the page) follows the theme.
+    app.clientside_callback(
+        "(theme) => { document.body.className = theme; return window.dash_clientside.no_update; }",
+        Output("page", "title"),
+        Input("theme", "value"),
+    )
+
+    @app.callback(
+        Output("download", "data"),
+        Input("csv", "n_clicks"),
+        State("runs", "value"),
+        prevent_initial_call=True,
+    )
+    def _csv(_, selected):
+        return csv_download(listing, selected)
+
+    return app

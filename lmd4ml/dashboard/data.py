@@ -1,0 +1,260 @@
+"""What the dashboard shows, as plain functions of runs and numpy arrays (no Dash here).
+
+:class:`RunData` holds one run's values in memory: read from its store once, then followed
+through its shared-memory ring while it trains. :func:`minmax_indices`, :func:`even_indices`
+and :func:`ema` thin out and smooth long series on the server, so that a page showing
+100 000 steps gets a few thousand points per trace.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lmd4ml.telemetry.ring import RingReader
+from lmd4ml.telemetry.store import STATUSES, RunStoreError, load_run
+from lmd4ml.telemetry.writer import live_ring
+
+# A run that trains but has no ring (it could not be made) is re-read from its store at most
+# this often: a full read of a long run costs far more than a ring read.
+STORE_POLL_S = 2.0
+
+
+def minmax_indices(values: np.ndarray, budget: int) -> np.ndarray:
+    """Indices that keep the shape of a long 1-D series in about ``budget`` points.
+
+    The series is cut into ``budget // 2`` buckets; each keeps its smallest and largest value
+    (NaN counts as neither), so spikes survive. The first and last points are always kept.
+
+    Example:
+      >>> minmax_indices(np.array([0.0, 5, 1, 1, 1, -3, 1, 2]), 4).tolist()
+      [0, 1, 5, 7]
+      >>> minmax_indices(np.arange(3.0), 10).tolist()
+      [0, 1, 2]
+    """
+    n = len(values)
+    if n <= budget:
+        return np.arange(n)
+    size = math.ceil(n / max(1, budget // 2))
+    n_buckets = math.ceil(n / size)
+    pad = n_buckets * size - n
+    low = np.pad(np.where(np.isnan(values), np.inf, values), (0, pad), constant_values=np.inf)
+    high = np.pad(np.where(np.isnan(values), -np.inf, values), (0, pad), constant_values=-np.inf)
+    starts = np.arange(n_buckets) * size
+    keep = np.concatenate(
+        [
+            starts + low.reshape(n_buckets, size).argmin(axis=1),
+            starts + high.reshape(n_buckets, size).argmax(axis=1),
+            [0, n - 1],
+        ]
+    )
+    return np.unique(np.minimum(keep, n - 1))
+
+
+def even_indices(n: int, budget: int) -> np.ndarray:
+    """About ``budget`` evenly spaced indices of ``n``, the last one included.
+
+    Example:
+      >>> even_indices(10, 4).tolist()
+      [0, 3, 6, 9]
+      >>> even_indices(3, 4).tolist()
+      [0, 1, 2]
+    """
+    if n <= budget:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, budget).round().astype(np.int64))
+
+
+def ema(values: np.ndarray, weight: float) -> np.ndarray:
+    """Debiased exponential moving average (TensorBoard's smoothing) of a 1-D series.
+
+    ``weight`` in [0, 1): 0 returns the values as they are. Computed in vectorised chunks,
+    short enough that ``weight ** -chunk`` cannot overflow.
+
+    Example:
+      >>> ema(np.array([1.0, 3.0, 3.0]), 0.5).round(4).tolist()
+      [1.0, 2.3333, 2.7143]
+    """
+    values = np.asarray(values, np.float64)
+    if weight <= 0 or len(values) == 0:
+        return values
+    if not weight < 1:
+        raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
+    chunk = int(min(4096, max(1, 50 / -math.log(weight))))
+    powers = weight ** np.arange(chunk + 1)
+    out = np.empty_like(values)
+    carry = 0.0
+    for start in range(0, len(values), chunk):
+        x = values[start : start + chunk]
+        p = powers[: len(x)]
+        out[start : start + len(x)] = weight * p * carry + (1 - weight) * p * np.cumsum(x / p)
+        carry = out[start + len(x) - 1]
+    return out / (1 - weight ** (np.arange(len(values)) + 1.0))
+
+
+def process_alive(pid: object) -> bool:
+    """Whether process ``pid`` exists (a zombie not yet reaped counts as existing).
+
+    Example:
+      >>> process_alive(os.getpid()), process_alive(None)
+      (True, False)
+    """
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+class _Column:
+    """One field's steps and values, grown in place (amortised doubling)."""
+
+    def __init__(self, steps: np.ndarray, values: np.ndarray):
+        self._steps, self._values, self.n = steps, values, len(steps)
+
+    def extend(self, steps: np.ndarray, values: np.ndarray) -> None:
+        need = self.n + len(steps)
+        if need > len(self._steps):
+            capacity = max(need, 2 * len(self._steps), 256)
+            grown = np.empty((capacity, *self._values.shape[1:]), self._values.dtype)
+            grown[: self.n] = self._values[: self.n]
+            self._values = grown
+            self._steps = np.concatenate([self._steps[: self.n], np.empty(capacity - self.n, int)])
+        self._steps[self.n : need] = steps
+        self._values[self.n : need] = values
+        self.n = need
+
+    @property
+    def steps(self) -> np.ndarray:
+        return self._steps[: self.n]
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._values[: self.n]
+
+
+class RunData:
+    """One run's values in memory, kept up to date by :meth:`refresh`.
+
+    ``state`` is "live" (followed through its ring), "starting" (its process runs, no ring
+    yet), "finished", "failed", "interrupted", or "killed" (the store says running but the
+    process that wrote it is gone). ``version`` goes up whenever the values were re-read
+    rather than appended to, so that a view knows to redraw rather than extend. Not
+    thread-safe: :class:`RunCache` serialises its users.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.name = self.path.name
+        self.version = 0
+        self._reader: RingReader | None = None
+        self._since = 0
+        self._attached = False  # the first ring read after attaching is not a lapped one
+        self._rate: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+        self._reload()
+
+    def _reload(self) -> None:
+        run = load_run(self.path)
+        self.metadata = run.metadata
+        self.columns = {}
+        for key in run.keys:
+            steps, values = run[key]
+            self.columns[key] = _Column(steps.copy(), values.copy())
+        self.shapes = {key: col.values.shape[1:] for key, col in self.columns.items()}
+        self.version += 1
+        self._read_at = time.monotonic()
+
+    @property
+    def last_step(self) -> int:
+        """The newest step any field has, or -1."""
+        return max((int(c.steps[-1]) for c in self.columns.values() if c.n), default=-1)
+
+    @property
+    def state(self) -> str:
+        if self._reader is not None:
+            return "live"
+        status = self.metadata.get("status")
+        if status in STATUSES:
+            return status
+        return "starting" if process_alive(self.metadata.get("pid")) else "killed"
+
+    def steps_per_second(self) -> float | None:
+        """Training steps per second over the last few seconds, while live."""
+        if self.state != "live" or len(self._rate) < 2:
+            return None
+        (t0, s0), (t1, s1) = self._rate[0], self._rate[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else None
+
+    def refresh(self) -> None:
+        """Take in what the run wrote since the last call."""
+        ring = live_ring(self.path)
+        if self._reader is None and ring is not None:
+            try:
+                self._reader = RingReader(ring)
+            except (FileNotFoundError, ValueError):  # it ended between the two looks
+                self._reader = None
+            else:
+                self._since, self._attached = 0, True
+        if self._reader is not None:
+            self._read_ring()
+            if ring is None:  # it ended: its store now has everything, and its status
+                self._reader.close()
+                self._reader = None
+                self._reload()
+        elif self.state == "starting" and time.monotonic() - self._read_at > STORE_POLL_S:
+            self._reload()
+        now = time.monotonic()
+        if self._rate and now - self._rate[0][0] > 5:
+            self._rate.popleft()
+        self._rate.append((now, self.last_step))
+
+    def _read_ring(self) -> None:
+        assert self._reader is not None
+        batch = self._reader.read(self._since)
+        self._since = batch.next
+        if batch.missed and not self._attached:
+            # The ring lapped this reader: what it lost is in the store (give or take its
+            # last second, which the final re-read at the end of the run brings back).
+            # Right after attaching, what the ring no longer holds was read from the store.
+            self._reload()
+        self._attached = False
+        for key, column in self.columns.items():
+            if key not in batch.values:
+                continue
+            take = batch.present[key] & (batch.steps > (column.steps[-1] if column.n else -1))
+            if take.any():
+                column.extend(batch.steps[take], batch.values[key][take])
+
+
+class RunCache:
+    """The :class:`RunData` of every run a dashboard has shown, by path.
+
+    Callers hold ``lock`` while they refresh runs and read their columns: Dash serves
+    callbacks from several threads, and a column read while it grows would be torn.
+    A run that cannot be read (damaged, or removed) raises ``RunStoreError``.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[str, RunData] = {}
+        self.lock = threading.RLock()
+
+    def get(self, path: str | os.PathLike) -> RunData:
+        """The run at ``path``, refreshed."""
+        key = str(Path(path).resolve())
+        try:
+            data = self._runs.get(key) or self._runs.setdefault(key, RunData(path))
+            data.refresh()
+        except RunStoreError:
+            self._runs.pop(key, None)
+            raise
+        return data
