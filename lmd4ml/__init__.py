@@ -2,6 +2,7 @@
 
 from lmd4ml import presets, schedules, stats
 from lmd4ml.learner import History, Learner, train
+from lmd4ml.monitoring import Recorder, metrics, monitor
 from lmd4ml.quantities import (
     CABS,
     Alpha,
@@ -53,6 +54,7 @@ __all__ = [
     "OrthoTest",
     "PerSample",
     "Quantity",
+    "Recorder",
     "Run",
     "RunStoreError",
     "StepContext",
@@ -63,6 +65,8 @@ __all__ = [
     "instrument",
     "list_runs",
     "load_run",
+    "metrics",
+    "monitor",
     "presets",
     "quantity",
     "schedules",

@@ -164,20 +164,21 @@ def as_history(learner: Learner) -> History:
     return History(values, steps)
 
 
-def run_metadata(learner: Learner, config: Mapping[str, Any]) -> dict[str, Any]:
-    """What a run records about itself: quantities, model, optimizer, config and versions."""
-    params = learner.state.params
-    leaves = jax.tree_util.tree_leaves_with_path(params)
+def base_metadata(
+    quantities: Sequence[Quantity], keys: Sequence[str], config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What every run records about itself: quantities, keys, config, versions and process.
+
+    Example:
+      >>> import lmd4ml as lm
+      >>> meta = base_metadata([lm.Loss()], ["loss"], {"lr": 0.1, "tx": object})
+      >>> meta["keys"], meta["config"]["lr"], "jax" in meta["versions"]
+      (['loss'], 0.1, True)
+    """
     return {
-        "quantities": [repr(q) for q in learner.step.quantities],
-        "keys": list(learner.step.keys),
-        "model": {
-            "kind": "nnx.Module" if learner._module else type(params).__name__,
-            "class": type(learner._module[0]).__name__ if learner._module else None,
-            "n_params": int(sum(np.size(x) for _, x in leaves)),
-            "shapes": {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in leaves},
-        },
-        "optimizer": repr(learner.step.optimizer),
+        "quantities": [repr(q) for q in quantities],
+        "axes": {q.key: q.axes() for q in quantities if q.axes()},
+        "keys": list(keys),
         "config": {
             k: v if isinstance(v, int | float | str | bool) else repr(v) for k, v in config.items()
         },
@@ -188,6 +189,35 @@ def run_metadata(learner: Learner, config: Mapping[str, Any]) -> dict[str, Any]:
         "python": platform.python_version(),
         "pid": os.getpid(),
     }
+
+
+def run_metadata(learner: Learner, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run of ``train`` records: :func:`base_metadata`, the model and the optimizer."""
+    params = learner.state.params
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return {
+        **base_metadata(learner.step.quantities, learner.step.keys, config),
+        "model": {
+            "kind": "nnx.Module" if learner._module else type(params).__name__,
+            "class": type(learner._module[0]).__name__ if learner._module else None,
+            "n_params": int(sum(np.size(x) for _, x in leaves)),
+            "shapes": {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in leaves},
+        },
+        "optimizer": repr(learner.step.optimizer),
+    }
+
+
+def serve_dashboard(runs_dir: str | os.PathLike | None, dashboard: bool | int) -> None:
+    """Serve the dashboard of ``runs_dir`` from a process of its own (``True``: port 8050)."""
+    if dashboard is False:
+        return
+    if runs_dir is None:
+        raise ValueError("dashboard=True shows the runs in runs_dir, which is None")
+    from lmd4ml.dashboard.launch import open_dashboard
+
+    port = 8050 if dashboard is True else int(dashboard)
+    url, server = open_dashboard(runs_dir, port)
+    print(f"lmd4ml dashboard: {url} (server pid {server.pid})", flush=True)
 
 
 def _open_telemetry(
@@ -244,14 +274,7 @@ def train(
     total = len(learner.batches) * epochs if hasattr(learner.batches, "__len__") else None
     if total == 0:
         raise ValueError("batches is empty: there is nothing to train on")
-    if dashboard is not False:
-        if runs_dir is None:
-            raise ValueError("dashboard=True shows the runs in runs_dir, which is None")
-        from lmd4ml.dashboard.launch import open_dashboard
-
-        port = 8050 if dashboard is True else int(dashboard)
-        url, server = open_dashboard(runs_dir, port)
-        print(f"lmd4ml dashboard: {url} (server pid {server.pid})", flush=True)
+    serve_dashboard(runs_dir, dashboard)
     config = {
         "epochs": epochs,
         "track_every": track_every,

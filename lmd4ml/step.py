@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -88,6 +88,80 @@ def check_losses(losses: jax.ShapeDtypeStruct, batch: PyTree) -> None:
         )
 
 
+def strongly_typed(tree: PyTree) -> PyTree:
+    """``tree`` with every leaf a strongly typed array.
+
+    Weak-typed leaves (``jnp.array(1.0)``, a Python ``0.0`` from an init) come back strong
+    from the first update; making them strong up front keeps that step from compiling twice.
+
+    Example:
+      >>> strongly_typed({"t": 0.0})["t"].weak_type
+      False
+    """
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), tree)
+
+
+class Linearization(NamedTuple):
+    """The loss at θₜ, linearized once: what every tracked step starts from."""
+
+    losses: jax.Array  # per-sample losses ℓᵢ, shape (B,)
+    vjp: Callable[[jax.Array], PyTree]  # c -> Σᵢ cᵢ ∇ℓᵢ
+    grads: PyTree  # the mean gradient g = vjp(1/B)
+
+
+def linearize(
+    loss_fn: LossFn, params: PyTree, batch: PyTree, quantities: Sequence[Quantity]
+) -> Linearization:
+    """Per-sample losses at ``params``, their VJP and the mean gradient; checks each quantity.
+
+    Example:
+      >>> lin = linearize(lambda w, x: (x * w) ** 2, jnp.array(1.0), jnp.array([1.0, 2.0]), [])
+      >>> lin.losses.tolist(), float(lin.grads)
+      ([1.0, 4.0], 5.0)
+    """
+    losses, vjp = jax.vjp(lambda p: loss_fn(p, batch), params)
+    for q in quantities:
+        q.check(losses.shape[0])
+    (grads,) = vjp(jnp.full_like(losses, 1.0 / losses.shape[0]))
+    return Linearization(losses, lambda c: vjp(c)[0], grads)
+
+
+def measure(
+    quantities: Sequence[Quantity],
+    states: Mapping[str, PyTree],
+    loss_fn: LossFn,
+    batch: PyTree,
+    params: PyTree,
+    lin: Linearization,
+    updates: PyTree,
+    step: jax.Array,
+    memory_budget: int,
+) -> tuple[Metrics, dict[str, PyTree], jax.Array]:
+    """Every quantity's value at θₜ (``step`` = t) for the update taken from it, in one
+    shared context.
+
+    Returns the values by key, every quantity state (those of ``quantities`` advanced, the
+    others as given) and the mean loss.
+    """
+    ctx = StepContext(
+        loss_fn=loss_fn,
+        batch=batch,
+        params=params,
+        losses=lin.losses,
+        vjp=lin.vjp,
+        grads=lin.grads,
+        updates=updates,
+        new_params=optax.apply_updates(params, updates),
+        step=step,
+        per_sample={s.name: s for q in quantities for s in q.per_sample},
+        memory_budget=memory_budget,
+    )
+    metrics, new_states = {}, dict(states)
+    for q in quantities:
+        metrics[q.key], new_states[q.key] = q.compute(ctx, states[q.key])
+    return metrics, new_states, ctx.loss
+
+
 class InstrumentedStep:
     """A train step that also computes quantities; see :func:`instrument`."""
 
@@ -127,9 +201,7 @@ class InstrumentedStep:
             quantity_states={q.key: q.init(params) for q in self.quantities},
             step=jnp.zeros((), jnp.int32),
         )
-        # Weak-typed leaves (jnp.array(1.0), a Python 0.0 from an init) come back strong from
-        # the first step; making them strong now keeps that step from compiling twice.
-        return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), state)
+        return strongly_typed(state)
 
     def active_keys(self, track: bool | Collection[str]) -> frozenset[str]:
         """The keys a ``track`` argument selects; unknown keys are an error."""
@@ -187,29 +259,21 @@ class InstrumentedStep:
             )
             return new_state, {}, loss
 
-        losses, vjp = jax.vjp(lambda p: self.loss_fn(p, batch), params)
-        for q in due:
-            q.check(losses.shape[0])
-        (grads,) = vjp(jnp.full_like(losses, 1.0 / losses.shape[0]))
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        ctx = StepContext(
-            loss_fn=self.loss_fn,
-            batch=batch,
-            params=params,
-            losses=losses,
-            vjp=lambda c: vjp(c)[0],
-            grads=grads,
-            updates=updates,
-            new_params=new_params,
-            per_sample={s.name: s for q in due for s in q.per_sample},
-            memory_budget=self.memory_budget,
+        lin = linearize(self.loss_fn, params, batch, due)
+        updates, opt_state = self.optimizer.update(lin.grads, state.opt_state, params)
+        metrics, q_states, loss = measure(
+            due,
+            state.quantity_states,
+            self.loss_fn,
+            batch,
+            params,
+            lin,
+            updates,
+            state.step,
+            self.memory_budget,
         )
-        metrics, q_states = {}, dict(state.quantity_states)
-        for q in due:
-            metrics[q.key], q_states[q.key] = q.compute(ctx, state.quantity_states[q.key])
-        new_state = StepState(new_params, opt_state, q_states, state.step + 1)
-        return new_state, metrics, ctx.loss
+        new_params = optax.apply_updates(params, updates)
+        return StepState(new_params, opt_state, q_states, state.step + 1), metrics, loss
 
 
 def instrument(

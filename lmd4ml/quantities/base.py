@@ -37,6 +37,7 @@ class StepContext:
       losses: per-sample losses ℓᵢ at θₜ, shape (B,).
       grads: the mean gradient g = (1/B) Σᵢ ∇ℓᵢ that the optimizer used.
       vjp: ``vjp(c)`` = Σᵢ cᵢ ∇ℓᵢ for a cotangent c of shape (B,).
+      step: t, the number of updates applied before this one (an int32 scalar).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class StepContext:
         grads: PyTree,
         updates: PyTree,
         new_params: PyTree,
+        step: jax.Array,
         per_sample: Mapping[str, PerSample] | None = None,
         memory_budget: int = 2**26,
     ):
@@ -60,6 +62,7 @@ class StepContext:
         self.grads = grads
         self.updates = updates
         self.new_params = new_params
+        self.step = step
         self._declared = dict(per_sample or {})
         self._memory_budget = memory_budget
 
@@ -153,6 +156,10 @@ class Quantity(abc.ABC):
     def check(self, batch_size: int) -> None:
         """Raise ``ValueError`` if this quantity has no value for batches of ``batch_size``."""
         del batch_size
+
+    def axes(self) -> dict[str, list[float]]:
+        """Coordinates along the value's axes, by name, for plots; ``{}``: positions 0, 1, …"""
+        return {}
 
     @abc.abstractmethod
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[Any, PyTree]:

@@ -1,0 +1,383 @@
+"""``monitor``: the same quantities as ``instrument``, as an optax transformation for any loop.
+
+``tx = lm.monitor(optax.adam(1e-3), quantities)`` wraps an optimizer; the user's own train
+step passes the per-sample loss and the batch as extra arguments of ``tx.update`` and reads
+the values back from the optimizer state with :func:`metrics`, as optax's own ``monitor``
+and ``snapshot`` do. :class:`Recorder` sends them to a run (store and live ring), as
+``lm.train`` does.
+
+The monitor builds the step context with :func:`lmd4ml.step.linearize` and
+:func:`lmd4ml.step.measure`, exactly as ``lm.instrument`` does, so every quantity has the same
+value. The per-sample losses and the mean gradient g it linearizes are the ones the user's step
+already computes: inside one ``jax.jit`` XLA merges the two computations into one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lmd4ml.learner import base_metadata, serve_dashboard
+from lmd4ml.quantities import Quantity
+from lmd4ml.stats import PyTree
+from lmd4ml.step import (
+    Metrics,
+    check_losses,
+    check_params,
+    check_quantities,
+    linearize,
+    measure,
+    strongly_typed,
+)
+from lmd4ml.telemetry.store import STATUSES, new_run_dir
+from lmd4ml.telemetry.writer import Telemetry
+
+PROBE_BATCH = 8
+"""Samples in the stand-in batch that ``init`` traces the quantities on to learn their shapes."""
+
+USAGE = "tx.update(grads, opt_state, params, loss_fn=loss_fn, batch=batch)"
+
+
+class MonitorState(NamedTuple):
+    """The monitor's part of an optimizer state: the inner state and the last values."""
+
+    inner_state: optax.OptState
+    quantity_states: dict[str, PyTree]
+    metrics: dict[str, PyTree]  # the values at update ``tracked_step``; NaN (or 0) before
+    count: jax.Array  # updates taken so far
+    tracked_step: jax.Array  # the update that ``metrics`` describe, -1 before the first
+
+
+def _probe_values(
+    quantities: Sequence[Quantity], params: PyTree, states: dict, memory_budget: int
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shape and dtype of every quantity's value, traced on a stand-in loss and batch."""
+
+    def values(params: PyTree, states: dict) -> Metrics:
+        def loss_fn(p: PyTree, batch: jax.Array) -> jax.Array:  # per-sample, in every leaf
+            return batch * sum(jnp.sum(leaf) for leaf in jax.tree.leaves(p))
+
+        dtype = jnp.result_type(*jax.tree.leaves(params))
+        batch = jnp.ones(PROBE_BATCH, dtype)
+        lin = linearize(loss_fn, params, batch, quantities)
+        step = jnp.zeros((), jnp.int32)
+        return measure(
+            quantities, states, loss_fn, batch, params, lin, lin.grads, step, memory_budget
+        )[0]
+
+    return jax.eval_shape(values, params, states)
+
+
+def _missing(value: jax.ShapeDtypeStruct) -> jax.Array:
+    fill = jnp.nan if jnp.issubdtype(value.dtype, jnp.inexact) else 0
+    return jnp.full(value.shape, fill, value.dtype)
+
+
+def _as_stored(values: Metrics, stored: Metrics) -> Metrics:
+    """``values`` in the shapes and dtypes ``init`` gave them; a different shape is an error."""
+    for key, value in values.items():
+        got = jax.tree.map(np.shape, value)
+        want = jax.tree.map(np.shape, stored[key])
+        if jax.tree.structure(value) != jax.tree.structure(stored[key]) or got != want:
+            raise ValueError(
+                f"lm.monitor: quantity {key!r} has value shape {got} on this batch but {want} "
+                "on init's stand-in batch; the monitor keeps values in the optimizer state, so "
+                "their shapes must not depend on the batch (use lm.instrument for this quantity)"
+            )
+    return jax.tree.map(lambda v, s: jnp.asarray(v, s.dtype), values, stored)
+
+
+def _resolve_track(track: Any, every: int, count: jax.Array) -> bool | jax.Array:
+    """``track`` as a Python bool (one variant traced) or a scalar bool array (``lax.cond``)."""
+    if track is None:
+        return True if every == 1 else count % every == 0
+    if isinstance(track, bool | np.bool_):
+        return bool(track)
+    shape, dtype = np.shape(track), getattr(track, "dtype", type(track))
+    if shape != () or dtype != jnp.bool_:
+        raise TypeError(
+            "lm.monitor: track must be a Python bool or a scalar boolean array (e.g. "
+            f"step % 10 == 0), got {type(track).__name__} of shape {shape} and dtype {dtype}"
+        )
+    return track
+
+
+def _check_wiring(loss_fn: Any, batch: Any, params: Any) -> None:
+    missing = [
+        name
+        for name, value in (("loss_fn", loss_fn), ("batch", batch), ("params", params))
+        if value is None
+    ]
+    if missing:
+        raise TypeError(
+            f"lm.monitor: update needs {' and '.join(missing)} to compute its quantities; call "
+            f"{USAGE}, where loss_fn(params, batch) returns per-sample losses of shape (B,) "
+            "(or pass track=False for a step without quantities)"
+        )
+    if not callable(loss_fn):
+        raise TypeError(
+            f"lm.monitor: loss_fn must be a function (params, batch) -> per-sample losses (B,), "
+            f"got {type(loss_fn).__name__}"
+        )
+
+
+def monitor(
+    inner: optax.GradientTransformation,
+    quantities: Sequence[Quantity],
+    *,
+    every: int = 1,
+    memory_budget: int = 2**26,
+) -> optax.GradientTransformationExtraArgs:
+    """Wrap an optimizer so that its ``update`` also computes ``quantities``.
+
+    The wrapped ``update`` takes two extra keyword arguments, the same per-sample loss as
+    ``lm.instrument`` and the batch the gradient was taken on:
+
+        ``updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn, batch=batch)``
+
+    ``loss_fn(params, batch)`` returns per-sample losses, shape (B,), for ``params`` as they
+    reach ``update``. The quantities see θₜ (``params``), ℓᵢ and g = mean ∇ℓᵢ of ``loss_fn`` on
+    ``batch`` (not ``grads``, which a chain may have clipped or accumulated), and the update the
+    inner transformation returns: so the monitor must see the final update, as the whole
+    optimizer or the last element of a chain. Values are kept in the state until the next
+    tracked update; read them with :func:`metrics`.
+
+    When to track: ``every=k`` tracks updates 0, k, 2k, … (a counter in the state and one
+    ``lax.cond``: one compiled program). An extra argument ``track`` overrides it for one call:
+    a Python bool selects one of two programs while tracing (``track=False`` is the bare inner
+    update, as ``lm.instrument``'s), a scalar boolean array is decided at run time. On CPU,
+    XLA runs convolutions inside a ``lax.cond`` several times slower: for a convolutional
+    model there, prefer a static ``track`` (``benchmarks/monitor.py``: 3c3d with the norm test
+    every 4th step costs 2.8× ``lm.instrument``'s through ``every=4``).
+
+    Args:
+      inner: the optimizer to wrap, any optax transformation (extra arguments are passed on).
+      quantities: what to compute, e.g. ``[lm.Loss(), lm.NormTest()]``; each value's shape
+        must not depend on the batch (true of every built-in quantity).
+      every: track every k-th update when ``track`` is not given.
+      memory_budget: bytes of per-sample gradients held at once, as in ``lm.instrument``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, lmd4ml as lm
+      >>> def loss_fn(w, batch):
+      ...     x, y = batch
+      ...     return (x @ w - y) ** 2
+      >>> tx = lm.monitor(optax.sgd(0.1), [lm.Loss(), lm.NormTest()])
+      >>> w, batch = jnp.zeros(2), (jnp.array([[1.0, 0.0], [0.0, 1.0]]), jnp.array([1.0, 2.0]))
+      >>> opt_state = tx.init(w)
+      >>> grads = jax.grad(lambda w: loss_fn(w, batch).mean())(w)
+      >>> updates, opt_state = tx.update(grads, opt_state, w, loss_fn=loss_fn, batch=batch)
+      >>> m = lm.metrics(opt_state)
+      >>> int(m["step"]), round(float(m["loss"]), 3)
+      (0, 2.5)
+    """
+    quantities = tuple(quantities)
+    check_quantities(quantities)
+    if not hasattr(inner, "init") or not hasattr(inner, "update"):
+        raise TypeError(f"lm.monitor wraps an optax GradientTransformation, got {type(inner)}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"lm.monitor: every must be an integer >= 1, got {every!r}")
+    if memory_budget < 1:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params: PyTree) -> MonitorState:
+        check_params(params)
+        q_states = {q.key: q.init(params) for q in quantities}
+        shapes = _probe_values(quantities, params, q_states, memory_budget)
+        state = MonitorState(
+            inner_state=inner.init(params),
+            quantity_states=q_states,
+            metrics=jax.tree.map(_missing, shapes),
+            count=jnp.zeros((), jnp.int32),
+            tracked_step=jnp.full((), -1, jnp.int32),
+        )
+        return strongly_typed(state)
+
+    def update(
+        grads: optax.Updates,
+        state: MonitorState,
+        params: optax.Params | None = None,
+        *,
+        loss_fn: Callable[[PyTree, PyTree], jax.Array] | None = None,
+        batch: PyTree = None,
+        track: bool | jax.Array | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, MonitorState]:
+        if not isinstance(state, MonitorState):
+            raise TypeError(
+                f"lm.monitor: update got a {type(state).__name__} for its state; pass the state "
+                "its own init returned (or the chain's, for a chain)"
+            )
+        track = _resolve_track(track, every, state.count)
+        extra = {"loss_fn": loss_fn, "batch": batch, **extra_args}
+        if track is False:
+            updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
+            return updates, state._replace(inner_state=inner_state, count=state.count + 1)
+
+        _check_wiring(loss_fn, batch, params)
+        check_losses(jax.eval_shape(loss_fn, params, batch), batch)
+        # Outside any lax.cond below, so that XLA merges it with the user's own gradient
+        # (inside one, on CPU, it ran as a second, slower pass).
+        lin = linearize(loss_fn, params, batch, quantities)
+        updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
+
+        def tracked(q_states: dict, old: Metrics) -> tuple[dict, Metrics]:
+            args = (loss_fn, batch, params, lin, updates, state.count, memory_budget)
+            values, q_states, _ = measure(quantities, q_states, *args)
+            return q_states, _as_stored(values, old)
+
+        def kept(q_states: dict, old: Metrics) -> tuple[dict, Metrics]:
+            return q_states, old
+
+        if track is True:
+            q_states, values = tracked(state.quantity_states, state.metrics)
+            tracked_step = state.count
+        else:
+            q_states, values = jax.lax.cond(
+                track, tracked, kept, state.quantity_states, state.metrics
+            )
+            tracked_step = jnp.where(track, state.count, state.tracked_step)
+        new_state = MonitorState(inner_state, q_states, values, state.count + 1, tracked_step)
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _monitor_states(tree: Any) -> list[MonitorState]:
+    is_state = lambda x: isinstance(x, MonitorState)  # noqa: E731
+    return [x for x in jax.tree.leaves(tree, is_leaf=is_state) if is_state(x)]
+
+
+def metrics(state: Any) -> Metrics:
+    """The values of the last tracked update, from the state of an :func:`monitor`.
+
+    ``state`` is the monitor's state or anything holding it: a chain's or ``MultiSteps``'
+    state, an ``nnx.Optimizer`` or its ``opt_state``, a flax ``TrainState``. Returns device
+    arrays keyed like ``lm.instrument``'s metrics, plus ``"step"``: the update they describe,
+    counted from 0 (-1 before the first tracked update, when values are NaN). Reading them
+    never waits for the device.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, lmd4ml as lm
+      >>> tx = optax.chain(optax.clip_by_global_norm(1.0), lm.monitor(optax.sgd(0.1), [lm.Loss()]))
+      >>> m = lm.metrics(tx.init(jnp.zeros(2)))
+      >>> int(m["step"]), bool(jnp.isnan(m["loss"]))
+      (-1, True)
+    """
+    found = _monitor_states(state)
+    if len(found) != 1:
+        what = "no lm.monitor state" if not found else f"{len(found)} lm.monitor states"
+        raise ValueError(
+            f"lm.metrics found {what} in the {type(state).__name__} it was given; pass the "
+            "state of an optimizer wrapped once with lm.monitor, e.g. opt_state of "
+            "tx = lm.monitor(optax.adam(1e-3), quantities) (or of a chain, MultiSteps, "
+            "nnx.Optimizer or TrainState holding it)"
+        )
+    pure = nnx.as_pure(found[0])  # nnx.Optimizer wraps every leaf of its state in a Variable
+    return {"step": pure.tracked_step, **pure.metrics}
+
+
+class Recorder:
+    """Sends the values of a monitored loop to a run, as ``lm.train`` does: store and live ring.
+
+    ``log(state)`` after each step takes :func:`metrics` of ``state`` (anything holding a
+    monitor's state) and hands each newly tracked update to the background writer of
+    :mod:`lmd4ml.telemetry.writer`; values are fetched from the device one call late, so the
+    loop never waits for the step it just dispatched. The run (``runs_dir/<run>``, see
+    :func:`lmd4ml.load_run`) opens at the first tracked update; ``close`` (or leaving the
+    ``with`` block) writes what is left and marks it finished, failed or interrupted.
+
+    Args:
+      runs_dir: where the run's directory is made.
+      run_name: its name (default: a sortable timestamp).
+      quantities: the monitor's quantities, recorded with the run (the dashboard reads their
+        options, e.g. a histogram's range).
+      config: anything worth keeping with the run (learning rate, batch size).
+      dashboard: serve the live dashboard of ``runs_dir`` (``True``: port 8050, or this port),
+        as ``lm.train(dashboard=...)`` does.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp, optax, lmd4ml as lm
+      >>> tx = lm.monitor(optax.sgd(0.1), [lm.Loss()])
+      >>> w, batch = jnp.zeros(2), (jnp.ones((3, 2)), jnp.arange(3.0))
+      >>> loss_fn = lambda w, b: (b[0] @ w - b[1]) ** 2
+      >>> opt_state, runs = tx.init(w), tempfile.mkdtemp()
+      >>> with lm.Recorder(runs, "demo", quantities=[lm.Loss()]) as recorder:
+      ...     for _ in range(3):
+      ...         _, opt_state = tx.update(w, opt_state, w, loss_fn=loss_fn, batch=batch)
+      ...         recorder.log(opt_state)
+      >>> lm.load_run(f"{runs}/demo").steps().tolist()
+      [0, 1, 2]
+    """
+
+    def __init__(
+        self,
+        runs_dir: str | os.PathLike = "runs",
+        run_name: str | None = None,
+        *,
+        quantities: Sequence[Quantity] = (),
+        config: dict[str, Any] | None = None,
+        dashboard: bool | int = False,
+    ):
+        self.runs_dir = runs_dir
+        self.run_name = run_name
+        self.quantities = tuple(quantities)
+        self.config = dict(config or {})
+        self.telemetry: Telemetry | None = None
+        self._pending: Metrics | None = None
+        self._last_step = -1
+        serve_dashboard(runs_dir, dashboard)
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run's directory, once the first tracked update has been recorded."""
+        return None if self.telemetry is None else self.telemetry.run_dir
+
+    def log(self, state: Any) -> None:
+        """Record the monitor's values in ``state`` if they are from a newly tracked update."""
+        values = metrics(state)
+        self._flush()
+        self._pending = values
+
+    def _flush(self) -> None:
+        if self._pending is None:
+            return
+        values = jax.tree.map(np.asarray, jax.device_get(self._pending))
+        self._pending = None
+        step = int(values.pop("step"))
+        if step <= self._last_step:  # not tracked since the last call (or never)
+            return
+        self._last_step = step
+        if self.telemetry is None:
+            run_dir = new_run_dir(self.runs_dir, self.run_name)
+            metadata = base_metadata(self.quantities, list(values), self.config)
+            self.telemetry = Telemetry(run_dir, metadata, values)
+        self.telemetry.submit(step, values)
+
+    def close(self, status: str = "finished") -> None:
+        """Record what is pending and close the run as ``status``. Idempotent."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        try:
+            self._flush()
+        finally:
+            if self.telemetry is not None:
+                self.telemetry.close(status)
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+        if kind is None:
+            self.close("finished")
+        else:
+            self.close("interrupted" if issubclass(kind, KeyboardInterrupt) else "failed")
