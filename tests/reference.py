@@ -241,3 +241,19 @@ def leaf_norms(flat: np.ndarray, tree: Any) -> dict[str, float]:
     for path, piece in pieces:
         out[jax.tree_util.keystr(path, simple=True, separator="/")] = float(np.linalg.norm(piece))
     return out
+
+
+def alpha_next_batch(loss_fn: Callable, thetas: list[Any], batches: list[Any]) -> list[float]:
+    """Cockpit's α of each step t = 0 … n−2 of a run θ₀ … θₙ on batches 0 … n−1.
+
+    The start is observed at θₜ on batch t and the end at θₜ₊₁ on batch t + 1 (Cockpit's
+    SAVE_SHIFT = 1), both projected on the step's own update θₜ₊₁ − θₜ; the fit is
+    :func:`alpha`'s.
+    """
+    values = []
+    for t in range(len(batches) - 1):
+        start = per_sample_grads(loss_fn, thetas[t], batches[t])
+        end = per_sample_grads(loss_fn, thetas[t + 1], batches[t + 1])
+        d = flatten(thetas[t + 1]) - flatten(thetas[t])
+        values.append(alpha(start.losses, start.grads, end.losses, end.grads, d))
+    return values

@@ -1,8 +1,9 @@
-"""Alpha: where the update landed on a quadratic fitted along it, on the step's own batch."""
+"""Alpha: where the update landed on a quadratic fitted along it (Cockpit's α)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,9 @@ from lmd4ml.stats import PyTree
 
 ALPHA_VAR_FLOOR = 1e-10
 """A zero sample variance is replaced by this (Cockpit's), so its observation keeps a weight."""
+
+ALPHA_ENDS = ("same_batch", "next_batch")
+"""Where ``Alpha`` observes the end point θₜ₊₁: on batch t, or on batch t + 1 (Cockpit's)."""
 
 
 def fit_quadratic(
@@ -48,44 +52,142 @@ def fit_quadratic(
     return coefficients
 
 
+class Observation(NamedTuple):
+    """The batch loss and its slope at one end of a step, each a mean with its variance."""
+
+    value: jax.Array  # mean of ℓᵢ
+    value_var: jax.Array  # their sample variance
+    slope: jax.Array  # mean of ∇ℓᵢ·u/‖u‖
+    slope_var: jax.Array  # their sample variance
+
+
+def _mean_and_var(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and sample variance (ddof 1), a zero variance floored to ``ALPHA_VAR_FLOOR``."""
+    var = jnp.var(samples, ddof=1)
+    return samples.mean(), jnp.where(var == 0, jnp.asarray(ALPHA_VAR_FLOOR, var.dtype), var)
+
+
+def observe(losses: jax.Array, slopes: jax.Array) -> Observation:
+    """The observation of per-sample ``losses`` and directional ``slopes``, both shape (B,)."""
+    return Observation(*_mean_and_var(losses), *_mean_and_var(slopes))
+
+
+def losses_and_slopes(
+    ctx: StepContext, params: PyTree, direction: PyTree
+) -> tuple[jax.Array, jax.Array]:
+    """ℓᵢ and ∇ℓᵢ·d/‖d‖ at ``params`` on the step's batch, from one forward-mode pass."""
+    losses, slopes = jax.jvp(lambda p: ctx.loss_fn(p, ctx.batch), (params,), (direction,))
+    return losses, slopes / optax.tree.norm(direction)
+
+
+def step_alpha(t: jax.Array, start: Observation, end: Observation) -> jax.Array:
+    """α = 2t/s̄ − 1 of the quadratic fitted to the observations at 0 and t (−1: no progress)."""
+    c = fit_quadratic(
+        t,
+        jnp.stack([start.value, end.value]),
+        jnp.stack([start.slope, end.slope]),
+        jnp.stack([start.value_var, end.value_var]),
+        jnp.stack([start.slope_var, end.slope_var]),
+    )
+    alpha = 2 * t / (-c[1] / c[2]) - 1
+    return jnp.where((t == 0) | (c[2] < 0), -1.0, alpha).astype(start.value.dtype)
+
+
+class AlphaStart(NamedTuple):
+    """What ``Alpha(end="next_batch")`` carries from a tracked step to the next: its start."""
+
+    direction: PyTree  # the update u = θₜ₊₁ − θₜ of the last tracked step t
+    start: Observation  # at θₜ on batch t, along u
+    step: jax.Array  # t, or -2 before any tracked step (so no step follows it)
+
+
 @dataclasses.dataclass(frozen=True)
 class Alpha(Quantity):
     """Normalised step length α of the update on a quadratic fitted along it (Cockpit's α).
 
     Along the update u = θₜ₊₁ − θₜ, of length t = ‖u‖, the batch loss and its slope in the
-    unit direction u/t are observed at both ends of the step on the same batch: mean and
-    sample variance of ℓᵢ and of ∇ℓᵢ·u/t at θₜ and θₜ₊₁. A quadratic q(s) = c₀ + c₁s + c₂s²
-    is fitted to the four means, each weighted by the inverse of its variance, and
+    unit direction u/t are observed at both ends of the step: mean and sample variance of ℓᵢ
+    and of ∇ℓᵢ·u/t at θₜ (on batch t) and at θₜ₊₁. A quadratic q(s) = c₀ + c₁s + c₂s² is
+    fitted to the four means, each weighted by the inverse of its variance, and
     α = 2t/s̄ − 1 with s̄ = −c₁/c₂, where q returns to q(0). −1: no progress (also when q is
     concave or t = 0); 0: the step lands at the minimum; 1: on the other side at equal
     height; above 1: uphill. Works for any optimizer: u is the update applied. Needs B ≥ 2.
 
-    Example:
-      >>> import lmd4ml as lm
-      >>> lm.Alpha().key
-      'alpha'
+    ``end`` says where θₜ₊₁ is observed:
+
+    - ``"same_batch"`` (default): on batch t, in step t itself; the value describes this step.
+    - ``"next_batch"``: on batch t + 1, as Cockpit does, so the values reproduce Cockpit's.
+      The end is only seen at step t + 1: the value reported there is α of step t, NaN
+      where step t was not tracked (at the first step, after an untracked step). Track it
+      at consecutive steps; it carries u of the last tracked step (one params-sized state).
+
+    Example: on ℓᵢ = ½‖w − xᵢ‖², SGD with rate 0.5 goes half way to the minimum (α = −0.5);
+    with one batch over and over, both modes see the same, one step apart:
+
+      >>> import jax.numpy as jnp, optax, lmd4ml as lm
+      >>> def loss_fn(w, x):
+      ...     return 0.5 * jnp.sum((w - x) ** 2, axis=1)
+      >>> x = jnp.array([[1.0, 2.0], [3.0, 0.0], [2.0, 1.0]])
+      >>> step = lm.instrument(loss_fn, optax.sgd(0.5), [lm.Alpha(end="next_batch")])
+      >>> state, values = step.init(jnp.zeros(2)), []
+      >>> for _ in range(3):
+      ...     state, metrics = step(state, x)
+      ...     values.append(round(float(metrics["alpha"]), 6))
+      >>> values  # at step 0 no step has ended yet; at step k, α of step k − 1
+      [nan, -0.5, -0.5]
     """
 
+    end: str = "same_batch"
     key = "alpha"
+
+    def __post_init__(self):
+        if not (isinstance(self.end, str) and self.end in ALPHA_ENDS):
+            raise ValueError(
+                f"Alpha: end must be one of {', '.join(map(repr, ALPHA_ENDS))} (where the "
+                f"step's end point is observed); got {self.end!r}"
+            )
 
     def check(self, batch_size: int) -> None:
         check_variance_batch("Alpha", batch_size)
 
-    def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
-        t = optax.tree.norm(ctx.updates)
-
-        def along_update(params: PyTree) -> tuple[jax.Array, jax.Array]:
-            return jax.jvp(lambda p: ctx.loss_fn(p, ctx.batch), (params,), (ctx.updates,))
-
-        _, start_slopes = along_update(ctx.params)
-        end_losses, end_slopes = along_update(ctx.new_params)
-        losses = jnp.stack([ctx.losses, end_losses])
-        slopes = jnp.stack([start_slopes, end_slopes]) / t
-        floor = jnp.asarray(ALPHA_VAR_FLOOR, losses.dtype)
-        loss_vars, slope_vars = (
-            jnp.where(v == 0, floor, v)
-            for v in (jnp.var(losses, axis=1, ddof=1), jnp.var(slopes, axis=1, ddof=1))
+    def init(self, params: PyTree) -> PyTree:
+        if self.end == "same_batch":
+            return ()
+        zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
+        return AlphaStart(
+            direction=jax.tree.map(jnp.zeros_like, params),
+            start=Observation(zero, zero, zero, zero),
+            step=jnp.full((), -2, jnp.int32),
         )
-        c = fit_quadratic(t, losses.mean(axis=1), slopes.mean(axis=1), loss_vars, slope_vars)
-        alpha = 2 * t / (-c[1] / c[2]) - 1
-        return jnp.where((t == 0) | (c[2] < 0), -1.0, alpha).astype(losses.dtype), state
+
+    def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
+        if self.end == "same_batch":
+            return self._same_batch(ctx), state
+        return self._next_batch(ctx, state)
+
+    @staticmethod
+    def _same_batch(ctx: StepContext) -> jax.Array:
+        u = ctx.updates
+        _, start_slopes = losses_and_slopes(ctx, ctx.params, u)
+        end_losses, end_slopes = losses_and_slopes(ctx, ctx.new_params, u)
+        return step_alpha(
+            optax.tree.norm(u), observe(ctx.losses, start_slopes), observe(end_losses, end_slopes)
+        )
+
+    @staticmethod
+    def _next_batch(ctx: StepContext, state: AlphaStart) -> tuple[jax.Array, AlphaStart]:
+        # This step's θ and batch are the previous step's end point: finish its fit.
+        u = state.direction
+        end = observe(ctx.losses, losses_and_slopes(ctx, ctx.params, u)[1])
+        alpha = step_alpha(optax.tree.norm(u), state.start, end)
+        follows = ctx.step == state.step + 1
+        value = jnp.where(follows, alpha, jnp.nan)
+
+        dtype = state.start.value.dtype
+        start = observe(ctx.losses, losses_and_slopes(ctx, ctx.params, ctx.updates)[1])
+        new_state = AlphaStart(
+            direction=ctx.updates,
+            start=Observation(*(x.astype(dtype) for x in start)),
+            step=jnp.asarray(ctx.step, jnp.int32),
+        )
+        return value, new_state
