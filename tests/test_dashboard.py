@@ -30,9 +30,9 @@ COCKPIT_SHAPES = {
 }  # fmt: skip
 
 
-def fake_run(runs_dir, name, fields, n_steps, pid=None, status="finished"):
+def fake_run(runs_dir, name, fields, n_steps, pid=None, status="finished", **metadata):
     """A stored run of ``n_steps`` steps of made-up values for ``fields`` {key: shape}."""
-    metadata = {"keys": list(fields), "pid": os.getpid() if pid is None else pid}
+    metadata |= {"keys": list(fields), "pid": os.getpid() if pid is None else pid}
     layout = {k: (shape, "int32" if "hist" in k else "float32") for k, shape in fields.items()}
     writer = RunWriter(new_run_dir(runs_dir, name), metadata, layout)
     rng = np.random.default_rng(0)
@@ -140,6 +140,26 @@ def test_full_figure_then_patches_then_a_redraw_past_the_budget(tmp_path):
     out, _, _ = app.update(cache, listing, [], 0.0, False, False, view2, redraw=False)
     assert isinstance(out, dict)
     assert len(out["data"][i]["x"]) <= figure.LINE_BUDGET + 2
+
+
+def test_histograms_are_drawn_over_their_bin_centres(tmp_path):
+    hist_1d = lm.GradHist1d(nbins=20, maxval=0.5)
+    hist_2d = lm.GradHist2d(bins=(4, 5), range=((-0.1, 0.1), (-2.0, 3.0)))
+    axes = lm.learner.base_metadata([hist_1d, hist_2d], ["a", "b"], {})["axes"]
+    fields = {"grad_hist_1d": (20,), "grad_hist_2d": (4, 5), "unbinned": (3,)}
+    fake_run(tmp_path, "r", fields, 5, axes=axes)
+    fig, _, _ = app.update(
+        RunCache(), app.Listing(tmp_path), [], 0.0, False, False, None, redraw=True
+    )
+    by = {(t["meta"]["field"], t["type"]): t for t in fig["data"]}
+    centres = np.linspace(-0.5, 0.5, 21)[:-1] + 0.025
+    np.testing.assert_allclose(by["grad_hist_1d", "heatmap"]["y"], centres)
+    np.testing.assert_allclose(by["grad_hist_1d", "bar"]["x"], centres)
+    image = by["grad_hist_2d", "heatmap"]
+    np.testing.assert_allclose(image["y"], [-0.075, -0.025, 0.025, 0.075])  # gradient: rows
+    np.testing.assert_allclose(image["x"], [-1.5, -0.5, 0.5, 1.5, 2.5])  # parameter: columns
+    assert "parameter" in image["hovertemplate"]
+    assert by["unbinned", "heatmap"]["y"] == [0, 1, 2]
 
 
 def test_options_and_overlay_redraw_with_one_trace_per_run(tmp_path):

@@ -161,7 +161,7 @@ def expected(run_dir: Path) -> dict[tuple[str, str], int]:
                 out[field, kind] = len(even_indices(len(steps), HEATMAP_BUDGET))
             else:
                 out[field, kind] = len(minmax_indices(values.astype(float), LINE_BUDGET))
-    out["grad_a", "heatmap"] = 2  # a matrix: its latest value as an image, 2 rows
+    out["grad_a", "heatmap"] = 3  # a 2×3 matrix: its latest value as an image, 3 columns
     return out
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,15 +33,13 @@ def _template(dark: bool) -> dict:
     return pio.templates["plotly_dark" if dark else "plotly_white"].to_plotly_json()
 
 
-def _bins(run: RunData, field: str, n: int) -> list[float]:
-    """Bin centres of a GradHist1d field, read from the quantity's repr; else bin numbers."""
-    if field == "grad_hist_1d":
-        for text in run.metadata.get("quantities", []):
-            found = re.match(r"GradHist1d\(nbins=(\d+), maxval=([^,)]+)\)", str(text))
-            if found and int(found[1]) == n:
-                edges = np.linspace(-float(found[2]), float(found[2]), n + 1)
-                return ((edges[:-1] + edges[1:]) / 2).tolist()
-    return list(range(n))
+def _axis(run: RunData, field: str, dim: int, n: int) -> tuple[str, list[float]]:
+    """Name and coordinates of dimension ``dim`` of a field's value, as its quantity recorded
+    them (``Quantity.axes``: a histogram's bin centres); else ("bin", positions 0, 1, …)."""
+    axes = list(run.metadata.get("axes", {}).get(field, {}).items())
+    if dim < len(axes) and len(axes[dim][1]) == n:
+        return axes[dim]
+    return "bin", list(range(n))
 
 
 def _counts(values: np.ndarray) -> np.ndarray:
@@ -194,7 +191,9 @@ def figure(
             continue
         column = run.columns[field]
         meta = {"panel": panel.title, "field": field, "run": run.name}
-        bins = _bins(run, field, int(np.prod(column.values.shape[1:])))
+        shape = column.values.shape[1:]
+        name, bins = _axis(run, field, 0, int(np.prod(shape)))
+        what = "log10(1 + count)" if column.values.dtype.kind in "iu" else field
         if panel.kind == "heatmap":
             keep = even_indices(column.n, HEATMAP_BUDGET)
             z = _counts(column.values[keep].reshape(len(keep), len(bins)))
@@ -202,7 +201,8 @@ def figure(
                 {"type": "heatmap", "transpose": True, "x": column.steps[keep].tolist(),
                  "y": bins, "z": _series(z), "colorscale": "Viridis", "showscale": False,
                  "zsmooth": "fast",
-                 "hovertemplate": "step %{x}<br>bin %{y}<br>%{z:.3g}<extra></extra>",
+                 "hovertemplate": f"step %{{x}}<br>{name} %{{y:.4g}}<br>{what} %{{z:.3g}}"
+                                  "<extra></extra>",
                  "meta": meta, **axes}
             )  # fmt: skip
             traces.append(_trace(run, field, "heatmap", column.steps[keep]))
@@ -214,10 +214,16 @@ def figure(
             )  # fmt: skip
             traces.append(_trace(run, field, "bars", column.steps))
         else:
-            latest = column.values[-1] if column.n else np.zeros(column.values.shape[1:])
+            latest = column.values[-1] if column.n else np.zeros(shape)
+            (y_name, y), (x_name, x) = (_axis(run, field, d, shape[d]) for d in (0, 1))
+            layout[f"xaxis{suffix}"]["title"] = {"text": x_name, "standoff": 2}
+            layout[f"yaxis{suffix}"]["title"] = {"text": y_name, "standoff": 2}
             data.append(
-                {"type": "heatmap", "z": _series(_counts(latest)), "colorscale": "Viridis",
-                 "showscale": False, "meta": meta, **axes}
+                {"type": "heatmap", "x": x, "y": y, "z": _series(_counts(latest)),
+                 "colorscale": "Viridis", "showscale": False,
+                 "hovertemplate": f"{x_name} %{{x:.4g}}<br>{y_name} %{{y:.4g}}<br>{what} "
+                                  "%{z:.3g}<extra></extra>",
+                 "meta": meta, **axes}
             )  # fmt: skip
             traces.append(_trace(run, field, "image", column.steps))
     return {"data": data, "layout": {**layout, "uirevision": key}}, {

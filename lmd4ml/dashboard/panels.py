@@ -26,14 +26,13 @@ COLUMNS = ("STEP SIZE", "GRADIENTS", "CURVATURE")
 # (group, title, keys): a panel draws those of its keys that a run tracks.
 COCKPIT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("STEP SIZE", "α (alpha)", ("alpha",)),
-    ("STEP SIZE", "CABS step size", ("cabs",)),
     ("STEP SIZE", "distance and update size", ("distance", "update_size")),
     ("STEP SIZE", "gradient norm", ("grad_norm",)),
     ("GRADIENTS", "gradient tests", ("norm_test", "inner_test", "ortho_test")),
     ("GRADIENTS", "gradient histogram", ("grad_hist_1d",)),
     ("GRADIENTS", "2-D gradient histogram", ("grad_hist_2d",)),
     ("GRADIENTS", "mean GSNR", ("mean_gsnr",)),
-    ("GRADIENTS", "gradient noise scale", ("noise_scale",)),
+    ("GRADIENTS", "suggested batch sizes", ("cabs", "noise_scale")),
     ("GRADIENTS", "early stopping", ("early_stopping",)),
     ("CURVATURE", "top Hessian eigenvalue", ("hess_max_ev",)),
     ("CURVATURE", "Hessian trace", ("hess_trace",)),

@@ -49,6 +49,22 @@ class GradHist1d(Quantity):
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         return ctx.per_sample(self.per_sample[0]), state
 
+    def axes(self) -> dict[str, list[float]]:
+        """Bin centres of the gradient axis.
+
+        Example:
+          >>> import lmd4ml as lm
+          >>> lm.GradHist1d(nbins=4, maxval=1.0).axes()
+          {'gradient': [-0.75, -0.25, 0.25, 0.75]}
+        """
+        return {"gradient": bin_centres(-self.maxval, self.maxval, self.nbins)}
+
+
+def bin_centres(lo: float, hi: float, n: int) -> list[float]:
+    """Centres of ``n`` equal bins over [lo, hi]."""
+    width = (float(hi) - float(lo)) / n
+    return [float(lo) + width * (i + 0.5) for i in range(n)]
+
 
 def _hist_2d(
     grads: PyTree,
@@ -120,3 +136,11 @@ class GradHist2d(Quantity):
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         return ctx.per_sample(self.per_sample[0]), state
+
+    def axes(self) -> dict[str, list[float]]:
+        """Bin centres of the gradient axis (rows) and the parameter axis (columns)."""
+        (g_lo, g_hi), (p_lo, p_hi) = self.range
+        return {
+            "gradient": bin_centres(g_lo, g_hi, self.bins[0]),
+            "parameter": bin_centres(p_lo, p_hi, self.bins[1]),
+        }
