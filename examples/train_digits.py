@@ -1,8 +1,11 @@
-"""Train an MLP on scikit-learn's handwritten digits with lmd4ml's diagnostics on every step.
+"""Train an MLP on scikit-learn's handwritten digits with Cockpit's full instrument panel.
 
-The data ships with scikit-learn (1797 8×8 images), so nothing is downloaded. Each epoch
-prints the diagnostics read together: loss, gradient norm, distance from the start, update
-size, the norm test and where the per-sample gradients sit in the histogram.
+The data ships with scikit-learn (1797 8×8 images), so nothing is downloaded. It tracks
+``lm.presets.full()`` (with the trace form of the TIC) and the gradient noise scale: the
+first-order instruments every step, the curvature instruments and the 2-D histogram, which
+cost tens of gradients each, every 4th step. Each epoch prints a few of them read together:
+loss, gradient norm, distance from the start, update size, the norm test, α, the top Hessian
+eigenvalue and where the per-sample gradients sit in the histogram.
 
     python examples/train_digits.py --epochs 30
     python examples/train_digits.py --dashboard     # and watch it live at http://127.0.0.1:8050
@@ -71,6 +74,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--track-every", type=int, default=1)
+    parser.add_argument(
+        "--curvature-every", type=int, default=4, help="steps between curvature measurements"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs-dir", default="runs", help="where the run is kept")
     parser.add_argument(
@@ -89,14 +95,15 @@ def main() -> None:
         x, digits.target, test_size=0.2, random_state=args.seed, stratify=digits.target
     )
     model = MLP(nnx.Rngs(args.seed))
-    quantities = [
-        lm.Loss(),
-        lm.GradNorm(),
-        lm.Distance(),
-        lm.UpdateSize(),
-        lm.NormTest(),
-        lm.GradHist1d(nbins=100, maxval=0.05),
-    ]
+    replace = {
+        # Gradient elements sit within ±0.05 here; θ within ±0.5 (LeCun-normal init, fan-in 64).
+        "grad_hist_2d": lm.GradHist2d(range=((-0.05, 0.05), (-0.5, 0.5))),
+        # 26k parameters are too many for the exact Hessian diagonal, and TICDiag from
+        # Hutchinson's per-coordinate estimates is noise (docs/instruments/tic_diag.md).
+        "tic_diag": lm.TICTrace(),
+    }
+    quantities = [replace.get(q.key, q) for q in lm.presets.full()] + [lm.NoiseScale()]
+    expensive = ("hess_trace", "tic_trace", "hess_max_ev", "grad_hist_2d")
     learner = lm.Learner(
         model,
         loss_fn,
@@ -108,7 +115,8 @@ def main() -> None:
     print(f"digits: {len(x_train)} train / {len(x_test)} test, {steps_per_epoch} steps per epoch")
     print(
         f"{'epoch':>5} {'loss':>8} {'grad_norm':>9} {'distance':>8} {'update':>8} "
-        f"{'norm_test':>9} {'|g|<1e-3':>10} {'clamped':>8} {'test acc':>8}"
+        f"{'norm_test':>9} {'alpha':>6} {'λ_max':>7} {'|g|<1e-3':>9} {'clamped':>8} "
+        f"{'test acc':>8}"
     )
 
     def report(epoch: int, history: lm.History) -> None:
@@ -120,13 +128,15 @@ def main() -> None:
         tqdm.write(
             f"{epoch:>5} {last['loss']:>8.4f} {last['grad_norm']:>9.4f} "
             f"{last['distance']:>8.3f} {last['update_size']:>8.4f} {last['norm_test']:>9.4f} "
-            f"{centre:>10.1%} {clamped:>8.1%} {accuracy:>8.1%}"
+            f"{last['alpha']:>6.2f} {history['hess_max_ev'][-1]:>7.3f} {centre:>9.1%} "
+            f"{clamped:>8.1%} {accuracy:>8.1%}"
         )
 
     lm.train(
         learner,
         epochs=args.epochs,
         track_every=args.track_every,
+        schedules={key: args.curvature_every for key in expensive},
         runs_dir=args.runs_dir,
         dashboard=args.dashboard or False,
         on_epoch=report,
