@@ -160,6 +160,11 @@ class LanczosState(NamedTuple):
     iterations: jax.Array  # Hessian-vector products the last computation used
 
 
+UNROLL_ON_CPU_CONV = 8
+"""Lanczos products run outside a loop for convolutional models on CPU: enough for a warm
+start on DeepOBS 3c3d (7–8 products a step), each ~10× faster than inside the loop."""
+
+
 @dataclasses.dataclass(frozen=True)
 class HessMaxEV(Quantity):
     """The largest eigenvalue of ∇²L (algebraic, not largest in magnitude), by Lanczos.
@@ -168,6 +173,8 @@ class HessMaxEV(Quantity):
     products, warm-started from the previous step's eigenvector, which the state carries;
     the first step starts from a random vector drawn with ``seed``. It stops when the Ritz
     residual is at most ``rtol`` times the spectral radius, or after ``max_iters`` products.
+    For a convolutional model on CPU the first ``unroll`` products (default
+    ``UNROLL_ON_CPU_CONV``) run outside any loop, where XLA's convolutions are ~10× faster.
 
     Example:
       >>> import jax.numpy as jnp, optax, lmd4ml as lm
@@ -199,11 +206,13 @@ class HessMaxEV(Quantity):
 
     def compute(self, ctx: StepContext, state: LanczosState) -> tuple[jax.Array, LanczosState]:
         matvec, _ = stats.hessian.flat_matvec(ctx.hvp, ctx.params)
+        unrolled = stats.hessian.needs_unrolling(ctx.loss_fn, ctx.params, ctx.batch)
         out = stats.hessian.max_eigenvalue(
             matvec,
             state.vector,
             rtol=self.rtol,
             max_iters=self.max_iters,
             krylov_dim=self.krylov_dim,
+            unroll=UNROLL_ON_CPU_CONV if unrolled else 0,
         )
         return out.value, LanczosState(out.vector, out.iterations)
