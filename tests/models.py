@@ -35,6 +35,18 @@ class Case:
     batches: tuple[Any, ...]
 
 
+def run_steps(step: Any, case: Case) -> list[tuple[Any, dict, Any]]:
+    """(state before, metrics on the host, state after) of ``step`` (an ``lm.instrument``
+    step) for one step per batch of ``case``, from its parameters."""
+    state = step.init(case.params)
+    out = []
+    for batch in case.batches:
+        new_state, metrics = step(state, batch)
+        out.append((state, jax.device_get(metrics), new_state))
+        state = new_state
+    return out
+
+
 def budget_for_chunk(params: Any, chunk: int) -> int:
     """The ``memory_budget`` (bytes of per-sample gradients) that holds ``chunk`` samples."""
     return chunk * sum(np.size(leaf) * 8 for leaf in jax.tree.leaves(params))

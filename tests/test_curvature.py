@@ -25,19 +25,6 @@ OPTIMIZERS = {"sgd": lambda: optax.sgd(0.1), "adam": lambda: optax.adam(1e-2)}
 CURVATURE = ("hess_trace", "tic_diag", "tic_trace", "hess_max_ev")
 
 
-def run(
-    step: lm.InstrumentedStep, case: models.Case
-) -> list[tuple[lm.StepState, dict, lm.StepState]]:
-    """(state before, metrics on the host, state after) for one step per batch of the case."""
-    state = step.init(case.params)
-    out = []
-    for batch in case.batches:
-        new_state, metrics = step(state, batch)
-        out.append((state, jax.device_get(metrics), new_state))
-        state = new_state
-    return out
-
-
 def leaf_slices(params: Any) -> dict[str, slice]:
     """Where each leaf sits in :func:`reference.flatten`, keyed like per-layer values."""
     out, start = {}, 0
@@ -62,7 +49,7 @@ def test_exact_curvature_matches_full_hessian(name: str) -> None:
         lm.HessMaxEV(),
     ]
     step = lm.instrument(case.loss_fn, OPTIMIZERS[MODEL_OPTIMIZERS[name]](), quantities)
-    steps = run(step, case)
+    steps = models.run_steps(step, case)
     assert step.trace_count == collections.Counter({frozenset(CURVATURE): 1})
     for t, (before, metrics, after) in enumerate(steps):
         where = f"{name} step {t}"

@@ -51,13 +51,7 @@ def run(
 ) -> list[tuple[lm.StepState, dict, lm.StepState]]:
     """(state before, metrics on the host, state after) for one step per batch of the case."""
     step = lm.instrument(case.loss_fn, optimizer, quantities, memory_budget=memory_budget)
-    state = step.init(case.params)
-    out = []
-    for batch in case.batches:
-        new_state, metrics = step(state, batch)
-        out.append((state, jax.device_get(metrics), new_state))
-        state = new_state
-    return out
+    return models.run_steps(step, case)
 
 
 def assert_matches_reference(metrics: dict, expected: dict, where: str) -> None:
