@@ -35,14 +35,14 @@ import numpy as np
 import optax
 from models import PROBLEMS, Problem
 from overhead import (
-    MiB,
     Runner,
     _timed_compile,
     bare_runner,
-    calibrate,
     lm_runner,
     markdown_table,
+    rows_over_bare,
     text_table,
+    time_interleaved,
 )
 
 import lmd4ml as lm
@@ -112,31 +112,8 @@ def benchmark(problem: Problem, repeats: int, min_block_s: float) -> tuple[list,
                         f"monitor {label} static", problem, optimizer, quantities, every, True
                     )
                 )
-    for r in runners:
-        calibrate(r, min_block_s)
-    for i in range(repeats):
-        for r in runners[i % len(runners) :] + runners[: i % len(runners)]:
-            r.seconds.append(r.run(r.steps_per_block) / r.steps_per_block)
-
-    bare = runners[0]
-    rows = []
-    for r in runners:
-        per_repeat = np.array(r.seconds) / np.array(bare.seconds)
-        median = statistics.median(r.seconds)
-        rows.append(
-            {
-                "model": problem.name,
-                "config": r.name,
-                "ms": 1e3 * median,
-                "ratio": median / statistics.median(bare.seconds),
-                "p25": float(np.percentile(per_repeat, 25)),
-                "p75": float(np.percentile(per_repeat, 75)),
-                "mem_mib": r.memory_bytes / MiB,
-                "mem_ratio": r.memory_bytes / bare.memory_bytes,
-                "compile_s": r.compile_s,
-                "n": r.steps_per_block,
-            }
-        )
+    time_interleaved(runners, repeats, min_block_s)
+    rows = rows_over_bare(problem.name, runners)
     by_name = {r.name: r for r in runners}
     pairs = []
     for r in runners[1:]:

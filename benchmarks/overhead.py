@@ -8,15 +8,20 @@ For each model (``models.py``: an MLP and DeepOBS's 3c3d CNN) this compares
   lmd4ml's wrapper, no quantities; should match ``bare``);
 * ``scalars``: Loss, GradNorm, Distance, UpdateSize (no per-sample work);
 * ``norm_test`` and ``grad_hist_1d`` alone, to attribute the per-sample cost;
-* ``all6``: the scalars plus NormTest and GradHist1d (one shared per-sample pass).
+* ``all6``: the scalars plus NormTest and GradHist1d (one shared per-sample pass);
+* with ``--suite presets``: Cockpit's presets ``economy``, ``business`` and ``full``
+  (``lm.presets``), each tracked every 1, 4 and 16 steps (``full/4``: the full preset every
+  4th step, the bare update in between; blocks are whole multiples of 4 steps).
 
 The optimizer is SGD with learning rate 0.01 and momentum 0.9 everywhere; the same loss
-function, initial parameters and batch are used by every configuration, and every timed block
-starts from the same initial state. Everything is compiled and run once before timing. Timing
-interleaves the configurations: for each of R repeats, every configuration runs a block of N
-steps (N chosen per configuration so that a block lasts at least ``--min-block`` seconds),
-ending in ``jax.block_until_ready``; the order rotates from one repeat to the next. Data and
-state stay on the device; the instrumented steps' metrics are not copied to the host.
+function, initial parameters and batch are used by every configuration, and each timed block
+continues training from where the configuration's last block stopped, so stateful instruments
+run as they do in training (``HessMaxEV`` warm-starts from the last step's vector).
+Everything is compiled and run once before timing. Timing interleaves the configurations:
+for each of R repeats, every configuration runs a block of N steps (N chosen per
+configuration so that a block lasts at least ``--min-block`` seconds), ending in
+``jax.block_until_ready``; the order rotates from one repeat to the next. Data and state stay
+on the device; the instrumented steps' metrics are not copied to the host.
 
 How to read the table:
 
@@ -31,8 +36,8 @@ How to read the table:
 
 Usage::
 
-    python benchmarks/overhead.py [--model mlp|3c3d|all] [--repeats R] [--markdown]
-        [--min-block SECONDS] [--memory-budget BYTES]
+    python benchmarks/overhead.py [--model mlp|3c3d|all] [--suite core|presets|all]
+        [--repeats R] [--markdown] [--min-block SECONDS] [--memory-budget BYTES]
 """
 
 from __future__ import annotations
@@ -58,16 +63,27 @@ import lmd4ml as lm
 MiB = 2**20
 
 
-def configurations() -> dict[str, list[lm.Quantity] | None]:
+Configuration = tuple[list[lm.Quantity] | None, int]  # quantities, tracked every k steps
+
+
+def configurations(suite: str) -> dict[str, Configuration]:
     """The instrumented configurations; ``None`` is the lmd4ml step with ``track=False``."""
     scalars = [lm.Loss(), lm.GradNorm(), lm.Distance(), lm.UpdateSize()]
-    return {
-        "untracked": None,
-        "scalars": scalars,
-        "norm_test": [lm.NormTest()],
-        "grad_hist_1d": [lm.GradHist1d()],
-        "all6": [*scalars, lm.NormTest(), lm.GradHist1d()],
+    core = {
+        "untracked": (None, 1),
+        "scalars": (scalars, 1),
+        "norm_test": ([lm.NormTest()], 1),
+        "grad_hist_1d": ([lm.GradHist1d()], 1),
+        "all6": ([*scalars, lm.NormTest(), lm.GradHist1d()], 1),
     }
+    if suite == "core":
+        return core
+    presets = {
+        f"{name}/{every}": (getattr(lm.presets, name)(), every)
+        for name in ("economy", "business", "full")
+        for every in (1, 4, 16)
+    }
+    return presets if suite == "presets" else {**core, **presets}
 
 
 @dataclass
@@ -78,6 +94,7 @@ class Runner:
     run: Callable[[int], float]  # n steps from the initial state, returns seconds
     memory_bytes: int
     compile_s: float
+    every: int = 1  # blocks are whole multiples of this many steps
     steps_per_block: int = 1
     seconds: list[float] = field(default_factory=list)  # per repeat, per step
 
@@ -107,12 +124,15 @@ def bare_runner(problem: Problem, optimizer: optax.GradientTransformation) -> Ru
     opt_state = optimizer.init(params)
     memory, compile_s = _timed_compile(train_step.lower(params, opt_state, batch))
 
+    carried = [(params, opt_state)]  # each block goes on from the last one
+
     def run(n: int) -> float:
-        p, s = params, opt_state
+        p, s = carried[0]
         t0 = time.perf_counter()
         for _ in range(n):
             p, s, loss = train_step(p, s, batch)
         jax.block_until_ready((p, s, loss))
+        carried[0] = (p, s)
         return time.perf_counter() - t0
 
     return Runner("bare", run, memory, compile_s)
@@ -123,9 +143,11 @@ def lm_runner(
     problem: Problem,
     optimizer: optax.GradientTransformation,
     quantities: list[lm.Quantity] | None,
+    every: int = 1,
     memory_budget: int | None = None,
 ) -> Runner:
-    """``lm.instrument`` with ``quantities`` (``None``: an empty step called with track=False)."""
+    """``lm.instrument`` with ``quantities`` tracked every ``every`` steps (``None``: an empty
+    step called with track=False). Memory and compile time are the tracked program's."""
     options = {} if memory_budget is None else {"memory_budget": memory_budget}
     step = lm.instrument(problem.loss_fn, optimizer, quantities or [], **options)
     track = quantities is not None
@@ -134,37 +156,55 @@ def lm_runner(
     lowered = step.lower(state0, batch, track)
     memory, compile_s = _timed_compile(lowered)
 
+    carried = [state0]  # each block goes on from the last one
+
     def run(n: int) -> float:
-        state, metrics = state0, {}
+        state, metrics = carried[0], {}
         t0 = time.perf_counter()
-        for _ in range(n):
-            state, metrics = step(state, batch, track=track)
+        for i in range(n):
+            state, metrics = step(state, batch, track=track and i % every == 0)
         jax.block_until_ready((state, metrics))
+        carried[0] = state
         return time.perf_counter() - t0
 
-    return Runner(name, run, memory, compile_s)
+    if track and every > 1:
+        step.lower(state0, batch, False).compile()  # the untracked variant, before timing
+        run(every)
+    return Runner(name, run, memory, compile_s, every)
 
 
 def calibrate(runner: Runner, min_block_s: float) -> None:
     """Warm up (the first call compiles), then pick N so that a block lasts ≥ ``min_block_s``."""
-    runner.run(2)
-    n = 1
+    runner.run(2 * runner.every)
+    n = runner.every
     while True:
         elapsed = runner.run(n)
         if elapsed >= min_block_s:
             break
         n = max(n + 1, math.ceil(n * 1.2 * min_block_s / max(elapsed, 1e-6)))
+        n += -n % runner.every
     runner.steps_per_block = n
 
 
 def benchmark(
-    problem: Problem, repeats: int, min_block_s: float, memory_budget: int | None = None
+    problem: Problem,
+    suite: str,
+    repeats: int,
+    min_block_s: float,
+    memory_budget: int | None = None,
 ) -> list[dict]:
     optimizer = optax.sgd(0.01, momentum=0.9)
     runners = [bare_runner(problem, optimizer)]
     runners += [
-        lm_runner(k, problem, optimizer, q, memory_budget) for k, q in configurations().items()
+        lm_runner(name, problem, optimizer, quantities, every, memory_budget)
+        for name, (quantities, every) in configurations(suite).items()
     ]
+    time_interleaved(runners, repeats, min_block_s)
+    return rows_over_bare(problem.name, runners)
+
+
+def time_interleaved(runners: list[Runner], repeats: int, min_block_s: float) -> None:
+    """Calibrate every runner, then time ``repeats`` blocks of each, interleaved."""
     for r in runners:
         calibrate(r, min_block_s)
     for i in range(repeats):
@@ -173,6 +213,9 @@ def benchmark(
         for r in runners[i % len(runners) :] + runners[: i % len(runners)]:
             r.seconds.append(r.run(r.steps_per_block) / r.steps_per_block)
 
+
+def rows_over_bare(model: str, runners: list[Runner]) -> list[dict]:
+    """A table row per runner, timed against the first (the bare step)."""
     bare = runners[0]
     bare_median = statistics.median(bare.seconds)
     rows = []
@@ -181,7 +224,7 @@ def benchmark(
         median = statistics.median(r.seconds)
         rows.append(
             {
-                "model": problem.name,
+                "model": model,
                 "config": r.name,
                 "ms": 1e3 * median,
                 "ratio": median / bare_median,
@@ -256,6 +299,7 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=[*PROBLEMS, "all"], default="all")
+    parser.add_argument("--suite", choices=["core", "presets", "all"], default="core")
     parser.add_argument("--repeats", type=int, default=15, help="timed blocks per configuration")
     parser.add_argument(
         "--min-block", type=float, default=0.2, help="seconds each timed block lasts at least"
@@ -286,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         problem = PROBLEMS[name]()
         batch_size = problem.batch[0].shape[0]
         print(f"{name}: {problem.num_params:,} parameters, batch {batch_size}", flush=True)
-        rows += benchmark(problem, args.repeats, args.min_block, args.memory_budget)
+        rows += benchmark(problem, args.suite, args.repeats, args.min_block, args.memory_budget)
     print()
     print(text_table(rows))
     if args.markdown:
