@@ -22,7 +22,7 @@ from lmd4ml.schedules import Schedule, as_schedule
 from lmd4ml.stats import LossFn, PyTree
 from lmd4ml.step import InstrumentedStep, Metrics, instrument
 from lmd4ml.telemetry.store import new_run_dir
-from lmd4ml.telemetry.writer import Telemetry
+from lmd4ml.telemetry.writer import Telemetry, writes_telemetry
 
 
 class History(dict):
@@ -208,11 +208,14 @@ def run_metadata(learner: Learner, config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def serve_dashboard(runs_dir: str | os.PathLike | None, dashboard: bool | int) -> None:
-    """Serve the dashboard of ``runs_dir`` from a process of its own (``True``: port 8050)."""
+    """Serve the dashboard of ``runs_dir`` from a process of its own (``True``: port 8050);
+    under ``jax.distributed``, from process 0 only."""
     if dashboard is False:
         return
     if runs_dir is None:
         raise ValueError("dashboard=True shows the runs in runs_dir, which is None")
+    if not writes_telemetry():
+        return
     from lmd4ml.dashboard.launch import open_dashboard
 
     port = 8050 if dashboard is True else int(dashboard)
@@ -264,6 +267,10 @@ def train(
         5 minutes after this process has exited and no page is open (see
         :mod:`lmd4ml.dashboard.launch`). Needs the ``dashboard`` extra.
 
+    Under ``jax.distributed`` every process calls ``train`` on its share of each global batch
+    and gets the same history; only process 0 writes the run, serves the dashboard and shows
+    progress (see ``docs/scale-out.md``).
+
     Returns:
       Every tracked value so far as numpy arrays keyed like ``metrics`` (one row per tracked
       step), with ``history["step"]`` the steps they were taken at (counted from 0).
@@ -275,6 +282,8 @@ def train(
     if total == 0:
         raise ValueError("batches is empty: there is nothing to train on")
     serve_dashboard(runs_dir, dashboard)
+    if not writes_telemetry():  # several processes: process 0 alone writes and reports
+        runs_dir, progress = None, False
     config = {
         "epochs": epochs,
         "track_every": track_every,

@@ -38,7 +38,7 @@ from lmd4ml.step import (
     strongly_typed,
 )
 from lmd4ml.telemetry.store import STATUSES, new_run_dir
-from lmd4ml.telemetry.writer import Telemetry
+from lmd4ml.telemetry.writer import Telemetry, writes_telemetry
 
 PROBE_BATCH = 8
 """Samples in the stand-in batch that ``init`` traces the quantities on to learn their shapes."""
@@ -294,7 +294,8 @@ class Recorder:
     :mod:`lmd4ml.telemetry.writer`; values are fetched from the device one call late, so the
     loop never waits for the step it just dispatched. The run (``runs_dir/<run>``, see
     :func:`lmd4ml.load_run`) opens at the first tracked update; ``close`` (or leaving the
-    ``with`` block) writes what is left and marks it finished, failed or interrupted.
+    ``with`` block) writes what is left and marks it finished, failed or interrupted. Under
+    ``jax.distributed`` only process 0 records; on the others ``log`` does nothing.
 
     Args:
       runs_dir: where the run's directory is made.
@@ -335,6 +336,7 @@ class Recorder:
         self.telemetry: Telemetry | None = None
         self._pending: Metrics | None = None
         self._last_step = -1
+        self._writes = writes_telemetry()
         serve_dashboard(runs_dir, dashboard)
 
     @property
@@ -344,6 +346,8 @@ class Recorder:
 
     def log(self, state: Any) -> None:
         """Record the monitor's values in ``state`` if they are from a newly tracked update."""
+        if not self._writes:
+            return
         values = metrics(state)
         self._flush()
         self._pending = values

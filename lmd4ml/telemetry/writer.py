@@ -4,7 +4,8 @@
 step it just dispatched, and hands them to :class:`Telemetry`, which only queues them. Its
 writer thread publishes each record to the run's shared-memory ring (live readers such as
 the dashboard) and appends it to the run store on disk. Watching never stops training: a
-failing sink is reported once and skipped.
+failing sink is reported once and skipped. Under ``jax.distributed`` only process 0 writes
+(:func:`writes_telemetry`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ from lmd4ml.telemetry.store import RunWriter
 
 Fields = dict[str, tuple[tuple[int, ...], np.dtype]]
 LIVE_FILE = "live.json"
+
+
+def writes_telemetry() -> bool:
+    """Whether this process writes runs, rings and dashboards: process 0 under
+    ``jax.distributed`` (the others compute and join the collectives but write nothing), or
+    the only process.
+
+    Example:
+      >>> writes_telemetry()
+      True
+    """
+    return jax.process_index() == 0
 
 
 def flat_name(key: str, path: tuple) -> str:
