@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from lmd4ml.quantities import Quantity, StepContext
-from lmd4ml.stats import LossFn, PyTree
+from lmd4ml.stats import DataAxis, LossFn, PyTree, data_axis
 
 Metrics = dict[str, Any]
 RESERVED_KEYS = frozenset({"step"})
@@ -136,6 +136,7 @@ def measure(
     updates: PyTree,
     step: jax.Array,
     memory_budget: int,
+    data: DataAxis | None = None,
 ) -> tuple[Metrics, dict[str, PyTree], jax.Array]:
     """Every quantity's value at θₜ (``step`` = t) for the update taken from it, in one
     shared context.
@@ -155,6 +156,7 @@ def measure(
         step=step,
         per_sample={s.name: s for q in quantities for s in q.per_sample},
         memory_budget=memory_budget,
+        data=data,
     )
     metrics, new_states = {}, dict(states)
     for q in quantities:
@@ -190,7 +192,7 @@ class InstrumentedStep:
         self.memory_budget = int(memory_budget)
         self.keys = tuple(q.key for q in quantities)
         self.trace_count: collections.Counter[frozenset[str]] = collections.Counter()
-        self._jitted = jax.jit(self._step, static_argnames="active")
+        self._jitted = jax.jit(self._step, static_argnames=("active", "data"))
 
     def init(self, params: PyTree) -> StepState:
         """The state before the first step; ``params`` become θ₀."""
@@ -224,7 +226,7 @@ class InstrumentedStep:
         ``track``: ``True`` for every quantity, ``False`` for none (the bare update), or a
         collection of keys. Each distinct selection compiles once.
         """
-        state, metrics, _ = self._jitted(state, batch, active=self.active_keys(track))
+        state, metrics, _ = self.step_with_loss(state, batch, track)
         return state, metrics
 
     def lower(
@@ -234,16 +236,18 @@ class InstrumentedStep:
 
         ``step.lower(state, batch).compile().memory_analysis()`` tells what it holds.
         """
-        return self._jitted.lower(state, batch, active=self.active_keys(track))
+        return self._jitted.lower(
+            state, batch, active=self.active_keys(track), data=data_axis(batch)
+        )
 
     def step_with_loss(
         self, state: StepState, batch: PyTree, track: bool | Collection[str] = True
     ) -> tuple[StepState, Metrics, jax.Array]:
         """As ``__call__``, also returning the mean loss, which every variant computes anyway."""
-        return self._jitted(state, batch, active=self.active_keys(track))
+        return self._jitted(state, batch, active=self.active_keys(track), data=data_axis(batch))
 
     def _step(
-        self, state: StepState, batch: PyTree, active: frozenset[str]
+        self, state: StepState, batch: PyTree, active: frozenset[str], data: DataAxis | None
     ) -> tuple[StepState, Metrics, jax.Array]:
         self.trace_count[active] += 1
         params = state.params
@@ -271,6 +275,7 @@ class InstrumentedStep:
             updates,
             state.step,
             self.memory_budget,
+            data,
         )
         new_params = optax.apply_updates(params, updates)
         return StepState(new_params, opt_state, q_states, state.step + 1), metrics, loss
@@ -290,8 +295,12 @@ def instrument(
         their mean.
       optimizer: any optax ``GradientTransformation``.
       quantities: what to compute at tracked steps, e.g. ``[lm.Loss(), lm.NormTest()]``.
-      memory_budget: bytes of per-sample gradients held at once when a quantity needs them
-        (histograms, norm test); the batch is processed in chunks that fit.
+      memory_budget: bytes of per-sample gradients held at once (per device) when a quantity
+        needs them (histograms, norm test); the batch is processed in chunks that fit.
+
+    A batch split over devices (``jax.device_put(batch, NamedSharding(mesh, P("data")))``)
+    goes through the same step: each device computes the per-sample statistics of its own
+    samples and the results are reduced across devices (:mod:`lmd4ml.stats.sharding`).
 
     Example:
       >>> import jax.numpy as jnp, optax, lmd4ml as lm

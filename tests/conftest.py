@@ -28,3 +28,7 @@ def regression_case() -> models.Case:
 def _runs_in_tmp(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """lm.train keeps runs in ./runs by default: keep each test's in its own directory."""
     monkeypatch.chdir(tmp_path)
+
+
+# tests/multidevice needs several devices; tests/test_data_parallel.py runs it with 4.
+collect_ignore = [] if jax.device_count() >= 4 else ["multidevice"]

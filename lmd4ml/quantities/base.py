@@ -38,6 +38,10 @@ class StepContext:
       grads: the mean gradient g = (1/B) Σᵢ ∇ℓᵢ that the optimizer used.
       vjp: ``vjp(c)`` = Σᵢ cᵢ ∇ℓᵢ for a cotangent c of shape (B,).
       step: t, the number of updates applied before this one (an int32 scalar).
+
+    ``per_sample`` names the statistics to build in the shared pass, ``memory_budget`` bounds
+    the bytes it holds at once (per device), and ``data`` says how the batch is split over
+    devices, if it is.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class StepContext:
         step: jax.Array,
         per_sample: Mapping[str, PerSample] | None = None,
         memory_budget: int = 2**26,
+        data: stats.DataAxis | None = None,
     ):
         self.loss_fn = loss_fn
         self.batch = batch
@@ -65,6 +70,7 @@ class StepContext:
         self.step = step
         self._declared = dict(per_sample or {})
         self._memory_budget = memory_budget
+        self._data = data
 
     @property
     def batch_size(self) -> int:
@@ -87,7 +93,7 @@ class StepContext:
 
     def _pass(self, wanted: Mapping[str, PerSample]) -> dict[str, jax.Array]:
         return stats.per_sample_pass(
-            self.loss_fn, self.params, self.batch, wanted, self._memory_budget
+            self.loss_fn, self.params, self.batch, wanted, self._memory_budget, self._data
         )
 
     def per_sample(self, stat: PerSample) -> jax.Array:

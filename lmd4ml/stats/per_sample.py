@@ -9,14 +9,16 @@ step and only when some quantity asks for it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmd4ml.stats import ghost
+from lmd4ml.stats import ghost, sharding
 from lmd4ml.stats._types import LossFn, PyTree
+from lmd4ml.stats.sharding import DataAxis
 
 
 class PerSample(NamedTuple):
@@ -138,6 +140,7 @@ def per_sample_pass(
     batch: PyTree,
     stats: Mapping[str, PerSample],
     memory_budget: int,
+    data: DataAxis | None = None,
 ) -> dict[str, jax.Array]:
     """Every statistic in ``stats`` from one pass over the batch in chunks.
 
@@ -146,8 +149,14 @@ def per_sample_pass(
     ``memory_budget`` bytes of them. Squared norms come from the factors directly; other
     statistics see full per-sample gradients, formed a cache-sized tile of samples at a time
     (never more than ``memory_budget`` bytes), so B×P is never held for large models.
+
+    With ``data``, each device makes this pass over its own samples, within its own
+    ``memory_budget`` (:func:`lmd4ml.stats.sharding.over_samples`).
     """
     combine = {name: s.combine for name, s in stats.items()}
+    if data is not None:
+        local = partial(per_sample_pass, loss_fn, stats=stats, memory_budget=memory_budget)
+        return sharding.over_samples(local, combine, data)(params, batch)
     reductions = {name: s for name, s in stats.items() if name != SQ_NORMS.name}
     footprint = ghost.sq_norm_footprint(params, ghost.analyse(loss_fn, params, batch))
     chunk = chunk_size(footprint, memory_budget, batch_size(batch))

@@ -1,0 +1,81 @@
+"""Data parallelism: per-sample statistics where the samples are, reduced across devices.
+
+A batch placed with ``jax.device_put(batch, NamedSharding(mesh, P("data")))`` is split over the
+mesh's ``data`` axis along its sample axis. JAX's SPMD partitioner already gives every
+quantity its single-device value on such a batch, but the chunked per-sample pass reshapes the
+sample axis into chunks, and the partitioner answers that by gathering the batch onto every
+device. :func:`over_samples` runs the pass under ``jax.shard_map`` instead: each device goes
+through its own samples in chunks of its own memory budget, per-sample outputs stay split
+like the batch and sums are added across devices with one ``psum``. Mesh axes the batch is not
+split over (a parameter-sharding axis, say) stay with the partitioner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Literal, NamedTuple
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lmd4ml.stats._types import PyTree
+
+
+class DataAxis(NamedTuple):
+    """The mesh axes a batch's sample axis is split over: ``names`` of axes of ``mesh``."""
+
+    mesh: Mesh
+    names: tuple[str, ...]
+
+
+def data_axis(batch: PyTree) -> DataAxis | None:
+    """How ``batch`` is split along its sample axis, or ``None`` when it is not split.
+
+    A batch counts as split when every array in it has one ``NamedSharding`` (same mesh,
+    same mesh axes on axis 0) and that mesh has more than one device on those axes.
+
+    Example:
+      >>> import numpy as np
+      >>> data_axis((np.zeros((4, 2)), np.zeros(4))) is None
+      True
+    """
+    shardings = {getattr(x, "sharding", None) for x in jax.tree.leaves(batch)}
+    specs = set()
+    for s in shardings:
+        if not isinstance(s, NamedSharding) or not s.spec or s.spec[0] is None:
+            return None
+        specs.add((s.mesh, s.spec[0]))
+    if len(specs) != 1:
+        return None
+    mesh, names = specs.pop()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if all(mesh.shape[n] == 1 for n in names):
+        return None
+    return DataAxis(mesh, names)
+
+
+def over_samples(
+    fn: Callable[[PyTree, PyTree], dict[str, jax.Array]],
+    combine: Mapping[str, Literal["concat", "sum"]],
+    data: DataAxis,
+) -> Callable[[PyTree, PyTree], dict[str, jax.Array]]:
+    """``fn(params, batch)`` run on each device's share of the batch, outputs joined across
+    devices as ``combine`` says: ``"concat"`` along the sample axis, ``"sum"`` added."""
+    split, whole = PartitionSpec(data.names), PartitionSpec()
+
+    def local(params: PyTree, batch: PyTree) -> dict[str, jax.Array]:
+        out = fn(params, batch)
+        return {
+            k: v if combine[k] == "concat" else jax.lax.psum(v, data.names) for k, v in out.items()
+        }
+
+    return jax.shard_map(
+        local,
+        mesh=data.mesh,
+        in_specs=(whole, split),
+        out_specs={k: split if c == "concat" else whole for k, c in combine.items()},
+        axis_names=frozenset(data.names),
+        # Ghost norms replay the loss's jaxpr traced outside the map, which carries no
+        # record of which values vary across devices; the pass's outputs are declared above.
+        check_vma=False,
+    )

@@ -1,0 +1,175 @@
+"""Every quantity on a batch split over 4 devices equals its single-device value.
+
+Run by tests/test_data_parallel.py in a subprocess with 4 CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=4``); collected only there.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import models
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lmd4ml as lm
+
+RTOL = 1e-9
+N = 12  # 3 samples per device on 4 devices: a chunk of 2 leaves a remainder
+CASES = ("mlp", "nnx_conv", "linen_conv", "linen_attention", "regression")
+OPTIMIZERS = {"sgd": lambda: optax.sgd(0.1), "adam": lambda: optax.adam(1e-2)}
+
+
+def every_quantity(curvature: bool = True) -> list[lm.Quantity]:
+    first_order = [
+        lm.Loss(),
+        lm.GradNorm(per_layer=True),
+        lm.Distance(per_layer=True),
+        lm.UpdateSize(per_layer=True),
+        lm.NormTest(),
+        lm.InnerTest(),
+        lm.OrthoTest(),
+        lm.GradHist1d(nbins=21, maxval=1.0),
+        lm.GradHist2d(bins=(7, 9)),
+        lm.Alpha(),
+        lm.MeanGSNR(),
+        lm.EarlyStopping(),
+        lm.CABS(),
+        lm.NoiseScale(),
+    ]
+    second_order = [
+        lm.TICDiag(),
+        lm.TICTrace(method="hutchinson", probes=4),
+        lm.HessTrace(per_layer=True),
+        lm.HessMaxEV(),
+    ]
+    return first_order + second_order * curvature
+
+
+def batches(case: models.Case) -> list:
+    """Three batches of N samples: the case's 9, then its first 3 again."""
+    return [jax.tree.map(lambda x: jnp.concatenate([x, x[: N - len(x)]]), b) for b in case.batches]
+
+
+def data_mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def fsdp_mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
+
+
+def fsdp_spec(leaf: jax.Array) -> P:
+    """Split a parameter over the "model" axis along its first even axis (else replicate)."""
+    for axis, size in enumerate(np.shape(leaf)):
+        if size % 2 == 0:
+            return P(*[None] * axis, "model")
+    return P()
+
+
+def place(state: lm.StepState, mesh: Mesh, shard_params: bool) -> lm.StepState:
+    replicated = NamedSharding(mesh, P())
+    state = jax.device_put(state, replicated)
+    if shard_params:
+        params = jax.tree.map(
+            lambda x: jax.device_put(x, NamedSharding(mesh, fsdp_spec(x))), state.params
+        )
+        state = state._replace(params=params)
+    return state
+
+
+def run(step: lm.InstrumentedStep, state: lm.StepState, data: list, mesh: Mesh | None) -> list:
+    out = []
+    for batch in data:
+        if mesh is not None:
+            batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+        state, metrics = step(state, batch)
+        out.append((jax.device_get(metrics), jax.device_get(state.params)))
+    return out
+
+
+def assert_same(sharded: list, single: list) -> None:
+    """Equal to round-off: relative to each metric's largest entry (a per-layer dict's total),
+    since a parameter whose gradient is 0 in exact arithmetic (an attention key's bias) has
+    an update of pure round-off under Adam."""
+    for t, ((m, p), (m_ref, p_ref)) in enumerate(zip(sharded, single, strict=True)):
+        assert m.keys() == m_ref.keys()
+        for key in m_ref:
+            scale = max(np.max(np.abs(x)) for x in jax.tree.leaves(m_ref[key]))
+            for (path, value), ref in zip(
+                jax.tree_util.tree_leaves_with_path(m[key]),
+                jax.tree.leaves(m_ref[key]),
+                strict=True,
+            ):
+                np.testing.assert_allclose(
+                    value,
+                    ref,
+                    RTOL,
+                    RTOL * scale,
+                    err_msg=f"step {t}: {key}{jax.tree_util.keystr(path)}",
+                )
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, RTOL, 1e-10), p, p_ref)
+
+
+# The per-sample pass (under shard_map) on every model kind, the curvature quantities
+# (Hessian-vector products under the partitioner, the same for any model) on the two plain
+# models, whose programs compile fast.
+LAYOUTS = [
+    *[(name, "data", None, name in ("mlp", "regression")) for name in CASES],
+    ("mlp", "data", 2, True),
+    ("nnx_conv", "data", 2, False),
+    ("mlp", "data+model", 2, True),
+    ("linen_attention", "data+model", 2, False),
+]
+
+
+@pytest.mark.parametrize(("name", "layout", "chunk", "curvature"), LAYOUTS)
+def test_every_quantity_matches_single_device(
+    name: str, layout: str, chunk: int | None, curvature: bool
+) -> None:
+    case = models.get(name)
+    budget = 2**26 if chunk is None else models.budget_for_chunk(case.params, chunk)
+    optimizer = OPTIMIZERS["sgd" if name == "regression" else "adam"]
+    quantities = every_quantity(curvature)
+    step = lm.instrument(case.loss_fn, optimizer(), quantities, memory_budget=budget)
+    mesh = data_mesh() if layout == "data" else fsdp_mesh()
+    single = run(step, step.init(case.params), batches(case), None)
+    sharded_state = place(step.init(case.params), mesh, shard_params=layout != "data")
+    assert_same(run(step, sharded_state, batches(case), mesh), single)
+    # one compile for the single device, one for the mesh; none after
+    assert list(step.trace_count.values()) == [2]
+
+
+def test_samples_stay_where_they_are() -> None:
+    """Chunked per-sample statistics gather neither the batch nor per-sample gradients."""
+    case = models.get("mlp")
+    budget = models.budget_for_chunk(case.params, 1)
+    step = lm.instrument(case.loss_fn, optax.adam(1e-2), every_quantity(), memory_budget=budget)
+    batch = jax.tree.map(lambda x: jnp.concatenate([x] * 4), batches(case)[0])
+    mesh = data_mesh()
+    state = place(step.init(case.params), mesh, shard_params=False)
+    assert gathers(step, state, jax.device_put(batch, NamedSharding(mesh, P("data")))) == []
+
+    # Split parameters and activations are gathered for the forward pass as in any FSDP step;
+    # per-sample gradients (a leading sample axis, then one parameter's elements) only one
+    # chunk at a time.
+    mesh = fsdp_mesh()
+    state = place(step.init(case.params), mesh, shard_params=True)
+    shapes = gathers(step, state, jax.device_put(batch, NamedSharding(mesh, P("data"))))
+    leaves = jax.tree.leaves(case.params)
+    sizes, params = {np.size(x) for x in leaves}, {np.shape(x) for x in leaves}
+    per_sample = [d for d in shapes if d not in params and len(d) > 1 and math.prod(d[1:]) in sizes]
+    assert per_sample and all(dims[0] == 1 for dims in per_sample), per_sample
+
+
+def gathers(step: lm.InstrumentedStep, state: lm.StepState, batch: tuple) -> list[tuple]:
+    """The shape of the result of each all-gather or all-to-all in the compiled step."""
+    text = step.lower(state, batch).compile().as_text()
+    found = re.findall(r"= \w+\[([\d,]*)\]\S* (?:all-gather|all-to-all)(?:-start)?\(", text)
+    return [tuple(int(n) for n in dims.split(",") if n) for dims in found]
