@@ -42,6 +42,10 @@ class StepContext:
     ``per_sample`` names the statistics to build in the shared pass, ``memory_budget`` bounds
     the bytes it holds at once (per device), and ``data`` says how the batch is split over
     devices, if it is.
+
+    Under mixed precision ``params`` and ``new_params`` keep the model's dtypes, while
+    ``losses``, ``grads``, ``updates``, ``vjp``'s results and every statistic built here are
+    float32 or wider (:mod:`lmd4ml.stats.precision`), so quantities accumulate in float32.
     """
 
     def __init__(
@@ -62,10 +66,10 @@ class StepContext:
         self.loss_fn = loss_fn
         self.batch = batch
         self.params = params
-        self.losses = losses
-        self.vjp = vjp
-        self.grads = grads
-        self.updates = updates
+        self.losses = stats.widen(losses)
+        self.vjp = lambda c: stats.widen(vjp(c.astype(losses.dtype)))
+        self.grads = stats.widen(grads)
+        self.updates = stats.widen(updates)
         self.new_params = new_params
         self.step = step
         self._declared = dict(per_sample or {})
@@ -115,7 +119,7 @@ class StepContext:
     @cached_property
     def second_moment(self) -> PyTree:
         """(1/B) Σᵢ (∇ℓᵢ)² per coordinate, a pytree like the params (one per-sample pass)."""
-        unravel = ravel_pytree(self.params)[1]
+        unravel = ravel_pytree(stats.widen(self.params))[1]
         return unravel(self.per_sample(stats.SQ_GRADS) / self.batch_size)
 
     @cached_property

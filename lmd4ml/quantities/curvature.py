@@ -200,7 +200,7 @@ class HessMaxEV(Quantity):
                 raise ValueError(f"HessMaxEV: {name} must be a positive int, got {value!r}")
 
     def init(self, params: PyTree) -> LanczosState:
-        flat = ravel_pytree(params)[0]
+        flat = ravel_pytree(stats.widen(params))[0]
         start = jax.random.normal(jax.random.PRNGKey(self.seed), flat.shape, flat.dtype)
         return LanczosState(start, jnp.zeros((), jnp.int32))
 

@@ -164,7 +164,7 @@ class NoiseScale(Quantity):
         check_variance_batch("NoiseScale", batch_size)
 
     def init(self, params: PyTree) -> NoiseScaleState:
-        zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
+        zero = jnp.zeros((), stats.wide_dtype(jnp.result_type(*jax.tree.leaves(params))))
         return NoiseScaleState(zero, zero, jnp.zeros((), jnp.int32))
 
     @staticmethod

@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import optax
 
+from lmd4ml import stats
 from lmd4ml.quantities.base import Quantity, StepContext
 from lmd4ml.stats import PyTree
 
@@ -100,7 +101,7 @@ class Distance(_Norm):
         return params
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[PyTree, PyTree]:
-        return norms(optax.tree.sub(ctx.params, state), self.per_layer), state
+        return norms(optax.tree.sub(*stats.widen((ctx.params, state))), self.per_layer), state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lmd4ml import stats
 from lmd4ml.quantities.base import Quantity, StepContext
 from lmd4ml.quantities.gradient_tests import check_variance_batch
 from lmd4ml.stats import PyTree
@@ -76,7 +77,7 @@ def losses_and_slopes(
     ctx: StepContext, params: PyTree, direction: PyTree
 ) -> tuple[jax.Array, jax.Array]:
     """ℓᵢ and ∇ℓᵢ·d/‖d‖ at ``params`` on the step's batch, from one forward-mode pass."""
-    losses, slopes = jax.jvp(lambda p: ctx.loss_fn(p, ctx.batch), (params,), (direction,))
+    losses, slopes = stats.directional(ctx.loss_fn, params, ctx.batch, direction)
     return losses, slopes / optax.tree.norm(direction)
 
 
@@ -153,9 +154,9 @@ class Alpha(Quantity):
     def init(self, params: PyTree) -> PyTree:
         if self.end == "same_batch":
             return ()
-        zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
+        zero = jnp.zeros((), stats.wide_dtype(jnp.result_type(*jax.tree.leaves(params))))
         return AlphaStart(
-            direction=jax.tree.map(jnp.zeros_like, params),
+            direction=jax.tree.map(jnp.zeros_like, stats.widen(params)),
             start=Observation(zero, zero, zero, zero),
             step=jnp.full((), -2, jnp.int32),
         )

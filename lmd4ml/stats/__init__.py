@@ -5,9 +5,10 @@
 - :mod:`~lmd4ml.stats.histogram`: exact histograms by scatter-add.
 - :mod:`~lmd4ml.stats.hessian`: Hessian-vector products, Hessian diagonal, top eigenvalue.
 - :mod:`~lmd4ml.stats.sharding`: the per-sample pass on a batch split over devices.
+- :mod:`~lmd4ml.stats.precision`: statistics in float32 or wider under mixed precision.
 """
 
-from lmd4ml.stats import hessian, sharding
+from lmd4ml.stats import hessian, precision, sharding
 from lmd4ml.stats._types import LossFn, PyTree
 from lmd4ml.stats.ghost import factored_leaves
 from lmd4ml.stats.histogram import bin_index, histogram, histogram2d
@@ -17,9 +18,11 @@ from lmd4ml.stats.per_sample import (
     PerSample,
     batch_size,
     chunk_size,
+    directional,
     per_sample_pass,
     projections,
 )
+from lmd4ml.stats.precision import cast_like, wide_dtype, widen
 from lmd4ml.stats.sharding import DataAxis, data_axis
 
 __all__ = [
@@ -31,13 +34,18 @@ __all__ = [
     "PyTree",
     "batch_size",
     "bin_index",
+    "cast_like",
     "chunk_size",
     "data_axis",
+    "directional",
     "factored_leaves",
     "hessian",
     "histogram",
     "histogram2d",
     "per_sample_pass",
+    "precision",
     "projections",
     "sharding",
+    "wide_dtype",
+    "widen",
 ]

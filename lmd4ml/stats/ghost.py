@@ -26,6 +26,7 @@ from jax.extend import core
 from jax.extend.core import primitives
 
 from lmd4ml.stats._types import LossFn, PyTree
+from lmd4ml.stats.precision import widen
 
 _INLINED = (primitives.jit_p, primitives.closed_call_p)
 
@@ -222,7 +223,7 @@ def _as_matrices(x: jax.Array, delta: jax.Array, product: Product) -> tuple[jax.
 
 
 def _ghost_sq_norm(x: jax.Array, delta: jax.Array, product: Product) -> jax.Array:
-    xm, dm = _as_matrices(x, delta, product)
+    xm, dm = widen(_as_matrices(x, delta, product))
     positions, features_in = xm.shape
     features_out = dm.shape[1]
     if positions * (features_in + features_out) <= features_in * features_out:
@@ -236,7 +237,7 @@ def sq_norms(f: Factors) -> jax.Array:
         jax.vmap(partial(_ghost_sq_norm, product=p))(f.inputs[k], f.cotangents[k])
         for k, p in f.products.items()
     )
-    for g in f.grads.values():
+    for g in widen(list(f.grads.values())):
         total = total + jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
     return total
 

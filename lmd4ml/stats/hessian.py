@@ -23,6 +23,7 @@ from jax.flatten_util import ravel_pytree
 
 from lmd4ml.stats._types import LossFn, PyTree
 from lmd4ml.stats.per_sample import _chunked, chunk_size
+from lmd4ml.stats.precision import cast_like, widen
 
 Hvp = Callable[[PyTree], PyTree]
 
@@ -39,7 +40,9 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Hvp:
     """``v ↦ ∇²L v`` at ``params`` for L = mean(``loss_fn(params, batch)``).
 
     The gradient is linearized once (``jax.linearize``, forward over reverse): the returned
-    function reuses that linearization, so each product costs one tangent pass.
+    function reuses that linearization, so each product costs one tangent pass. ``v`` is
+    cast to the dtypes of ``params`` and the product comes back in float32 or wider
+    (:mod:`.precision`), so iterations over products keep their precision under bfloat16.
 
     Example:
       >>> import jax.numpy as jnp
@@ -49,11 +52,13 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Hvp:
       [2.0, 2.0]
     """
     grad = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))
-    return jax.linearize(grad, params)[1]
+    product = jax.linearize(grad, params)[1]
+    return lambda v: widen(product(cast_like(v, params)))
 
 
 def flat_matvec(hvp: Hvp, params: PyTree) -> tuple[Callable[[jax.Array], jax.Array], jax.Array]:
-    """``hvp`` on raveled vectors (``jax.flatten_util.ravel_pytree`` order), and θ raveled.
+    """``hvp`` on raveled vectors (``jax.flatten_util.ravel_pytree`` order), and θ raveled,
+    in float32 or wider.
 
     Example:
       >>> import jax.numpy as jnp
@@ -61,7 +66,7 @@ def flat_matvec(hvp: Hvp, params: PyTree) -> tuple[Callable[[jax.Array], jax.Arr
       >>> matvec(jnp.array([1.0, 3.0])).tolist(), flat.shape
       ([2.0, 6.0], (2,))
     """
-    flat, unravel = ravel_pytree(params)
+    flat, unravel = ravel_pytree(widen(params))
     return (lambda v: ravel_pytree(hvp(unravel(v)))[0]), flat
 
 
@@ -104,7 +109,7 @@ def exact_diag(hvp: Hvp, params: PyTree, memory_budget: int = 2**26) -> PyTree:
       [2.0, 3.0]
     """
     matvec, flat = flat_matvec(hvp, params)
-    unravel = ravel_pytree(params)[1]
+    unravel = ravel_pytree(widen(params))[1]
     size = flat.shape[0]
 
     def entries(index: jax.Array) -> dict[str, jax.Array]:
@@ -136,7 +141,7 @@ def hutchinson_diag(
     if probes < 1:
         raise ValueError(f"probes must be a positive number of Hessian-vector products: {probes}")
     matvec, flat = flat_matvec(hvp, params)
-    unravel = ravel_pytree(params)[1]
+    unravel = ravel_pytree(widen(params))[1]
 
     def probe_sums(keys: jax.Array) -> dict[str, jax.Array]:
         def one(k: jax.Array) -> jax.Array:

@@ -18,6 +18,7 @@ import numpy as np
 
 from lmd4ml.stats import ghost, sharding
 from lmd4ml.stats._types import LossFn, PyTree
+from lmd4ml.stats.precision import cast_like, widen
 from lmd4ml.stats.sharding import DataAxis
 
 
@@ -168,8 +169,8 @@ def per_sample_pass(
 
         def on_tile(arrays: tuple) -> dict[str, jax.Array]:
             inputs, cotangents, grads = arrays
-            tile_grads = ghost.grads(
-                f._replace(inputs=inputs, cotangents=cotangents, grads=grads), params
+            tile_grads = widen(
+                ghost.grads(f._replace(inputs=inputs, cotangents=cotangents, grads=grads), params)
             )
             return {name: s.fn(tile_grads, params) for name, s in reductions.items()}
 
@@ -180,9 +181,25 @@ def per_sample_pass(
     return _chunked(on_chunk, batch, chunk, combine)
 
 
-def projections(loss_fn: LossFn, params: PyTree, batch: PyTree, direction: PyTree) -> jax.Array:
-    """pᵢ = ∇ℓᵢ · v for every sample, from one forward-mode pass along ``direction`` v.
+def directional(
+    loss_fn: LossFn, params: PyTree, batch: PyTree, direction: PyTree
+) -> tuple[jax.Array, jax.Array]:
+    """ℓᵢ and ∇ℓᵢ · v for every sample, from one forward-mode pass along ``direction`` v.
 
-    Exact and free of per-sample gradients: the JVP of the loss vector is J v.
+    Exact and free of per-sample gradients: the JVP of the loss vector is J v. Both come
+    back in float32 or wider, whatever the dtypes of ``params`` (:mod:`.precision`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> losses, slopes = directional(lambda w, x: x * w, jnp.array(2.0), jnp.arange(3.0),
+      ...                              jnp.array(1.0))
+      >>> losses.tolist(), slopes.tolist()
+      ([0.0, 2.0, 4.0], [0.0, 1.0, 2.0])
     """
-    return jax.jvp(lambda p: loss_fn(p, batch), (params,), (direction,))[1]
+    tangent = cast_like(direction, params)
+    return widen(jax.jvp(lambda p: loss_fn(p, batch), (params,), (tangent,)))
+
+
+def projections(loss_fn: LossFn, params: PyTree, batch: PyTree, direction: PyTree) -> jax.Array:
+    """pᵢ = ∇ℓᵢ · v for every sample (:func:`directional`'s slopes)."""
+    return directional(loss_fn, params, batch, direction)[1]
