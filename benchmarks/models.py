@@ -6,6 +6,17 @@
   dense 10) on 32×32×3 inputs, batch 64 (895,210 parameters). Initialisation as DeepOBS:
   Glorot normal conv kernels, Glorot uniform dense kernels, zero biases.
 
+For ``scale.py`` (memory and time against batch size and parameter count), in
+``SCALE_PROBLEMS``:
+
+* ``mlp10m``: 784-2048-2048-2048-10 with ReLU on random 784-dim inputs, 10 classes
+  (10,020,874 parameters; ``width`` scales the three hidden layers, 1024 gives 2,913,290).
+* ``transformer``: a decoder-only language model, 6 pre-LayerNorm blocks of width 256, 4
+  heads and an MLP of 1024 (GELU), causal self-attention, learned token and position
+  embeddings, a final LayerNorm and an untied output layer; vocabulary 1000, sequences of
+  64 random tokens, next-token cross-entropy averaged over the 63 predicted positions of each
+  sequence (5,268,456 parameters; ``width`` 128 with MLP 512 gives 1,455,080).
+
 Every loss function returns the per-sample cross-entropy, shape (B,), as ``lm.instrument``
 expects; the bare step takes its mean. Inputs and labels are random with a fixed seed, float32.
 """
@@ -28,7 +39,7 @@ class Problem(NamedTuple):
     name: str
     loss_fn: Callable[[PyTree, PyTree], jax.Array]
     params: PyTree
-    batch: tuple[jax.Array, jax.Array]
+    batch: tuple[jax.Array, ...]  # (x, y), or (tokens,) for the transformer
 
     @property
     def num_params(self) -> int:
@@ -111,3 +122,95 @@ def cnn_3c3d(seed: int = 0, batch_size: int = 64) -> Problem:
 
 
 PROBLEMS: dict[str, Callable[[], Problem]] = {"mlp": mlp, "3c3d": cnn_3c3d}
+
+
+def mlp_10m(seed: int = 0, batch_size: int = 64, width: int = 2048) -> Problem:
+    """MLP 784-width-width-width-10 with ReLU on random 784-dim inputs (10 M at width 2048)."""
+    sizes = (784, width, width, width, 10)
+    k_params, k_x, k_y = jax.random.split(jax.random.key(seed), 3)
+    keys = jax.random.split(k_params, len(sizes) - 1)
+    params = [_dense_init(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)]
+
+    def loss_fn(params: PyTree, batch: PyTree) -> jax.Array:
+        x, y = batch
+        for layer in params[:-1]:
+            x = jax.nn.relu(_dense(layer, x))
+        return _cross_entropy(_dense(params[-1], x), y)
+
+    x = jax.random.normal(k_x, (batch_size, sizes[0]), jnp.float32)
+    y = jax.random.randint(k_y, (batch_size,), 0, sizes[-1])
+    return Problem(f"mlp10m w{width}", loss_fn, params, (x, y))
+
+
+def _layer_norm_init(width: int) -> dict[str, jax.Array]:
+    return {"scale": jnp.ones(width, jnp.float32), "bias": jnp.zeros(width, jnp.float32)}
+
+
+def _layer_norm(p: dict[str, jax.Array], x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _attention(p: PyTree, x: jax.Array, heads: int) -> jax.Array:
+    """Causal multi-head self-attention on x of shape (B, T, width)."""
+    b, t, width = x.shape
+    split = lambda y: y.reshape(b, t, heads, width // heads)  # noqa: E731
+    q, k, v = (split(_dense(p[name], x)) for name in ("q", "k", "v"))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(width // heads))
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    weights = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, width)
+    return _dense(p["o"], out)
+
+
+def transformer(
+    seed: int = 0,
+    batch_size: int = 16,
+    width: int = 256,
+    layers: int = 6,
+    heads: int = 4,
+    vocab: int = 1000,
+    seq_len: int = 64,
+) -> Problem:
+    """A small pre-LayerNorm decoder (GPT-style) on random token sequences, next-token loss.
+
+    The MLP is 4 × ``width`` wide; weights are Glorot uniform, embeddings normal with
+    standard deviation 0.02, biases zero, LayerNorm scales one.
+    """
+    k_params, k_tokens = jax.random.split(jax.random.key(seed))
+    k = iter(jax.random.split(k_params, 6 * layers + 3))
+    embed = jax.nn.initializers.normal(0.02)
+    params = {
+        "tokens": embed(next(k), (vocab, width), jnp.float32),
+        "positions": embed(next(k), (seq_len, width), jnp.float32),
+        "blocks": [
+            {
+                "ln1": _layer_norm_init(width),
+                "attn": {n: _dense_init(next(k), width, width) for n in ("q", "k", "v", "o")},
+                "ln2": _layer_norm_init(width),
+                "mlp_in": _dense_init(next(k), width, 4 * width),
+                "mlp_out": _dense_init(next(k), 4 * width, width),
+            }
+            for _ in range(layers)
+        ],
+        "ln_f": _layer_norm_init(width),
+        "head": _dense_init(next(k), width, vocab),
+    }
+
+    def loss_fn(params: PyTree, batch: PyTree) -> jax.Array:
+        (tokens,) = batch
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        x = params["tokens"][inputs] + params["positions"][: inputs.shape[1]]
+        for block in params["blocks"]:
+            x = x + _attention(block["attn"], _layer_norm(block["ln1"], x), heads)
+            h = jax.nn.gelu(_dense(block["mlp_in"], _layer_norm(block["ln2"], x)))
+            x = x + _dense(block["mlp_out"], h)
+        logits = _dense(params["head"], _layer_norm(params["ln_f"], x))
+        return jnp.mean(_cross_entropy(logits, targets), axis=1)
+
+    tokens = jax.random.randint(k_tokens, (batch_size, seq_len), 0, vocab)
+    return Problem(f"transformer w{width}", loss_fn, params, (tokens,))
+
+
+SCALE_PROBLEMS: dict[str, Callable[..., Problem]] = {"mlp10m": mlp_10m, "transformer": transformer}
