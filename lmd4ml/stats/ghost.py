@@ -7,6 +7,12 @@ product, each flattened to (positions, features). Its squared norm
 ‖XᵢᵀΔᵢ‖² = Σₜₜ′ (XᵢXᵢᵀ)ₜₜ′(ΔᵢΔᵢᵀ)ₜₜ′ needs neither the gradient itself nor per-sample
 weight gradients ("ghost norms", Goodfellow 2015; Li et al. 2022).
 
+An embedding table E (V rows) that the model uses once, as the operand of a row lookup
+y = E[idx] (``jnp.take``, ``E[idx]``, flax's ``Embed``), has the per-sample gradient
+∇E ℓᵢ = Σₜ e_{idxₜ}Δₜᵀ, and ‖∇E ℓᵢ‖² = Σₜₜ′ [idxₜ = idxₜ′] (ΔᵢΔᵢᵀ)ₜₜ′: the same form, with
+the indices' equality matrix in place of XᵢXᵢᵀ, and positions × width instead of V × width
+per sample. It is used when a sample looks up fewer positions than the table has rows.
+
 No model code is needed: the single-sample loss is traced to a jaxpr, calls to ``jax.jit``
 functions are inlined, and each parameter leaf whose only use is such a product gets a zero
 "tap" added to the product's output. One ``vmap`` of ``grad`` with respect to the taps gives
@@ -16,12 +22,14 @@ per-sample gradients from the same pass.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.extend import core
 from jax.extend.core import primitives
 
@@ -32,13 +40,16 @@ _INLINED = (primitives.jit_p, primitives.closed_call_p)
 
 
 class Product(NamedTuple):
-    """How a factored leaf enters the model: one ``dot_general`` with the leaf as one operand."""
+    """How a factored leaf enters the model: one ``dot_general`` with the leaf as one operand,
+    or one row lookup (``gather``) with the leaf as the table."""
 
     param_is_lhs: bool
-    params: dict[str, Any]  # the dot_general's own parameters (dimension numbers, precision)
+    params: dict[str, Any]  # the primitive's own parameters (dimension numbers, precision)
     out: jax.ShapeDtypeStruct  # the product's per-sample shape
-    other: jax.ShapeDtypeStruct  # the other operand's per-sample shape
+    other: jax.ShapeDtypeStruct  # the other operand's per-sample shape (indices for a lookup)
     operand_dtype: Any  # the leaf's dtype inside the product (after any cast)
+    primitive: Any = primitives.dot_general_p
+    table_rows: int = 0  # a lookup's number of rows V
 
 
 class Factors(NamedTuple):
@@ -121,17 +132,47 @@ def _products(closed: core.ClosedJaxpr, n_leaves: int) -> dict[int, Product]:
         if len(found) != 1:
             continue
         eqn, position, in_origins = found[0]
-        if eqn.primitive is not primitives.dot_general_p or in_origins[1 - position] is not None:
+        kind_ok = _is_plain_product(eqn) or (position == 0 and _is_row_lookup(eqn))
+        if not kind_ok or in_origins[1 - position] is not None:
             continue
-        _, (batch_lhs, batch_rhs) = eqn.params["dimension_numbers"]
-        if not batch_lhs and not batch_rhs:
-            out = eqn.outvars[0].aval
-            shape = jax.ShapeDtypeStruct(out.shape, out.dtype)
-            dtype = eqn.invars[position].aval.dtype
-            x = eqn.invars[1 - position].aval
-            other = jax.ShapeDtypeStruct(x.shape, x.dtype)
-            products[k] = Product(position == 0, dict(eqn.params), shape, other, dtype)
+        out = eqn.outvars[0].aval
+        shape = jax.ShapeDtypeStruct(out.shape, out.dtype)
+        dtype = eqn.invars[position].aval.dtype
+        x = eqn.invars[1 - position].aval
+        other = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        rows = eqn.invars[0].aval.shape[0] if eqn.primitive is primitives.gather_p else 0
+        products[k] = Product(
+            position == 0, dict(eqn.params), shape, other, dtype, eqn.primitive, rows
+        )
     return products
+
+
+def _is_plain_product(eqn: Any) -> bool:
+    """A ``dot_general`` without batch axes."""
+    if eqn.primitive is not primitives.dot_general_p:
+        return False
+    _, (batch_lhs, batch_rhs) = eqn.params["dimension_numbers"]
+    return not batch_lhs and not batch_rhs
+
+
+def _is_row_lookup(eqn: Any) -> bool:
+    """A ``gather`` of whole rows of a 2-D table by one index per position, looking up
+    fewer positions than the table has rows (else its plain gradient is the smaller)."""
+    if eqn.primitive is not primitives.gather_p or len(eqn.invars) != 2:
+        return False
+    table, indices = (v.aval for v in eqn.invars)
+    dims = eqn.params["dimension_numbers"]
+    out_ndim = eqn.outvars[0].aval.ndim
+    return (
+        table.ndim == 2
+        and indices.shape[-1:] == (1,)
+        and tuple(dims.offset_dims) == (out_ndim - 1,)
+        and tuple(dims.collapsed_slice_dims) == (0,)
+        and tuple(dims.start_index_map) == (0,)
+        and not tuple(getattr(dims, "operand_batching_dims", ()))
+        and tuple(eqn.params["slice_sizes"]) == (1, table.shape[1])
+        and math.prod(indices.shape[:-1]) < table.shape[0]
+    )
 
 
 def analyse(loss_fn: LossFn, params: PyTree, batch: PyTree) -> dict[int, Product]:
@@ -186,7 +227,7 @@ def factors(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Factors:
 
         def tap(eqn: Any, args: list, in_origins: list, outputs: list) -> list:
             k = next((o for o in in_origins if o in products), None)
-            if eqn.primitive is not primitives.dot_general_p or k is None:
+            if k is None or eqn.primitive is not products[k].primitive:
                 return outputs
             inputs[k] = args[1] if products[k].param_is_lhs else args[0]
             return [outputs[0] + taps[k]]
@@ -222,7 +263,21 @@ def _as_matrices(x: jax.Array, delta: jax.Array, product: Product) -> tuple[jax.
     return x_matrix, delta.reshape(positions, -1)
 
 
+def _lookup_sq_norm(indices: jax.Array, delta: jax.Array, product: Product) -> jax.Array:
+    """‖Σₜ e_{idxₜ}Δₜᵀ‖² of one sample's row lookups, rows chosen as the gather chooses them."""
+    n_rows = product.table_rows
+    index = indices.reshape(-1)
+    dm = widen(delta.reshape(index.shape[0], -1))
+    if product.params["mode"] == lax.GatherScatterMode.FILL_OR_DROP:
+        dm = jnp.where(((index >= 0) & (index < n_rows))[:, None], dm, 0)
+    else:  # CLIP, PROMISE_IN_BOUNDS: an index out of range reads (and gets) the edge row
+        index = jnp.clip(index, 0, n_rows - 1)
+    return jnp.sum(jnp.where(index[:, None] == index[None, :], dm @ dm.T, 0))
+
+
 def _ghost_sq_norm(x: jax.Array, delta: jax.Array, product: Product) -> jax.Array:
+    if product.primitive is primitives.gather_p:
+        return _lookup_sq_norm(x, delta, product)
     xm, dm = widen(_as_matrices(x, delta, product))
     positions, features_in = xm.shape
     features_out = dm.shape[1]
@@ -246,7 +301,7 @@ def _leaf_grad(x: jax.Array, delta: jax.Array, leaf: jax.Array, product: Product
     def product_of(w: jax.Array) -> jax.Array:
         w = w.astype(product.operand_dtype)
         operands = (w, x) if product.param_is_lhs else (x, w)
-        return primitives.dot_general_p.bind(*operands, **product.params)
+        return product.primitive.bind(*operands, **product.params)
 
     (grad,) = jax.linear_transpose(product_of, leaf)(delta)
     return grad
