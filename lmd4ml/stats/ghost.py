@@ -169,7 +169,7 @@ def _is_row_lookup(eqn: Any) -> bool:
         and tuple(dims.offset_dims) == (out_ndim - 1,)
         and tuple(dims.collapsed_slice_dims) == (0,)
         and tuple(dims.start_index_map) == (0,)
-        and not tuple(getattr(dims, "operand_batching_dims", ()))
+        and not dims.operand_batching_dims
         and tuple(eqn.params["slice_sizes"]) == (1, table.shape[1])
         and math.prod(indices.shape[:-1]) < table.shape[0]
     )
