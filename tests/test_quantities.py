@@ -11,6 +11,7 @@ import pytest
 import reference
 
 import lmd4ml as lm
+from lmd4ml.stats.histogram import BLOCK
 from lmd4ml.stats.per_sample import _chunked
 
 RTOL = 1e-10
@@ -182,6 +183,22 @@ def test_grad_hist_1d_bins_values_just_below_an_edge_like_np_histogram() -> None
     expected = reference.grad_hist_1d(values, 4, 1.0)
     np.testing.assert_array_equal(expected, [1, 1, 1, 0])
     np.testing.assert_array_equal(hist_of_grads(values, nbins=4, maxval=1.0), expected)
+
+
+def test_large_arrays_are_binned_in_blocks_like_np_histogram() -> None:
+    """Beyond 2 × BLOCK elements values are binned a block at a time, the rest after: the
+    counts are np.histogram's and np.histogram2d's, outliers clamped, NaN left out."""
+    size = 2 * BLOCK + 12_345
+    rng = np.random.default_rng(0)
+    x = rng.normal(scale=0.5, size=(3, size // 3)).astype(np.float32)
+    x[0, :5] = [np.nan, np.inf, -np.inf, 9.0, -0.0]
+    y = rng.normal(size=size // 3).astype(np.float32)
+    y[7] = np.nan
+    got = lm.stats.histogram(jnp.asarray(x), 11, -1.0, 1.0)
+    np.testing.assert_array_equal(got, reference.grad_hist_1d(x, 11, 1.0))
+    ranges = ((-1.0, 1.0), (-2.0, 2.0))
+    got2d = lm.stats.histogram2d(jnp.asarray(x), jnp.asarray(y), (5, 4), ranges)
+    np.testing.assert_array_equal(got2d, reference.grad_hist_2d(x, y, (5, 4), ranges))
 
 
 def test_grad_hist_1d_drops_nan_gradient_of_one_sample(mlp_case: models.Case) -> None:

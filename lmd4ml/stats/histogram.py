@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -39,15 +41,15 @@ def bin_index(values: jax.Array, nbins: int, lo: float, hi: float) -> jax.Array:
 def histogram(values: jax.Array, nbins: int, lo: float, hi: float) -> jax.Array:
     """Counts (int32) of ``values`` in ``nbins`` equal bins on [lo, hi], outliers clamped.
 
-    A scatter-add of bin indices over ``values`` in its own shape: ``jnp.histogram`` searches
-    sorted edges and is about 25× slower on CPU for the sizes per-sample gradients reach, and
-    flattening first can force a transposing copy.
+    A scatter-add of bin indices, ``BLOCK`` values at a time (:func:`_count_in_blocks`):
+    ``jnp.histogram`` searches sorted edges and is about 25× slower on CPU for the sizes
+    per-sample gradients reach.
 
     Example:
       >>> histogram(jnp.array([[-0.3, 0.1], [0.2, 7.0]]), 2, -1.0, 1.0).tolist()
       [1, 3]
     """
-    return _count(bin_index(values, nbins, lo, hi), nbins)
+    return _count_in_blocks(lambda v: bin_index(v, nbins, lo, hi), nbins, values)
 
 
 def histogram2d(
@@ -69,11 +71,38 @@ def histogram2d(
       [[1, 0, 0], [1, 0, 1]]
     """
     (nx, ny), ((x_lo, x_hi), (y_lo, y_hi)) = bins, range
-    ix = bin_index(x, nx, x_lo, x_hi)
-    iy = bin_index(y, ny, y_lo, y_hi)
-    # A NaN y has index ny, which ix·ny + iy would wrap into the next row: drop it explicitly.
-    index = jnp.where((ix == nx) | (iy == ny), nx * ny, ix * ny + iy)
-    return _count(index, nx * ny).reshape(nx, ny)
+    iy = jnp.broadcast_to(bin_index(y, ny, y_lo, y_hi), jnp.broadcast_shapes(x.shape, y.shape))
+
+    def index(x: jax.Array, iy: jax.Array) -> jax.Array:
+        ix = bin_index(x, nx, x_lo, x_hi)
+        # A NaN y has index ny, which ix·ny + iy would wrap into the next row: drop it.
+        return jnp.where((ix == nx) | (iy == ny), nx * ny, ix * ny + iy)
+
+    x = jnp.broadcast_to(x, iy.shape)
+    return _count_in_blocks(index, nx * ny, x, iy).reshape(nx, ny)
+
+
+BLOCK = 2**18
+"""Values binned at a time in arrays of more than ``4 * BLOCK``. A block's indices and the
+scatter's updates stay in cache: a 2048 × 2048 per-sample gradient took 47 ms whole on this
+project's CPU and 10 ms in blocks, a 2.9 M-parameter MLP's gradient histogram 2.3× less time.
+Smaller arrays, already in cache, are binned whole (blocks cost 20% on the small MLP)."""
+
+
+def _count_in_blocks(index_of: Callable[..., jax.Array], n: int, *arrays: jax.Array) -> jax.Array:
+    """Counts of ``index_of(*arrays)`` (indices ≥ n dropped) over arrays of one shape; a large
+    array in ``BLOCK``-element blocks in a ``lax.scan``, the remainder after it."""
+    size = arrays[0].size
+    if size <= 2 * BLOCK:
+        return _count(index_of(*arrays), n)
+    flat = [a.reshape(-1) for a in arrays]
+    n_blocks = size // BLOCK
+    blocks = [a[: n_blocks * BLOCK].reshape(n_blocks, BLOCK) for a in flat]
+    add = lambda c, block: (c + _count(index_of(*block), n), None)  # noqa: E731
+    counts = lax.scan(add, jnp.zeros(n, jnp.int32), blocks)[0]
+    if size % BLOCK:
+        counts = counts + _count(index_of(*(a[n_blocks * BLOCK :] for a in flat)), n)
+    return counts
 
 
 def _count(index: jax.Array, n: int) -> jax.Array:
