@@ -76,9 +76,8 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def mlp(seed: int = 0, batch_size: int = 128) -> Problem:
-    """MLP 64-128-128-10 with ReLU on random 64-dim inputs."""
-    sizes = (64, 128, 128, 10)
+def _mlp(name: str, sizes: tuple[int, ...], seed: int, batch_size: int) -> Problem:
+    """A ReLU MLP of layer ``sizes`` on random ``sizes[0]``-dim inputs, ``sizes[-1]`` classes."""
     k_params, k_x, k_y = jax.random.split(jax.random.key(seed), 3)
     keys = jax.random.split(k_params, len(sizes) - 1)
     params = [_dense_init(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)]
@@ -91,7 +90,12 @@ def mlp(seed: int = 0, batch_size: int = 128) -> Problem:
 
     x = jax.random.normal(k_x, (batch_size, sizes[0]), jnp.float32)
     y = jax.random.randint(k_y, (batch_size,), 0, sizes[-1])
-    return Problem("mlp", loss_fn, params, (x, y))
+    return Problem(name, loss_fn, params, (x, y))
+
+
+def mlp(seed: int = 0, batch_size: int = 128) -> Problem:
+    """MLP 64-128-128-10 with ReLU on random 64-dim inputs."""
+    return _mlp("mlp", (64, 128, 128, 10), seed, batch_size)
 
 
 def cnn_3c3d(seed: int = 0, batch_size: int = 64) -> Problem:
@@ -126,20 +130,7 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {"mlp": mlp, "3c3d": cnn_3c3d}
 
 def mlp_10m(seed: int = 0, batch_size: int = 64, width: int = 2048) -> Problem:
     """MLP 784-width-width-width-10 with ReLU on random 784-dim inputs (10 M at width 2048)."""
-    sizes = (784, width, width, width, 10)
-    k_params, k_x, k_y = jax.random.split(jax.random.key(seed), 3)
-    keys = jax.random.split(k_params, len(sizes) - 1)
-    params = [_dense_init(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)]
-
-    def loss_fn(params: PyTree, batch: PyTree) -> jax.Array:
-        x, y = batch
-        for layer in params[:-1]:
-            x = jax.nn.relu(_dense(layer, x))
-        return _cross_entropy(_dense(params[-1], x), y)
-
-    x = jax.random.normal(k_x, (batch_size, sizes[0]), jnp.float32)
-    y = jax.random.randint(k_y, (batch_size,), 0, sizes[-1])
-    return Problem(f"mlp10m w{width}", loss_fn, params, (x, y))
+    return _mlp(f"mlp10m w{width}", (784, width, width, width, 10), seed, batch_size)
 
 
 def _layer_norm_init(width: int) -> dict[str, jax.Array]:
