@@ -169,12 +169,14 @@ def nnx_conv() -> Case:
 
 
 class LinenConvNet(nn.Module):
-    """Conv 3×3 (VALID) → ReLU → 2×2 average pool → Dense, on 6×6×1 images."""
+    """Conv 3×3 (VALID) → ReLU → 2×2 average pool → conv 2×2 (SAME) → ReLU → Dense, on 6×6×1
+    images. The second conv has fewer positions than weights: its kernel is factored."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = nn.Conv(4, (3, 3), padding="VALID", dtype=F64, param_dtype=F64)(x)
         h = nn.avg_pool(nn.relu(h), (2, 2), strides=(2, 2))
+        h = nn.relu(nn.Conv(8, (2, 2), dtype=F64, param_dtype=F64)(h))
         return nn.Dense(N_CLASSES, dtype=F64, param_dtype=F64)(h.reshape(h.shape[0], -1))
 
 

@@ -158,6 +158,93 @@ def test_lookups_of_more_positions_than_rows_keep_plain_gradients():
     assert_matches_plain(loss, table, batch)
 
 
+# --------------------------------------------------------------------------- convolutions
+
+CONVS = {
+    # dimension numbers, input (batch first), kernel, keyword arguments
+    "nhwc_same": (("NHWC", "HWIO", "NHWC"), (5, 4, 4, 16), (3, 3, 16, 32), {"padding": "SAME"}),
+    "nhwc_strided": (
+        ("NHWC", "HWIO", "NHWC"),
+        (5, 6, 6, 8),
+        (3, 3, 8, 40),
+        {"window_strides": (2, 2), "padding": "VALID"},
+    ),
+    "nchw_dilated": (
+        ("NCHW", "OIHW", "NCHW"),
+        (5, 8, 5, 5),
+        (30, 8, 2, 3),
+        {"window_strides": (1, 2), "padding": ((1, 0), (0, 2)), "rhs_dilation": (2, 1)},
+    ),
+    "nwc_transposed": (
+        ("NWC", "WIO", "NWC"),
+        (5, 3, 10),
+        (2, 10, 24),
+        {"padding": ((1, 1),), "lhs_dilation": (2,)},
+    ),
+}
+
+
+def conv_loss(dimension_numbers, **kwargs):
+    def loss(w, x):
+        window = {"window_strides": (1,) * (w.ndim - 2), **kwargs}
+        y = jax.lax.conv_general_dilated(x, w, dimension_numbers=dimension_numbers, **window)
+        return jnp.sum(jnp.tanh(y) ** 2, axis=tuple(range(1, y.ndim)))
+
+    return loss
+
+
+@pytest.mark.parametrize("name", sorted(CONVS))
+def test_convolutions_with_few_positions_are_factored_and_match_plain(name):
+    dimension_numbers, x_shape, w_shape, kwargs = CONVS[name]
+    key1, key2 = jax.random.split(jax.random.PRNGKey(8))
+    w = jax.random.normal(key1, w_shape, jnp.float64)
+    x = jax.random.normal(key2, x_shape, jnp.float64)
+    loss = conv_loss(dimension_numbers, **kwargs)
+    assert factored_leaves(loss, w, x) == [""]
+    assert_matches_plain(loss, w, x)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_convolutions_with_many_positions_or_groups_keep_plain_gradients(groups):
+    # 8 × 8 positions × (3·3·4 + 8) > 3·3·4 × 8; grouped kernels are never factored, not even
+    # with 2 × 2 positions. Either way the kernel is (3, 3, 4, 8).
+    x_shape = (3, 8, 8, 4) if groups == 1 else (3, 2, 2, 8)
+    w = jax.random.normal(jax.random.PRNGKey(9), (3, 3, 4, 8), jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(10), x_shape, jnp.float64)
+
+    def loss(w, x):
+        y = jax.lax.conv_general_dilated(
+            x,
+            w,
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
+        )
+        return jnp.sum(jnp.tanh(y) ** 2, axis=(1, 2, 3))
+
+    assert factored_leaves(loss, w, x) == []
+    assert_matches_plain(loss, w, x)
+
+
+def test_flax_conv_layers_are_factored():
+    x = jax.random.normal(jax.random.PRNGKey(11), (4, 3, 3, 12), jnp.float64)
+    nnx_model = nnx.Conv(12, 16, (2, 2), param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    graphdef, nnx_params = nnx.split(nnx_model)
+    linen_model = nn.Conv(16, (2, 2), strides=2, param_dtype=jnp.float64)
+    linen_params = linen_model.init(jax.random.PRNGKey(0), x)
+
+    def nnx_loss(p, x):
+        return jnp.sum(jnp.tanh(nnx.merge(graphdef, p)(x)) ** 2, axis=(1, 2, 3))
+
+    def linen_loss(p, x):
+        return jnp.sum(jnp.tanh(linen_model.apply(p, x)) ** 2, axis=(1, 2, 3))
+
+    for loss, params in ((nnx_loss, nnx_params), (linen_loss, linen_params)):
+        assert [path for path in factored_leaves(loss, params, x) if "kernel" in path]
+        assert_matches_plain(loss, params, x)
+
+
 class TokenModel(nnx.Module):
     """Embed → self-attention (2 heads) → LayerNorm → mean over positions → Dense."""
 

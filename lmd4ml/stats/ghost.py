@@ -13,6 +13,13 @@ y = E[idx] (``jnp.take``, ``E[idx]``, flax's ``Embed``), has the per-sample grad
 the indices' equality matrix in place of XᵢXᵢᵀ, and positions × width instead of V × width
 per sample. It is used when a sample looks up fewer positions than the table has rows.
 
+A convolution kernel K (``conv_general_dilated``, flax's ``Conv``) has ∇K ℓᵢ = PᵢᵀΔᵢ, Pᵢ
+sample i's input patches (output positions × patch size) and Δᵢ the output's cotangent, so
+the same Gram form applies. It is used where it is the smaller: positions × (patch size +
+output channels) at most patch size × output channels, as in the deep layers of image
+models (7 × 7 positions, 3 × 3 × 512 patches, 512 channels: 25,000 numbers per sample
+instead of 2.4 M); early layers with many positions keep plain per-sample gradients.
+
 No model code is needed: the single-sample loss is traced to a jaxpr, calls to ``jax.jit``
 functions are inlined, and each parameter leaf whose only use is such a product gets a zero
 "tap" added to the product's output. One ``vmap`` of ``grad`` with respect to the taps gives
@@ -41,7 +48,8 @@ _INLINED = (primitives.jit_p, primitives.closed_call_p)
 
 class Product(NamedTuple):
     """How a factored leaf enters the model: one ``dot_general`` with the leaf as one operand,
-    or one row lookup (``gather``) with the leaf as the table."""
+    one row lookup (``gather``) with the leaf as the table, or one convolution with the leaf
+    as the kernel."""
 
     param_is_lhs: bool
     params: dict[str, Any]  # the primitive's own parameters (dimension numbers, precision)
@@ -49,7 +57,7 @@ class Product(NamedTuple):
     other: jax.ShapeDtypeStruct  # the other operand's per-sample shape (indices for a lookup)
     operand_dtype: Any  # the leaf's dtype inside the product (after any cast)
     primitive: Any = primitives.dot_general_p
-    table_rows: int = 0  # a lookup's number of rows V
+    param_shape: tuple[int, ...] = ()  # the leaf's shape inside the product
 
 
 class Factors(NamedTuple):
@@ -132,7 +140,11 @@ def _products(closed: core.ClosedJaxpr, n_leaves: int) -> dict[int, Product]:
         if len(found) != 1:
             continue
         eqn, position, in_origins = found[0]
-        kind_ok = _is_plain_product(eqn) or (position == 0 and _is_row_lookup(eqn))
+        kind_ok = (
+            _is_plain_product(eqn)
+            or (position == 0 and _is_row_lookup(eqn))
+            or (position == 1 and _is_small_conv(eqn))
+        )
         if not kind_ok or in_origins[1 - position] is not None:
             continue
         out = eqn.outvars[0].aval
@@ -140,9 +152,9 @@ def _products(closed: core.ClosedJaxpr, n_leaves: int) -> dict[int, Product]:
         dtype = eqn.invars[position].aval.dtype
         x = eqn.invars[1 - position].aval
         other = jax.ShapeDtypeStruct(x.shape, x.dtype)
-        rows = eqn.invars[0].aval.shape[0] if eqn.primitive is primitives.gather_p else 0
+        param_shape = tuple(eqn.invars[position].aval.shape)
         products[k] = Product(
-            position == 0, dict(eqn.params), shape, other, dtype, eqn.primitive, rows
+            position == 0, dict(eqn.params), shape, other, dtype, eqn.primitive, param_shape
         )
     return products
 
@@ -173,6 +185,22 @@ def _is_row_lookup(eqn: Any) -> bool:
         and tuple(eqn.params["slice_sizes"]) == (1, table.shape[1])
         and math.prod(indices.shape[:-1]) < table.shape[0]
     )
+
+
+def _is_small_conv(eqn: Any) -> bool:
+    """An ungrouped convolution whose per-sample patches and cotangents are smaller than
+    its kernel (positions × (patch size + output channels) ≤ patch size × output channels)."""
+    if eqn.primitive is not primitives.conv_general_dilated_p:
+        return False
+    params = eqn.params
+    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+        return False
+    kernel = eqn.invars[1].aval.shape
+    out = eqn.outvars[0].aval.shape
+    channels = kernel[params["dimension_numbers"].rhs_spec[0]]
+    patch = math.prod(kernel) // channels
+    positions = math.prod(out) // channels
+    return positions * (patch + channels) <= patch * channels
 
 
 def analyse(loss_fn: LossFn, params: PyTree, batch: PyTree) -> dict[int, Product]:
@@ -265,7 +293,7 @@ def _as_matrices(x: jax.Array, delta: jax.Array, product: Product) -> tuple[jax.
 
 def _lookup_sq_norm(indices: jax.Array, delta: jax.Array, product: Product) -> jax.Array:
     """‖Σₜ e_{idxₜ}Δₜᵀ‖² of one sample's row lookups, rows chosen as the gather chooses them."""
-    n_rows = product.table_rows
+    n_rows = product.param_shape[0]
     index = indices.reshape(-1)
     dm = widen(delta.reshape(index.shape[0], -1))
     if product.params["mode"] == lax.GatherScatterMode.FILL_OR_DROP:
@@ -275,10 +303,34 @@ def _lookup_sq_norm(indices: jax.Array, delta: jax.Array, product: Product) -> j
     return jnp.sum(jnp.where(index[:, None] == index[None, :], dm @ dm.T, 0))
 
 
+def _conv_matrices(x: jax.Array, delta: jax.Array, product: Product) -> tuple[jax.Array, jax.Array]:
+    """One sample's input patches P (positions × patch) and Δ (positions × output channels)."""
+    params = product.params
+    dims = params["dimension_numbers"]
+    patches = lax.conv_general_dilated_patches(
+        x,
+        [product.param_shape[d] for d in dims.rhs_spec[2:]],
+        params["window_strides"],
+        params["padding"],
+        params["lhs_dilation"],
+        params["rhs_dilation"],
+        dims,
+        # Patches are copies of inputs: the default precision may round them on accelerators.
+        precision=lax.Precision.HIGHEST,
+    )
+    feature = dims.out_spec[1]
+    return tuple(
+        jnp.moveaxis(a, feature, -1).reshape(-1, a.shape[feature]) for a in (patches, delta)
+    )
+
+
 def _ghost_sq_norm(x: jax.Array, delta: jax.Array, product: Product) -> jax.Array:
     if product.primitive is primitives.gather_p:
         return _lookup_sq_norm(x, delta, product)
-    xm, dm = widen(_as_matrices(x, delta, product))
+    to_matrices = (
+        _conv_matrices if product.primitive is primitives.conv_general_dilated_p else _as_matrices
+    )
+    xm, dm = widen(to_matrices(x, delta, product))
     positions, features_in = xm.shape
     features_out = dm.shape[1]
     if positions * (features_in + features_out) <= features_in * features_out:
