@@ -210,10 +210,12 @@ def analyse(loss_fn: LossFn, params: PyTree, batch: PyTree) -> dict[int, Product
 
 
 def sq_norm_footprint(params: PyTree, products: dict[int, Product]) -> list:
-    """One sample's arrays that per-sample squared norms hold: factors and unfactored leaves."""
+    """One sample's arrays that per-sample squared norms hold beside the backward pass's
+    activations: unfactored leaves' gradients and factored leaves' cotangents Δᵢ (the inputs
+    Xᵢ are activations the pass keeps anyway)."""
     leaves = jax.tree.leaves(params)
     rest = [leaf for k, leaf in enumerate(leaves) if k not in products]
-    return [*rest, *(p.out for p in products.values()), *(p.other for p in products.values())]
+    return [*rest, *(p.out for p in products.values())]
 
 
 def factored_leaves(loss_fn: LossFn, params: PyTree, batch: PyTree) -> list[str]:

@@ -80,16 +80,35 @@ def batch_size(batch: PyTree) -> int:
     return sizes.pop()
 
 
-def chunk_size(per_sample: PyTree, memory_budget: int, batch: int) -> int:
+def chunk_size(per_sample: PyTree, memory_budget: int, batch: int, extra_bytes: int = 0) -> int:
     """How many samples fit in ``memory_budget`` bytes when each holds arrays like ``per_sample``
-    (at least 1, at most ``batch``); for full per-sample gradients, ``per_sample`` is the params.
+    and ``extra_bytes`` more (at least 1, at most ``batch``); for full per-sample gradients,
+    ``per_sample`` is the params.
 
     Example:
       >>> chunk_size({"w": np.zeros((1000,), np.float32)}, memory_budget=40_000, batch=64)
       10
     """
     nbytes = sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(per_sample))
-    return int(min(batch, max(1, memory_budget // max(nbytes, 1))))
+    return int(min(batch, max(1, memory_budget // max(nbytes + extra_bytes, 1))))
+
+
+def backward_bytes(loss_fn: LossFn, params: PyTree, batch: PyTree) -> int:
+    """Bytes that one more sample adds to what a backward pass keeps of its forward pass.
+
+    Example:
+      >>> loss = lambda w, x: jnp.tanh(x @ w).sum(axis=1)
+      >>> w, x = jnp.ones((3, 100), jnp.float32), jnp.ones((8, 3), jnp.float32)
+      >>> backward_bytes(loss, w, x)  # 4 bytes for each of x's 3 and tanh's 2 × 100 numbers
+      812
+    """
+
+    def kept(n: int) -> int:
+        part = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype), batch)
+        vjp = jax.eval_shape(lambda p, b: jax.vjp(lambda q: loss_fn(q, b), p)[1], params, part)
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp))
+
+    return max(kept(2) - kept(1), 0)
 
 
 # Per-sample gradients are formed from factors a tile at a time: tiles that fit in cache are
@@ -151,9 +170,10 @@ def per_sample_pass(
 
     Each chunk's factors and unfactored per-sample gradients (:mod:`lmd4ml.stats.ghost`)
     come from one batched backward pass, and a chunk holds as many samples as fit in
-    ``memory_budget`` bytes of them. Squared norms come from the factors directly; other
-    statistics see full per-sample gradients, formed a cache-sized tile of samples at a time
-    (never more than ``memory_budget`` bytes), so B×P is never held for large models.
+    ``memory_budget`` bytes of them and of the activations that pass keeps. Squared norms
+    come from the factors directly; other statistics see full per-sample gradients, formed a
+    cache-sized tile of samples at a time (never more than ``memory_budget`` bytes), so B×P
+    is never held for large models.
 
     With ``data``, each device makes this pass over its own samples, within its own
     ``memory_budget`` (:func:`lmd4ml.stats.sharding.over_samples`).
@@ -164,7 +184,9 @@ def per_sample_pass(
         return sharding.over_samples(local, combine, data)(params, batch)
     reductions = {name: s for name, s in stats.items() if name != SQ_NORMS.name}
     footprint = ghost.sq_norm_footprint(params, ghost.analyse(loss_fn, params, batch))
-    chunk = chunk_size(footprint, memory_budget, batch_size(batch))
+    # The chunk's backward pass keeps its activations beside the factors.
+    activations = backward_bytes(loss_fn, params, batch)
+    chunk = chunk_size(footprint, memory_budget, batch_size(batch), activations)
     tile = chunk_size(params, min(memory_budget, _GRADS_TILE_BYTES), chunk)
 
     def on_chunk(chunk_batch: PyTree) -> dict[str, jax.Array]:
