@@ -101,7 +101,13 @@ class Runner:
 
 def _memory_bytes(compiled: jax.stages.Compiled) -> int:
     m = compiled.memory_analysis()
-    return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+    # Outputs that reuse donated arguments' buffers are counted once.
+    return (
+        m.temp_size_in_bytes
+        + m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+    )
 
 
 def _timed_compile(lowered: jax.stages.Lowered) -> tuple[int, float]:
@@ -145,10 +151,13 @@ def lm_runner(
     quantities: list[lm.Quantity] | None,
     every: int = 1,
     memory_budget: int | None = None,
+    donate: bool = False,
 ) -> Runner:
     """``lm.instrument`` with ``quantities`` tracked every ``every`` steps (``None``: an empty
     step called with track=False). Memory and compile time are the tracked program's."""
-    options = {} if memory_budget is None else {"memory_budget": memory_budget}
+    options = {"donate": donate} | (
+        {} if memory_budget is None else {"memory_budget": memory_budget}
+    )
     step = lm.instrument(problem.loss_fn, optimizer, quantities or [], **options)
     track = quantities is not None
     batch = problem.batch

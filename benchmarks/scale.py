@@ -10,9 +10,10 @@ tests, GradHist1d, Alpha). The goal is economy's peak memory within 1.3× of the
 
 Memory is XLA's buffer assignment of the compiled program (``compile().memory_analysis()``),
 the figure ``overhead.py`` reports: arguments + outputs + temporaries, in MiB. On CPU that is
-what a call holds at its peak: the caller's arguments (state and batch; the step does not
-donate them), the fresh output buffers (the new state) and one preallocated block for every
-temporary. (``peak_memory_in_bytes`` is not used: on CPU it is arguments + outputs alone.)
+what a call holds at its peak: the caller's arguments (state and batch), the fresh output
+buffers (the new state) and one preallocated block for every temporary. With ``--donate``
+both steps donate their state (``lm.instrument(..., donate=True)``) and outputs written into
+its buffers are counted once. (``peak_memory_in_bytes`` is not used: on CPU it is arguments + outputs alone.)
 ``extra state`` is economy's arguments + outputs over the bare step's (quantity states such
 as Distance's θ₀, which is both an argument and an output), ``extra temp`` its temporaries
 over the bare step's. ``--attribute`` also compiles each economy quantity alone and prints
@@ -28,7 +29,7 @@ persistent compilation cache lets the timed step reuse the executable compiled f
 Usage::
 
     python benchmarks/scale.py [--model mlp10m|transformer|all] [--quick] [--memory-only]
-        [--attribute] [--repeats R] [--min-block SECONDS] [--memory-budget BYTES]
+        [--attribute] [--donate] [--repeats R] [--min-block SECONDS] [--memory-budget BYTES]
 
 ``--quick``: the 10 M MLP at B = 16 and 64 and the width-128 transformer at B = 8, three
 repeats (a few minutes); the full grid takes about half an hour on 2 cores, most of it the
@@ -68,19 +69,25 @@ class Memory(NamedTuple):
     arguments: int
     outputs: int
     temps: int
+    aliased: int  # outputs written into donated arguments' buffers
 
     @property
     def state(self) -> int:
-        return self.arguments + self.outputs
+        return self.arguments + self.outputs - self.aliased
 
     @property
     def total(self) -> int:
-        return self.arguments + self.outputs + self.temps
+        return self.state + self.temps
 
 
 def memory(lowered: jax.stages.Lowered) -> Memory:
     m = lowered.compile().memory_analysis()
-    return Memory(m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes)
+    return Memory(
+        m.argument_size_in_bytes,
+        m.output_size_in_bytes,
+        m.temp_size_in_bytes,
+        m.alias_size_in_bytes,
+    )
 
 
 def step_memory(
@@ -88,9 +95,12 @@ def step_memory(
     optimizer: optax.GradientTransformation,
     quantities: list[lm.Quantity],
     memory_budget: int,
+    donate: bool,
 ) -> Memory:
     """Memory of the ``lm.instrument`` step with ``quantities`` tracked (none: track=False)."""
-    step = lm.instrument(problem.loss_fn, optimizer, quantities, memory_budget=memory_budget)
+    step = lm.instrument(
+        problem.loss_fn, optimizer, quantities, memory_budget=memory_budget, donate=donate
+    )
     return memory(step.lower(step.init(problem.params), problem.batch, bool(quantities)))
 
 
@@ -98,13 +108,14 @@ def measure_case(
     problem: Problem,
     optimizer: optax.GradientTransformation,
     memory_budget: int,
+    donate: bool,
     repeats: int,
     min_block_s: float,
     timed: bool,
 ) -> dict:
     """Memory and (if ``timed``) time per step of the bare and the economy step."""
-    bare = step_memory(problem, optimizer, [], memory_budget)
-    economy = step_memory(problem, optimizer, lm.presets.economy(), memory_budget)
+    bare = step_memory(problem, optimizer, [], memory_budget, donate)
+    economy = step_memory(problem, optimizer, lm.presets.economy(), memory_budget, donate)
     row = {
         "model": problem.name,
         "P": problem.num_params,
@@ -114,8 +125,10 @@ def measure_case(
     }
     if timed:
         runners = [
-            lm_runner("bare", problem, optimizer, None, memory_budget=memory_budget),
-            lm_runner("economy", problem, optimizer, lm.presets.economy(), 1, memory_budget),
+            lm_runner("bare", problem, optimizer, None, 1, memory_budget, donate),
+            lm_runner(
+                "economy", problem, optimizer, lm.presets.economy(), 1, memory_budget, donate
+            ),
         ]
         time_interleaved(runners, repeats, min_block_s)
         bare_row, economy_row = rows_over_bare(problem.name, runners)
@@ -133,10 +146,12 @@ def attribute(
     problem: Problem,
     optimizer: optax.GradientTransformation,
     memory_budget: int,
+    donate: bool,
 ) -> list[tuple[str, Memory]]:
     """Each economy quantity tracked alone: its program's memory."""
     return [
-        (q.key, step_memory(problem, optimizer, [q], memory_budget)) for q in lm.presets.economy()
+        (q.key, step_memory(problem, optimizer, [q], memory_budget, donate))
+        for q in lm.presets.economy()
     ]
 
 
@@ -205,6 +220,11 @@ def main(argv: list[str] | None = None) -> None:
         default=2**26,
         help="bytes passed as lm.instrument(memory_budget=...) (default lmd4ml's, 64 MiB)",
     )
+    parser.add_argument(
+        "--donate",
+        action="store_true",
+        help="both steps donate their state (lm.instrument(donate=True)): outputs reuse it",
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 5)
     grid = QUICK_GRID if args.quick else GRID
@@ -223,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         f"jax {jax.__version__}, optax {optax.__version__}, lmd4ml {lm.__version__}; backend "
         f"{jax.default_backend()} ({device.device_kind}), {os.cpu_count()} CPU cores; "
         f"optax.sgd(0.01, momentum=0.9); memory_budget {args.memory_budget}; "
+        + ("state donated; " if args.donate else "")
         + (
             "memory only"
             if args.memory_only
@@ -242,14 +263,22 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         row = measure_case(
-            problem, optimizer, args.memory_budget, repeats, args.min_block, not args.memory_only
+            problem,
+            optimizer,
+            args.memory_budget,
+            args.donate,
+            repeats,
+            args.min_block,
+            not args.memory_only,
         )
         rows.append(row)
         ratio = row["economy"].total / row["bare"].total
         timing = f", time × {row['ratio']:.1f}" if "ratio" in row else ""
         print(f"memory × {ratio:.2f}{timing}", flush=True)
         if args.attribute:
-            attributions.append((row, attribute(problem, optimizer, args.memory_budget)))
+            attributions.append(
+                (row, attribute(problem, optimizer, args.memory_budget, args.donate))
+            )
     print(f"\ndone in {time.perf_counter() - start:.0f} s\n")
     print(markdown_table(rows))
     within = sum(r["economy"].total <= GOAL * r["bare"].total for r in rows)

@@ -173,6 +173,7 @@ class InstrumentedStep:
         optimizer: optax.GradientTransformation,
         quantities: Sequence[Quantity],
         memory_budget: int,
+        donate: bool = False,
     ):
         quantities = tuple(quantities)
         check_quantities(quantities)
@@ -191,11 +192,21 @@ class InstrumentedStep:
         self.quantities = quantities
         self.memory_budget = int(memory_budget)
         self.keys = tuple(q.key for q in quantities)
+        self.donate = donate
         self.trace_count: collections.Counter[frozenset[str]] = collections.Counter()
-        self._jitted = jax.jit(self._step, static_argnames=("active", "data"))
+        self._jitted = jax.jit(
+            self._step,
+            static_argnames=("active", "data"),
+            donate_argnames=("state",) if donate else (),
+        )
 
     def init(self, params: PyTree) -> StepState:
-        """The state before the first step; ``params`` become θ₀."""
+        """The state before the first step; ``params`` become θ₀.
+
+        With ``donate``, every leaf is a copy: the first step may then consume the state
+        without touching ``params``, and leaves that would share a buffer (the params and
+        Distance's θ₀) do not.
+        """
         check_params(params)
         state = StepState(
             params=params,
@@ -203,7 +214,8 @@ class InstrumentedStep:
             quantity_states={q.key: q.init(params) for q in self.quantities},
             step=jnp.zeros((), jnp.int32),
         )
-        return strongly_typed(state)
+        state = strongly_typed(state)
+        return jax.tree.map(lambda x: jnp.array(x, copy=True), state) if self.donate else state
 
     def active_keys(self, track: bool | Collection[str]) -> frozenset[str]:
         """The keys a ``track`` argument selects; unknown keys are an error."""
@@ -287,6 +299,7 @@ def instrument(
     quantities: Sequence[Quantity],
     *,
     memory_budget: int = 2**26,
+    donate: bool = False,
 ) -> InstrumentedStep:
     """Wrap an optax optimizer and a per-sample loss into one jitted, instrumented step.
 
@@ -297,6 +310,10 @@ def instrument(
       quantities: what to compute at tracked steps, e.g. ``[lm.Loss(), lm.NormTest()]``.
       memory_budget: bytes of per-sample gradients held at once (per device) when a quantity
         needs them (histograms, norm test); the batch is processed in chunks that fit.
+      donate: let each step reuse the memory of the state it is given for the state it
+        returns (``jax.jit``'s ``donate_argnames``): the old state is deleted, so keep only
+        the returned one. Saves a copy of everything in the state (the parameters, the
+        optimizer's moments, Distance's θ₀) on devices short of memory.
 
     A batch split over devices (``jax.device_put(batch, NamedSharding(mesh, P("data")))``)
     goes through the same step: each device computes the per-sample statistics of its own
@@ -314,4 +331,4 @@ def instrument(
       >>> round(float(metrics["loss"]), 3)
       2.5
     """
-    return InstrumentedStep(loss_fn, optimizer, quantities, memory_budget)
+    return InstrumentedStep(loss_fn, optimizer, quantities, memory_budget, donate)

@@ -125,6 +125,32 @@ def test_stateful_quantity_with_python_scalar_init_does_not_recompile() -> None:
     assert step.trace_count == collections.Counter({frozenset({"ema"}): 1})
 
 
+# ----------------------------------------------------------------------------- donation
+
+
+def test_donated_state_gives_the_same_steps_and_reuses_its_buffers(mlp_case: models.Case):
+    quantities = [*seed_quantities(), lm.Alpha()]
+    plain = lm.instrument(mlp_case.loss_fn, optax.adam(1e-2), quantities)
+    donating = lm.instrument(mlp_case.loss_fn, optax.adam(1e-2), quantities, donate=True)
+    params = jax.tree.map(jnp.asarray, mlp_case.params)
+    want, got = plain.init(params), donating.init(params)
+    for i, track in enumerate([True, False, True, True]):
+        before = got
+        want, want_metrics = plain(want, mlp_case.batches[i % 3], track=track)
+        got, metrics = donating(got, mlp_case.batches[i % 3], track=track)
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(before))
+        assert_trees_close(metrics, want_metrics, rtol=1e-12)
+        assert_trees_close(got, want, rtol=1e-12)
+    # The caller's parameters are copied at init, never consumed.
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(params))
+    assert donating.trace_count == collections.Counter(
+        {frozenset(ALL | {"alpha"}): 1, frozenset(): 1}
+    )
+    memory = donating.lower(got, mlp_case.batches[0]).compile().memory_analysis()
+    state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(got))
+    assert memory.alias_size_in_bytes == state_bytes
+
+
 # ------------------------------------------------------------------ the bare update is optax
 
 
