@@ -222,7 +222,10 @@ def directional(
       >>> losses.tolist(), slopes.tolist()
       ([0.0, 2.0, 4.0], [0.0, 1.0, 2.0])
     """
-    tangent = cast_like(direction, params)
+    # The barrier ties the primal pass to the direction: otherwise XLA may run the forward half
+    # of the JVP while the backward pass that yields the direction still holds its
+    # activations, and keep the forward's values until the direction arrives.
+    params, tangent = jax.lax.optimization_barrier((params, cast_like(direction, params)))
     return widen(jax.jvp(lambda p: loss_fn(p, batch), (params,), (tangent,)))
 
 
