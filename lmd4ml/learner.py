@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -50,7 +51,9 @@ class Learner:
 
     ``model`` is a pytree of float arrays or a flax ``nnx.Module``; for a module, ``loss_fn``
     receives the module (rebuilt from the current parameters) in place of a pytree. Training
-    state persists across calls of :func:`train`.
+    state persists across calls of :func:`train`. With ``donate`` each step reuses the
+    memory of the state before it (:func:`lmd4ml.instrument`); ``params`` and ``model`` then
+    hand out copies, which later steps leave intact.
 
     Example:
       >>> import jax.numpy as jnp, optax, lmd4ml as lm
@@ -71,6 +74,7 @@ class Learner:
         quantities: Sequence[Quantity],
         *,
         memory_budget: int = 2**26,
+        donate: bool = False,
     ):
         if isinstance(model, nnx.Module):
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -86,7 +90,7 @@ class Learner:
             raise TypeError(f"batches must be an iterable of batches, got {type(batches).__name__}")
         self.batches = batches
         self.step: InstrumentedStep = instrument(
-            step_loss, optimizer, quantities, memory_budget=memory_budget
+            step_loss, optimizer, quantities, memory_budget=memory_budget, donate=donate
         )
         self.state = self.step.init(params)
         self.history: dict[str, list] = collections.defaultdict(list)
@@ -97,6 +101,8 @@ class Learner:
     @property
     def params(self) -> PyTree:
         """The current parameters (a pytree, or the module's ``nnx.Param`` state)."""
+        if self.step.donate:  # the next step deletes the state's own arrays
+            return jax.tree.map(jnp.copy, self.state.params)
         return self.state.params
 
     @property
@@ -105,7 +111,7 @@ class Learner:
         if self._module is None:
             return self.state.params
         module = self._module[0]
-        nnx.update(module, self.state.params)
+        nnx.update(module, self.params)
         return module
 
 

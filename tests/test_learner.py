@@ -126,6 +126,30 @@ def test_train_nnx_module_updates_it_in_place(make: Callable, shape: tuple) -> N
     assert set(history) == {"step", *learner.step.keys}
 
 
+def test_donating_learner_trains_the_same_and_hands_out_lasting_copies() -> None:
+    batches = learnable_batches(shape=(5,))
+    histories, modules = [], []
+    for donate in (False, True):
+        module = models.NnxMLP(nnx.Rngs(7))
+        learner = lm.Learner(
+            module, models.module_loss, batches, optax.adam(5e-2), quantities(), donate=donate
+        )
+        lm.train(learner, epochs=1, progress=False, runs_dir=None)
+        params, model = learner.params, learner.model
+        histories.append(lm.train(learner, epochs=1, progress=False, runs_dir=None))
+        # What was handed out before the second epoch is still readable after it.
+        reference.flatten(params)
+        reference.flatten(nnx.split(model)[1])
+        modules.append(learner.model)
+    for key in histories[0]:
+        np.testing.assert_allclose(histories[1][key], histories[0][key], rtol=1e-12)
+    np.testing.assert_allclose(
+        reference.flatten(nnx.split(modules[1])[1]),
+        reference.flatten(nnx.split(modules[0])[1]),
+        rtol=1e-12,
+    )
+
+
 # ----------------------------------------------------------------- schedules and history
 
 SCHEDULES = {
