@@ -75,6 +75,7 @@ class StepContext:
         self._declared = dict(per_sample or {})
         self._memory_budget = memory_budget
         self._data = data
+        self._last_pass: jax.Array | tuple = ()
 
     @property
     def batch_size(self) -> int:
@@ -114,7 +115,14 @@ class StepContext:
     @cached_property
     def projections(self) -> jax.Array:
         """pᵢ = ∇ℓᵢ · g for every sample, shape (B,), from one JVP along g."""
-        return stats.projections(self.loss_fn, self.params, self.batch, self.grads)
+        return self.directional(self.params, self.grads)[1]
+
+    def directional(self, params: PyTree, direction: PyTree) -> tuple[jax.Array, jax.Array]:
+        """ℓᵢ and ∇ℓᵢ · v at ``params`` on this step's batch (:func:`lmd4ml.stats.directional`),
+        each call's pass after the previous one's, so that they do not hold memory together."""
+        out = stats.directional(self.loss_fn, params, self.batch, direction, after=self._last_pass)
+        self._last_pass = out[1]
+        return out
 
     @cached_property
     def second_moment(self) -> PyTree:

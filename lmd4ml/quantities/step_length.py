@@ -77,7 +77,7 @@ def losses_and_slopes(
     ctx: StepContext, params: PyTree, direction: PyTree
 ) -> tuple[jax.Array, jax.Array]:
     """ℓᵢ and ∇ℓᵢ·d/‖d‖ at ``params`` on the step's batch, from one forward-mode pass."""
-    losses, slopes = stats.directional(ctx.loss_fn, params, ctx.batch, direction)
+    losses, slopes = ctx.directional(params, direction)
     return losses, slopes / optax.tree.norm(direction)
 
 

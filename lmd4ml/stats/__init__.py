@@ -1,6 +1,7 @@
 """Shared statistics that quantities build on, each computed once per step when needed.
 
-- :mod:`~lmd4ml.stats.per_sample`: per-sample reductions in bounded chunks, projections.
+- :mod:`~lmd4ml.stats.per_sample`: per-sample reductions in bounded chunks, directional
+  derivatives ∇ℓᵢ · v.
 - :mod:`~lmd4ml.stats.ghost`: per-sample gradients of dense parameters as factors (ghost norms).
 - :mod:`~lmd4ml.stats.histogram`: exact histograms by scatter-add.
 - :mod:`~lmd4ml.stats.hessian`: Hessian-vector products, Hessian diagonal, top eigenvalue.
@@ -20,7 +21,6 @@ from lmd4ml.stats.per_sample import (
     chunk_size,
     directional,
     per_sample_pass,
-    projections,
 )
 from lmd4ml.stats.precision import cast_like, wide_dtype, widen
 from lmd4ml.stats.sharding import DataAxis, data_axis
@@ -44,7 +44,6 @@ __all__ = [
     "histogram2d",
     "per_sample_pass",
     "precision",
-    "projections",
     "sharding",
     "wide_dtype",
     "widen",

@@ -43,7 +43,8 @@ from jax.extend.core import primitives
 from lmd4ml.stats._types import LossFn, PyTree
 from lmd4ml.stats.precision import widen
 
-_INLINED = (primitives.jit_p, primitives.closed_call_p)
+INLINED = (primitives.jit_p, primitives.closed_call_p)
+"""Primitives whose calls are analysed as part of the jaxpr that makes them."""
 
 
 class Product(NamedTuple):
@@ -99,7 +100,7 @@ def _walk(closed: core.ClosedJaxpr, args: Sequence, origins: Sequence, visit: Vi
     for eqn in jaxpr.eqns:
         inputs = [_read(env, v) for v in eqn.invars]
         in_origins = [None if isinstance(v, core.Literal) else origin.get(v) for v in eqn.invars]
-        if eqn.primitive in _INLINED:
+        if eqn.primitive in INLINED:
             inner = eqn.params.get("jaxpr") or eqn.params["call_jaxpr"]
             outputs = _walk(inner, inputs, in_origins, visit)
         elif eqn.primitive is primitives.convert_element_type_p and in_origins[0] is not None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core
 
 from lmd4ml.stats import ghost, sharding
 from lmd4ml.stats._types import LossFn, PyTree
@@ -89,8 +90,12 @@ def chunk_size(per_sample: PyTree, memory_budget: int, batch: int, extra_bytes: 
       >>> chunk_size({"w": np.zeros((1000,), np.float32)}, memory_budget=40_000, batch=64)
       10
     """
-    nbytes = sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(per_sample))
+    nbytes = _nbytes(per_sample)
     return int(min(batch, max(1, memory_budget // max(nbytes + extra_bytes, 1))))
+
+
+def _nbytes(tree: PyTree) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def backward_bytes(loss_fn: LossFn, params: PyTree, batch: PyTree) -> int:
@@ -105,8 +110,9 @@ def backward_bytes(loss_fn: LossFn, params: PyTree, batch: PyTree) -> int:
 
     def kept(n: int) -> int:
         part = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype), batch)
-        vjp = jax.eval_shape(lambda p, b: jax.vjp(lambda q: loss_fn(q, b), p)[1], params, part)
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp))
+        return _nbytes(
+            jax.eval_shape(lambda p, b: jax.vjp(lambda q: loss_fn(q, b), p)[1], params, part)
+        )
 
     return max(kept(2) - kept(1), 0)
 
@@ -208,12 +214,13 @@ def per_sample_pass(
 
 
 def directional(
-    loss_fn: LossFn, params: PyTree, batch: PyTree, direction: PyTree
+    loss_fn: LossFn, params: PyTree, batch: PyTree, direction: PyTree, after: PyTree = ()
 ) -> tuple[jax.Array, jax.Array]:
     """ℓᵢ and ∇ℓᵢ · v for every sample, from one forward-mode pass along ``direction`` v.
 
     Exact and free of per-sample gradients: the JVP of the loss vector is J v. Both come
-    back in float32 or wider, whatever the dtypes of ``params`` (:mod:`.precision`).
+    back in float32 or wider, whatever the dtypes of ``params`` (:mod:`.precision`). Where the pass
+    recomputes activations (below), it waits for ``after`` too: an earlier pass's slopes, say.
 
     Example:
       >>> import jax.numpy as jnp
@@ -222,13 +229,76 @@ def directional(
       >>> losses.tolist(), slopes.tolist()
       ([0.0, 2.0, 4.0], [0.0, 1.0, 2.0])
     """
-    # The barrier ties the primal pass to the direction: otherwise XLA may run the forward half
-    # of the JVP while the backward pass that yields the direction still holds its
-    # activations, and keep the forward's values until the direction arrives.
-    params, tangent = jax.lax.optimization_barrier((params, cast_like(direction, params)))
+    # XLA shares this pass's primal values with the step's own forward pass at the same
+    # params. That keeps the forward's activations alive until the direction is known, and
+    # lets the terms of the direction's leaves be taken as the backward pass yields them, so
+    # the direction is never held whole: right when activations are the smaller (an MLP).
+    # Where they are the larger (a transformer), a zero taken from the direction makes the
+    # values distinct: the pass starts once the direction exists and recomputes them.
+    if batch_size(batch) * backward_bytes(loss_fn, params, batch) > _nbytes(params):
+        firsts = [jnp.real(x.ravel()[0]) for x in jax.tree.leaves((direction, after))]
+        zero = 0 * jnp.nan_to_num(sum(firsts))
+        params, batch = _distinct(loss_fn, params, batch, zero)
+    tangent = cast_like(direction, params)
     return widen(jax.jvp(lambda p: loss_fn(p, batch), (params,), (tangent,)))
 
 
-def projections(loss_fn: LossFn, params: PyTree, batch: PyTree, direction: PyTree) -> jax.Array:
-    """pᵢ = ∇ℓᵢ · v for every sample (:func:`directional`'s slopes)."""
-    return directional(loss_fn, params, batch, direction)[1]
+def entry_leaves(loss_fn: LossFn, params: PyTree, batch: PyTree) -> set[int]:
+    """Flat indices of the parameter leaves that meet the batch first: an equation of the
+    loss takes them (or values made from them alone) together with values made from the
+    batch alone. Every value that depends on both depends on one of these. All leaves when
+    none is found.
+
+    Example:
+      >>> params = {"w1": jnp.ones((3, 4)), "b1": jnp.zeros(4), "w2": jnp.ones(4)}
+      >>> loss = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+      >>> sorted(entry_leaves(loss, params, jnp.ones((2, 3))))  # w1 (flat order: b1, w1, w2)
+      [1]
+    """
+    closed = jax.make_jaxpr(loss_fn)(params, batch)
+    n_params = len(jax.tree.leaves(params))
+    found: set[int] = set()
+    data = frozenset({"data"})
+
+    def visit(jaxpr: Any, tags: list) -> list:
+        # A tag is the set of leaves a value is made from alone, ``data`` for the batch's
+        # values, or None for values made from both (or from constants only: empty).
+        env = {v: frozenset() for v in jaxpr.constvars}
+        env.update(zip(jaxpr.invars, tags, strict=True))
+        for eqn in jaxpr.eqns:
+            ins = [frozenset() if isinstance(v, core.Literal) else env[v] for v in eqn.invars]
+            if eqn.primitive in ghost.INLINED:
+                inner = eqn.params.get("jaxpr") or eqn.params["call_jaxpr"]
+                outs = visit(inner.jaxpr, ins)
+            else:
+                meets = any(t == data for t in ins) and any(t and t != data for t in ins)
+                if meets:
+                    found.update(k for t in ins if t and t != data for k in t)
+                if meets or None in ins:
+                    tag = None
+                elif any(t == data for t in ins):
+                    tag = data
+                else:
+                    tag = frozenset().union(*ins)
+                outs = [tag] * len(eqn.outvars)
+            env.update(zip(eqn.outvars, outs, strict=True))
+        return [frozenset() if isinstance(v, core.Literal) else env[v] for v in jaxpr.outvars]
+
+    n_data = len(closed.jaxpr.invars) - n_params
+    visit(closed.jaxpr, [frozenset({k}) for k in range(n_params)] + [data] * n_data)
+    return found or set(range(n_params))
+
+
+def _distinct(
+    loss_fn: LossFn, params: PyTree, batch: PyTree, zero: jax.Array
+) -> tuple[PyTree, PyTree]:
+    """``params`` and ``batch`` with ``zero`` added where it changes every value that depends
+    on both, at the least cost: to a float batch, or to :func:`entry_leaves`."""
+    leaves, treedef = jax.tree.flatten(params)
+    entry = entry_leaves(loss_fn, params, batch)
+    data = jax.tree.leaves(batch)
+    floating = all(jnp.issubdtype(x.dtype, jnp.floating) for x in data)
+    if floating and _nbytes([leaves[k] for k in entry]) > _nbytes(data):
+        return params, jax.tree.map(lambda x: x + zero.astype(x.dtype), batch)
+    leaves = [x + zero.astype(x.dtype) if k in entry else x for k, x in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, leaves), batch
