@@ -99,14 +99,15 @@ PROBLEMS = {
 }
 
 
+@pytest.mark.parametrize("budget", [0, 2**30], ids=["recompute", "within budget: shared"])
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
-def test_directional_equals_the_plain_jvp(name: str) -> None:
+def test_directional_equals_the_plain_jvp(name: str, budget: int) -> None:
     loss_fn, params, batch = PROBLEMS[name]()
     params = jax.tree.map(jnp.asarray, params)
     direction = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size).reshape(x.shape)), params)
     after = jnp.arange(3.0)
-    got = jax.jit(per_sample.directional, static_argnums=0)(
-        loss_fn, params, batch, direction, after
+    got = jax.jit(per_sample.directional, static_argnums=(0, 5))(
+        loss_fn, params, batch, direction, after, budget
     )
     want = jax.jvp(lambda p: loss_fn(p, batch), (params,), (direction,))
     for g, w in zip(got, want, strict=True):

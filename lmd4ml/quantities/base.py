@@ -118,9 +118,11 @@ class StepContext:
         return self.directional(self.params, self.grads)[1]
 
     def directional(self, params: PyTree, direction: PyTree) -> tuple[jax.Array, jax.Array]:
-        """ℓᵢ and ∇ℓᵢ · v at ``params`` on this step's batch (:func:`lmd4ml.stats.directional`),
-        each call's pass after the previous one's, so that they do not hold memory together."""
-        out = stats.directional(self.loss_fn, params, self.batch, direction, after=self._last_pass)
+        """ℓᵢ and ∇ℓᵢ · v at ``params`` on this step's batch (:func:`lmd4ml.stats.directional`,
+        within the step's ``memory_budget``), each call's pass after the previous one's."""
+        out = stats.directional(
+            self.loss_fn, params, self.batch, direction, self._last_pass, self._memory_budget
+        )
         self._last_pass = out[1]
         return out
 

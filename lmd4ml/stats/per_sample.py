@@ -214,13 +214,21 @@ def per_sample_pass(
 
 
 def directional(
-    loss_fn: LossFn, params: PyTree, batch: PyTree, direction: PyTree, after: PyTree = ()
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    direction: PyTree,
+    after: PyTree = (),
+    memory_budget: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """ℓᵢ and ∇ℓᵢ · v for every sample, from one forward-mode pass along ``direction`` v.
 
     Exact and free of per-sample gradients: the JVP of the loss vector is J v. Both come
-    back in float32 or wider, whatever the dtypes of ``params`` (:mod:`.precision`). Where the pass
-    recomputes activations (below), it waits for ``after`` too: an earlier pass's slopes, say.
+    back in float32 or wider, whatever the dtypes of ``params`` (:mod:`.precision`).
+
+    The pass recomputes the batch's activations where those that the step's own forward pass
+    keeps outweigh both the parameters and ``memory_budget`` (below); it then also waits for
+    ``after``, an earlier pass's slopes, say, so that such passes run one after another.
 
     Example:
       >>> import jax.numpy as jnp
@@ -233,9 +241,11 @@ def directional(
     # params. That keeps the forward's activations alive until the direction is known, and
     # lets the terms of the direction's leaves be taken as the backward pass yields them, so
     # the direction is never held whole: right when activations are the smaller (an MLP).
-    # Where they are the larger (a transformer), a zero taken from the direction makes the
-    # values distinct: the pass starts once the direction exists and recomputes them.
-    if batch_size(batch) * backward_bytes(loss_fn, params, batch) > _nbytes(params):
+    # Where they are the larger (a transformer), and more than the budget allows, a zero
+    # taken from the direction makes the values distinct: the pass starts once the direction
+    # exists and recomputes them (10–25% more time on the transformer and 3c3d benchmarks).
+    activations = batch_size(batch) * backward_bytes(loss_fn, params, batch)
+    if activations > max(_nbytes(params), memory_budget):
         firsts = [jnp.real(x.ravel()[0]) for x in jax.tree.leaves((direction, after))]
         zero = 0 * jnp.nan_to_num(sum(firsts))
         params, batch = _distinct(loss_fn, params, batch, zero)
