@@ -13,7 +13,8 @@ the figure ``overhead.py`` reports: arguments + outputs + temporaries, in MiB. O
 what a call holds at its peak: the caller's arguments (state and batch), the fresh output
 buffers (the new state) and one preallocated block for every temporary. With ``--donate``
 both steps donate their state (``lm.instrument(..., donate=True)``) and outputs written into
-its buffers are counted once. (``peak_memory_in_bytes`` is not used: on CPU it is arguments + outputs alone.)
+its buffers are counted once. (``peak_memory_in_bytes`` is not used: on CPU it is
+arguments + outputs alone.)
 ``extra state`` is economy's arguments + outputs over the bare step's (quantity states such
 as Distance's θ₀, which is both an argument and an output), ``extra temp`` its temporaries
 over the bare step's. ``--attribute`` also compiles each economy quantity alone and prints
