@@ -109,7 +109,7 @@ class Learner:
     def model(self) -> PyTree | nnx.Module:
         """The trained model: the module updated in place, or the parameter pytree."""
         if self._module is None:
-            return self.state.params
+            return self.params
         module = self._module[0]
         nnx.update(module, self.params)
         return module

@@ -215,7 +215,7 @@ class InstrumentedStep:
             step=jnp.zeros((), jnp.int32),
         )
         state = strongly_typed(state)
-        return jax.tree.map(lambda x: jnp.array(x, copy=True), state) if self.donate else state
+        return jax.tree.map(jnp.copy, state) if self.donate else state
 
     def active_keys(self, track: bool | Collection[str]) -> frozenset[str]:
         """The keys a ``track`` argument selects; unknown keys are an error."""
