@@ -161,6 +161,16 @@ def test_histograms_are_drawn_over_their_bin_centres(tmp_path):
     assert "parameter" in image["hovertemplate"]
     assert by["unbinned", "heatmap"]["y"] == [0, 1, 2]
 
+    def titles(trace: dict) -> tuple[str, str]:
+        """The (x, y) axis titles of the panel ``trace`` is drawn in."""
+        axes = (fig["layout"][trace[a].replace(a[0], f"{a[0]}axis")] for a in ("xaxis", "yaxis"))
+        return tuple(axis.get("title", {}).get("text") for axis in axes)
+
+    assert titles(by["grad_hist_1d", "heatmap"]) == ("step", "gradient")
+    assert titles(by["grad_hist_1d", "bar"]) == ("gradient", None)
+    assert titles(by["grad_hist_2d", "heatmap"]) == ("parameter", "gradient")
+    assert titles(by["unbinned", "heatmap"]) == ("step", "bin")
+
 
 def test_options_and_overlay_redraw_with_one_trace_per_run(tmp_path):
     fake_run(tmp_path, "a", {"loss": (), "grad_norm": ()}, 30)

@@ -42,6 +42,10 @@ def _axis(run: RunData, field: str, dim: int, n: int) -> tuple[str, list[float]]
     return "bin", list(range(n))
 
 
+def _title_of_axis(text: str) -> dict[str, Any]:
+    return {"text": text, "standoff": 2}
+
+
 def _counts(values: np.ndarray) -> np.ndarray:
     """Histogram counts are shown as log10(1 + count): the tails would be invisible else."""
     return np.log10(1 + values) if values.dtype.kind in "iu" else values
@@ -101,7 +105,7 @@ def _frame(
         xaxis: dict[str, Any] = {"domain": [x0, x1], "anchor": f"y{suffix}"}
         yaxis: dict[str, Any] = {"domain": [y0, y1], "anchor": f"x{suffix}"}
         if panel.over_steps:
-            xaxis["title"] = {"text": "step", "standoff": 2}
+            xaxis["title"] = _title_of_axis("step")
             if first_steps is None:
                 first_steps = f"x{suffix}"
             else:
@@ -194,6 +198,9 @@ def figure(
         shape = column.values.shape[1:]
         name, bins = _axis(run, field, 0, int(np.prod(shape)))
         what = "log10(1 + count)" if column.values.dtype.kind in "iu" else field
+        if panel.kind in ("heatmap", "bars"):
+            value_axis = "yaxis" if panel.kind == "heatmap" else "xaxis"
+            layout[f"{value_axis}{suffix}"]["title"] = _title_of_axis(name)
         if panel.kind == "heatmap":
             keep = even_indices(column.n, HEATMAP_BUDGET)
             z = _counts(column.values[keep].reshape(len(keep), len(bins)))
@@ -216,8 +223,8 @@ def figure(
         else:
             latest = column.values[-1] if column.n else np.zeros(shape)
             (y_name, y), (x_name, x) = (_axis(run, field, d, shape[d]) for d in (0, 1))
-            layout[f"xaxis{suffix}"]["title"] = {"text": x_name, "standoff": 2}
-            layout[f"yaxis{suffix}"]["title"] = {"text": y_name, "standoff": 2}
+            layout[f"xaxis{suffix}"]["title"] = _title_of_axis(x_name)
+            layout[f"yaxis{suffix}"]["title"] = _title_of_axis(y_name)
             data.append(
                 {"type": "heatmap", "x": x, "y": y, "z": _series(_counts(latest)),
                  "colorscale": "Viridis", "showscale": False,
