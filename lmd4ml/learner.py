@@ -132,12 +132,31 @@ def _due_keys(
     return lambda step: frozenset(key for key, due in by_key.items() if due(step))
 
 
-def _nonfinite_keys(metrics: dict[str, Any]) -> list[str]:
-    return [
+def warn_if_nonfinite(step: int, values: dict[str, Any], stacklevel: int) -> bool:
+    """Warn once a run's recorded ``values`` hold NaN or Inf; whether they did.
+
+    Example:
+      >>> import warnings, numpy as np
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     warnings.simplefilter("always")
+      ...     warn_if_nonfinite(3, {"loss": np.nan, "grad_norm": 1.0}, stacklevel=1)
+      True
+      >>> print(str(caught[0].message).split(";")[0])
+      non-finite values (NaN or Inf) first at step 3 in ['loss']
+    """
+    bad = [
         key
-        for key, value in metrics.items()
+        for key, value in values.items()
         if not all(np.all(np.isfinite(np.asarray(x, float))) for x in jax.tree.leaves(value))
     ]
+    if bad:
+        warnings.warn(
+            f"non-finite values (NaN or Inf) first at step {step} in {bad}; they are recorded "
+            "as they are and tracking goes on",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return bool(bad)
 
 
 def _record(learner: Learner, step: int, metrics: Metrics) -> Metrics:
@@ -147,15 +166,8 @@ def _record(learner: Learner, step: int, metrics: Metrics) -> Metrics:
     for key, value in values.items():
         learner.history[key].append(value)
         learner.tracked_steps[key].append(step)
-    bad = _nonfinite_keys(values)
-    if bad and learner.first_nonfinite is None:
+    if learner.first_nonfinite is None and warn_if_nonfinite(step, values, stacklevel=4):
         learner.first_nonfinite = step
-        warnings.warn(
-            f"non-finite values (NaN or Inf) first at step {step} in {bad}; they are recorded "
-            "as they are and tracking goes on",
-            RuntimeWarning,
-            stacklevel=4,
-        )
     return values
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lmd4ml.learner import base_metadata, serve_dashboard
+from lmd4ml.learner import base_metadata, serve_dashboard, warn_if_nonfinite
 from lmd4ml.quantities import Quantity
 from lmd4ml.stats import PyTree
 from lmd4ml.step import (
@@ -294,7 +294,8 @@ class Recorder:
     :mod:`lmd4ml.telemetry.writer`; values are fetched from the device one call late, so the
     loop never waits for the step it just dispatched. The run (``runs_dir/<run>``, see
     :func:`lmd4ml.load_run`) opens at the first tracked update; ``close`` (or leaving the
-    ``with`` block) writes what is left and marks it finished, failed or interrupted. Under
+    ``with`` block) writes what is left and marks it finished, failed or interrupted. The first
+    NaN or Inf recorded raises one ``RuntimeWarning`` naming its step and keys. Under
     ``jax.distributed`` only process 0 records; on the others ``log`` does nothing.
 
     Args:
@@ -336,6 +337,7 @@ class Recorder:
         self.telemetry: Telemetry | None = None
         self._pending: Metrics | None = None
         self._last_step = -1
+        self._warned_nonfinite = False
         self._writes = writes_telemetry()
         serve_dashboard(runs_dir, dashboard)
 
@@ -366,6 +368,8 @@ class Recorder:
             metadata = base_metadata(self.quantities, list(values), self.config)
             self.telemetry = Telemetry(run_dir, metadata, values)
         self.telemetry.submit(step, values)
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = warn_if_nonfinite(step, values, stacklevel=3)
 
     def close(self, status: str = "finished") -> None:
         """Record what is pending and close the run as ``status``. Idempotent."""

@@ -4,6 +4,7 @@ recompiles, inside chains, ``MultiSteps``, ``nnx.Optimizer``, linen ``TrainState
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -310,6 +311,28 @@ def test_recorder_keeps_tracked_steps_and_marks_failures(mlp_case: models.Case, 
     assert run["grad_hist_1d"][0].tolist() == [0, 2, 4]
     assert run["grad_hist_1d"][1].shape == (3, 5)
     assert not (tmp_path / "r" / "live.json").exists()
+
+
+def test_recorder_warns_once_at_the_first_nonfinite_step(
+    regression_case: models.Case, tmp_path
+) -> None:
+    tx = lm.monitor(optax.sgd(0.1), [lm.Loss()])
+    step = plain_step(tx, regression_case.loss_fn, [])
+    params, opt_state = regression_case.params, tx.init(regression_case.params)
+    batches = [models.regression_batch(seed) for seed in range(5)]
+    x, y = batches[2]
+    batches[2] = (x.at[0, 0].set(jnp.nan), y)  # NaN loss at step 2, NaN θ after it
+    with warnings.catch_warnings(record=True) as caught, lm.Recorder(tmp_path, "r") as recorder:
+        warnings.simplefilter("always")
+        for batch in batches:
+            params, opt_state = step(params, opt_state, batch)
+            recorder.log(opt_state)
+    nonfinite = [w for w in caught if "non-finite" in str(w.message)]
+    assert len(nonfinite) == 1, [str(w.message) for w in caught]
+    assert "step 2" in str(nonfinite[0].message) and "'loss'" in str(nonfinite[0].message)
+    assert nonfinite[0].filename == __file__  # points at the caller's loop
+    losses = lm.load_run(tmp_path / "r")["loss"][1]
+    assert np.all(np.isfinite(losses[:2])) and np.all(np.isnan(losses[2:])), losses
 
 
 # ----------------------------------------------------------------------------------- errors
