@@ -132,8 +132,11 @@ def _due_keys(
     return lambda step: frozenset(key for key, due in by_key.items() if due(step))
 
 
-def warn_if_nonfinite(step: int, values: dict[str, Any], stacklevel: int) -> bool:
-    """Warn once a run's recorded ``values`` hold NaN or Inf; whether they did.
+def warn_if_nonfinite(
+    step: int, values: dict[str, Any], stacklevel: int, quantities: Sequence[Quantity] = ()
+) -> bool:
+    """Warn if a run's recorded ``values`` hold NaN or Inf; whether they did. The NaN that a
+    quantity reports by design (:attr:`Quantity.nan_is_missing`) is no cause.
 
     Example:
       >>> import warnings, numpy as np
@@ -143,11 +146,16 @@ def warn_if_nonfinite(step: int, values: dict[str, Any], stacklevel: int) -> boo
       True
       >>> print(str(caught[0].message).split(";")[0])
       non-finite values (NaN or Inf) first at step 3 in ['loss']
+      >>> import lmd4ml as lm  # next_batch α is NaN at step 0: nothing has ended yet
+      >>> warn_if_nonfinite(0, {"alpha": np.nan}, 1, [lm.Alpha(end="next_batch")])
+      False
     """
+    missing = {q.key for q in quantities if q.nan_is_missing}
     bad = [
         key
         for key, value in values.items()
-        if not all(np.all(np.isfinite(np.asarray(x, float))) for x in jax.tree.leaves(value))
+        if key not in missing
+        and not all(np.all(np.isfinite(np.asarray(x, float))) for x in jax.tree.leaves(value))
     ]
     if bad:
         warnings.warn(
@@ -166,7 +174,9 @@ def _record(learner: Learner, step: int, metrics: Metrics) -> Metrics:
     for key, value in values.items():
         learner.history[key].append(value)
         learner.tracked_steps[key].append(step)
-    if learner.first_nonfinite is None and warn_if_nonfinite(step, values, stacklevel=4):
+    if learner.first_nonfinite is None and warn_if_nonfinite(
+        step, values, stacklevel=4, quantities=learner.step.quantities
+    ):
         learner.first_nonfinite = step
     return values
 

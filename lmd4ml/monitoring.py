@@ -369,7 +369,7 @@ class Recorder:
             self.telemetry = Telemetry(run_dir, metadata, values)
         self.telemetry.submit(step, values)
         if not self._warned_nonfinite:
-            self._warned_nonfinite = warn_if_nonfinite(step, values, stacklevel=3)
+            self._warned_nonfinite = warn_if_nonfinite(step, values, 3, self.quantities)
 
     def close(self, status: str = "finished") -> None:
         """Record what is pending and close the run as ``status``. Idempotent."""

@@ -67,10 +67,11 @@ def test_matches_cockpits_alpha(model: str, opt_name: str) -> None:
     assert_one_compilation_each(step)
 
 
-@pytest.mark.filterwarnings("ignore:non-finite values")  # the NaN α of steps 0 and 4
+@pytest.mark.filterwarnings("error:non-finite values")
 def test_train_records_nan_where_a_schedule_breaks_the_pairs(
     mlp_case: models.Case, tmp_path
 ) -> None:
+    """The NaN α of steps 0 and 4 is recorded as it is, and is no divergence to warn of."""
     learner = lm.Learner(
         mlp_case.params, mlp_case.loss_fn, list(mlp_case.batches), optax.sgd(0.1), [NEXT]
     )

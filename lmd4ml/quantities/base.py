@@ -181,6 +181,12 @@ class Quantity(abc.ABC):
         """Coordinates along the value's axes, by name, for plots; ``{}``: positions 0, 1, …"""
         return {}
 
+    @property
+    def nan_is_missing(self) -> bool:
+        """Whether NaN is a value it reports by design ("none at this step"), not divergence:
+        ``lm.train`` and ``lm.Recorder`` then do not warn of it."""
+        return False
+
     @abc.abstractmethod
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[Any, PyTree]:
         """The value at this step and the next state."""

@@ -151,6 +151,10 @@ class Alpha(Quantity):
     def check(self, batch_size: int) -> None:
         check_variance_batch("Alpha", batch_size)
 
+    @property
+    def nan_is_missing(self) -> bool:
+        return self.end == "next_batch"
+
     def init(self, params: PyTree) -> PyTree:
         if self.end == "same_batch":
             return ()
