@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from lmd4ml.learner import base_metadata, serve_dashboard, warn_if_nonfinite
 from lmd4ml.quantities import Quantity
-from lmd4ml.stats import PyTree
+from lmd4ml.stats import DataAxis, PyTree, sharding_axis
 from lmd4ml.step import (
     Metrics,
     check_losses,
@@ -110,6 +111,20 @@ def _resolve_track(track: Any, every: int, count: jax.Array) -> bool | jax.Array
     return track
 
 
+def _data_axis(batch_sharding: Any) -> DataAxis | None:
+    """The mesh axes ``batch_sharding`` splits samples over; a clear error for anything else."""
+    if batch_sharding is None:
+        return None
+    spec = getattr(batch_sharding, "spec", None)
+    if not isinstance(batch_sharding, NamedSharding) or not spec or spec[0] is None:
+        raise ValueError(
+            "lm.monitor: batch_sharding must be a NamedSharding that splits the batch's first "
+            f"(sample) axis over mesh axes, e.g. NamedSharding(mesh, P('data')); got "
+            f"{batch_sharding!r}"
+        )
+    return sharding_axis(batch_sharding)
+
+
 def _check_wiring(loss_fn: Any, batch: Any, params: Any) -> None:
     missing = [
         name
@@ -135,6 +150,7 @@ def monitor(
     *,
     every: int = 1,
     memory_budget: int = 2**26,
+    batch_sharding: NamedSharding | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wrap an optimizer so that its ``update`` also computes ``quantities``.
 
@@ -163,7 +179,11 @@ def monitor(
       quantities: what to compute, e.g. ``[lm.Loss(), lm.NormTest()]``; each value's shape
         must not depend on the batch (true of every built-in quantity).
       every: track every k-th update when ``track`` is not given.
-      memory_budget: bytes of per-sample gradients held at once, as in ``lm.instrument``.
+      memory_budget: bytes of per-sample gradients held at once, as in ``lm.instrument``
+        (per device, when the batch is split).
+      batch_sharding: how the batch is placed, e.g. ``NamedSharding(mesh, P("data"))``. Inside
+        a jitted step the monitor cannot see it; told, it runs the per-sample pass on each
+        device's own samples, as ``lm.instrument`` does for a batch it sees placed so.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, lmd4ml as lm
@@ -187,6 +207,7 @@ def monitor(
         raise ValueError(f"lm.monitor: every must be an integer >= 1, got {every!r}")
     if memory_budget < 1:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    data = _data_axis(batch_sharding)
     inner = optax.with_extra_args_support(inner)
 
     def init(params: PyTree) -> MonitorState:
@@ -231,7 +252,7 @@ def monitor(
         updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
 
         def tracked(q_states: dict, old: Metrics) -> tuple[dict, Metrics]:
-            args = (loss_fn, batch, params, lin, updates, state.count, memory_budget)
+            args = (loss_fn, batch, params, lin, updates, state.count, memory_budget, data)
             values, q_states, _ = measure(quantities, q_states, *args)
             return q_states, _as_stored(values, old)
 

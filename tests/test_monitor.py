@@ -18,6 +18,8 @@ import optax
 import pytest
 from flax import nnx
 from flax.training import train_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import lmd4ml as lm
 
@@ -387,3 +389,9 @@ def test_bad_options() -> None:
         lm.monitor(optax.sgd(0.1), ["loss"])
     with pytest.raises(TypeError, match="wraps an optax GradientTransformation"):
         lm.monitor(0.1, [lm.Loss()])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    for bad in (P("data"), NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P())):
+        with pytest.raises(ValueError, match="batch_sharding must be a NamedSharding that split"):
+            lm.monitor(optax.sgd(0.1), [lm.Loss()], batch_sharding=bad)
+    # One device on the data axis: nothing is split, the monitor runs as without.
+    lm.monitor(optax.sgd(0.1), [lm.Loss()], batch_sharding=NamedSharding(mesh, P("data")))

@@ -39,19 +39,28 @@ def data_axis(batch: PyTree) -> DataAxis | None:
       >>> data_axis((np.zeros((4, 2)), np.zeros(4))) is None
       True
     """
-    shardings = {getattr(x, "sharding", None) for x in jax.tree.leaves(batch)}
-    specs = set()
-    for s in shardings:
-        if not isinstance(s, NamedSharding) or not s.spec or s.spec[0] is None:
-            return None
-        specs.add((s.mesh, s.spec[0]))
-    if len(specs) != 1:
+    axes = {sharding_axis(getattr(x, "sharding", None)) for x in jax.tree.leaves(batch)}
+    return axes.pop() if len(axes) == 1 else None
+
+
+def sharding_axis(sharding: object) -> DataAxis | None:
+    """The mesh axes that ``sharding`` splits an array's first (sample) axis over, or ``None``
+    when it is no ``NamedSharding`` or splits that axis over one device only.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+      >>> sharding_axis(NamedSharding(mesh, P("data"))) is None  # one device: not split
+      True
+    """
+    if not isinstance(sharding, NamedSharding) or not sharding.spec or sharding.spec[0] is None:
         return None
-    mesh, names = specs.pop()
+    names = sharding.spec[0]
     names = (names,) if isinstance(names, str) else tuple(names)
-    if all(mesh.shape[n] == 1 for n in names):
+    if all(sharding.mesh.shape[n] == 1 for n in names):
         return None
-    return DataAxis(mesh, names)
+    return DataAxis(sharding.mesh, names)
 
 
 def over_samples(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -154,22 +156,83 @@ def test_samples_stay_where_they_are() -> None:
     batch = jax.tree.map(lambda x: jnp.concatenate([x] * 4), batches(case)[0])
     mesh = data_mesh()
     state = place(step.init(case.params), mesh, shard_params=False)
-    assert gathers(step, state, jax.device_put(batch, NamedSharding(mesh, P("data")))) == []
+    assert gathers(compiled(step, state, batch, mesh)) == []
 
     # Split parameters and activations are gathered for the forward pass as in any FSDP step;
     # per-sample gradients (a leading sample axis, then one parameter's elements) only one
     # chunk at a time.
     mesh = fsdp_mesh()
     state = place(step.init(case.params), mesh, shard_params=True)
-    shapes = gathers(step, state, jax.device_put(batch, NamedSharding(mesh, P("data"))))
+    shapes = gathers(compiled(step, state, batch, mesh))
     leaves = jax.tree.leaves(case.params)
     sizes, params = {np.size(x) for x in leaves}, {np.shape(x) for x in leaves}
     per_sample = [d for d in shapes if d not in params and len(d) > 1 and math.prod(d[1:]) in sizes]
     assert per_sample and all(dims[0] == 1 for dims in per_sample), per_sample
 
 
-def gathers(step: lm.InstrumentedStep, state: lm.StepState, batch: tuple) -> list[tuple]:
-    """The shape of the result of each all-gather or all-to-all in the compiled step."""
-    text = step.lower(state, batch).compile().as_text()
+def compiled(step: lm.InstrumentedStep, state: lm.StepState, batch: tuple, mesh: Mesh) -> str:
+    """The text of the compiled step on ``batch`` split over ``mesh``'s data axis."""
+    batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    return step.lower(state, batch).compile().as_text()
+
+
+def monitored_step(tx: optax.GradientTransformation, loss_fn: Callable) -> Callable:
+    """A user's own jitted train step with ``tx`` (an ``lm.monitor``) in it."""
+
+    @jax.jit
+    def step(params: Any, opt_state: Any, batch: tuple) -> tuple:
+        grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
+        updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn, batch=batch)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step
+
+
+def test_monitor_told_the_batch_sharding_matches_one_device() -> None:
+    case = models.get("nnx_conv")
+    budget = models.budget_for_chunk(case.params, 2)
+    mesh = data_mesh()
+    split = NamedSharding(mesh, P("data"))
+    quantities = every_quantity(curvature=False)
+    results = {}
+    for told in (None, split):
+        tx = lm.monitor(optax.adam(1e-2), quantities, memory_budget=budget, batch_sharding=told)
+        step = monitored_step(tx, case.loss_fn)
+        params, opt_state = case.params, tx.init(case.params)
+        if told is not None:
+            params, opt_state = jax.device_put((params, opt_state), NamedSharding(mesh, P()))
+        results[told] = []
+        for batch in batches(case):
+            batch = batch if told is None else jax.device_put(batch, split)
+            params, opt_state = step(params, opt_state, batch)
+            values = {k: v for k, v in lm.metrics(opt_state).items() if k != "step"}
+            results[told].append(jax.device_get((values, params)))
+        assert step._cache_size() == 1
+    assert_same(results[split], results[None])
+
+
+def test_monitor_told_the_batch_sharding_keeps_samples_where_they_are() -> None:
+    """Inside the user's jit the batch's placement is unseen: untold, the partitioner gathers
+    the batch for the chunked per-sample pass; told, each device keeps its own samples."""
+    case = models.get("mlp")
+    mesh = data_mesh()
+    split = NamedSharding(mesh, P("data"))
+    batch = jax.device_put(batches(case)[0], split)
+    found = {}
+    for told in (None, split):
+        budget = models.budget_for_chunk(case.params, 1)
+        tx = lm.monitor(
+            optax.adam(1e-2), [lm.NormTest()], memory_budget=budget, batch_sharding=told
+        )
+        params, opt_state = jax.device_put(
+            (case.params, tx.init(case.params)), NamedSharding(mesh, P())
+        )
+        step = monitored_step(tx, case.loss_fn)
+        found[told] = gathers(step.lower(params, opt_state, batch).compile().as_text())
+    assert found[split] == [] and found[None] != []
+
+
+def gathers(text: str) -> list[tuple]:
+    """The shape of the result of each all-gather or all-to-all in a compiled program's text."""
     found = re.findall(r"= \w+\[([\d,]*)\]\S* (?:all-gather|all-to-all)(?:-start)?\(", text)
     return [tuple(int(n) for n in dims.split(",") if n) for dims in found]
