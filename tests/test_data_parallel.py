@@ -16,7 +16,18 @@ HERE = Path(__file__).parent
 
 def test_quantities_on_four_devices_match_one() -> None:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "multidevice"]
+    # Two workers: the tests compile one program after another, and each can have a core.
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-n",
+        "2",
+        "-p",
+        "no:cacheprovider",
+        "multidevice",
+    ]
     done = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
