@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from lmd4ml.quantities import Quantity, StepContext
-from lmd4ml.stats import DataAxis, LossFn, PyTree, data_axis
+from lmd4ml.stats import DataAxis, LossFn, PyTree, data_axis, sharding
 
 Metrics = dict[str, Any]
 RESERVED_KEYS = frozenset({"step"})
@@ -205,7 +205,9 @@ class InstrumentedStep:
 
         With ``donate``, every leaf is a copy: the first step may then consume the state
         without touching ``params``, and leaves that would share a buffer (the params and
-        Distance's θ₀) do not.
+        Distance's θ₀) do not. With ``params`` placed on a mesh (replicated or split), leaves
+        made anew (counters, estimates) are replicated over it: a state placed otherwise
+        than the step gives it back would compile the second step again.
         """
         check_params(params)
         state = StepState(
@@ -215,6 +217,8 @@ class InstrumentedStep:
             step=jnp.zeros((), jnp.int32),
         )
         state = strongly_typed(state)
+        if (mesh := sharding.params_mesh(params)) is not None:
+            state = sharding.replicate_on(mesh, state)
         return jax.tree.map(jnp.copy, state) if self.donate else state
 
     def active_keys(self, track: bool | Collection[str]) -> frozenset[str]:

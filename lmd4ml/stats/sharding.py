@@ -63,6 +63,26 @@ def sharding_axis(sharding: object) -> DataAxis | None:
     return DataAxis(sharding.mesh, names)
 
 
+def params_mesh(params: PyTree) -> Mesh | None:
+    """The mesh of more than one device that every leaf of ``params`` is placed on, if any.
+
+    Example:
+      >>> import numpy as np
+      >>> params_mesh({"w": np.zeros(3)}) is None
+      True
+    """
+    meshes = {getattr(getattr(x, "sharding", None), "mesh", None) for x in jax.tree.leaves(params)}
+    mesh = meshes.pop() if len(meshes) == 1 else None
+    return mesh if isinstance(mesh, Mesh) and mesh.size > 1 else None
+
+
+def replicate_on(mesh: Mesh, tree: PyTree) -> PyTree:
+    """``tree`` with every leaf not yet placed on ``mesh`` replicated over it."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    placed = lambda x: getattr(getattr(x, "sharding", None), "mesh", None) == mesh  # noqa: E731
+    return jax.tree.map(lambda x: x if placed(x) else jax.device_put(x, replicated), tree)
+
+
 def over_samples(
     fn: Callable[[PyTree, PyTree], dict[str, jax.Array]],
     combine: Mapping[str, Literal["concat", "sum"]],

@@ -75,17 +75,11 @@ def fsdp_spec(leaf: jax.Array) -> P:
     return P()
 
 
-def place(state: lm.StepState, mesh: Mesh, shard_params: bool) -> lm.StepState:
-    """The state replicated, or with parameters and optimizer state split over "model" (as the
-    step gives them back: placed otherwise, the second step would compile again)."""
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-    if shard_params:
-        split = lambda x: jax.device_put(x, NamedSharding(mesh, fsdp_spec(x)))  # noqa: E731
-        state = state._replace(
-            params=jax.tree.map(split, state.params),
-            opt_state=jax.tree.map(split, state.opt_state),
-        )
-    return state
+def initial_state(step: lm.InstrumentedStep, params: Any, mesh: Mesh, split: bool) -> Any:
+    """``step.init`` of ``params`` placed on ``mesh``: replicated, or split over "model"."""
+    spec = fsdp_spec if split else lambda leaf: P()
+    placed = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params)
+    return step.init(placed)
 
 
 BACKEND_COMPILES = collections.Counter()
@@ -163,7 +157,7 @@ def test_every_quantity_matches_single_device(
     step = lm.instrument(case.loss_fn, optimizer(), quantities, memory_budget=budget)
     mesh = data_mesh() if layout == "data" else fsdp_mesh()
     single = run(step, step.init(case.params), batches(case), None)
-    sharded_state = place(step.init(case.params), mesh, shard_params=layout != "data")
+    sharded_state = initial_state(step, case.params, mesh, split=layout != "data")
     assert_same(run(step, sharded_state, batches(case), mesh), single)
     # one compile for the single device, one for the mesh; none after
     assert list(step.trace_count.values()) == [2]
@@ -176,14 +170,14 @@ def test_samples_stay_where_they_are() -> None:
     step = lm.instrument(case.loss_fn, optax.adam(1e-2), every_quantity(), memory_budget=budget)
     batch = jax.tree.map(lambda x: jnp.concatenate([x] * 4), batches(case)[0])
     mesh = data_mesh()
-    state = place(step.init(case.params), mesh, shard_params=False)
+    state = initial_state(step, case.params, mesh, split=False)
     assert gathers(compiled(step, state, batch, mesh)) == []
 
     # Split parameters and activations are gathered for the forward pass as in any FSDP step;
     # per-sample gradients (a leading sample axis, then one parameter's elements) only one
     # chunk at a time.
     mesh = fsdp_mesh()
-    state = place(step.init(case.params), mesh, shard_params=True)
+    state = initial_state(step, case.params, mesh, split=True)
     shapes = gathers(compiled(step, state, batch, mesh))
     leaves = jax.tree.leaves(case.params)
     sizes, params = {np.size(x) for x in leaves}, {np.shape(x) for x in leaves}
