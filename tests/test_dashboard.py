@@ -167,7 +167,7 @@ def test_histograms_are_drawn_over_their_bin_centres(tmp_path):
         return tuple(axis.get("title", {}).get("text") for axis in axes)
 
     assert titles(by["grad_hist_1d", "heatmap"]) == ("step", "gradient")
-    assert titles(by["grad_hist_1d", "bar"]) == ("gradient", None)
+    assert titles(by["grad_hist_1d", "bar"]) == ("gradient", "count")
     assert titles(by["grad_hist_2d", "heatmap"]) == ("parameter", "gradient")
     assert titles(by["unbinned", "heatmap"]) == ("step", "bin")
 

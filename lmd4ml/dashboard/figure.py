@@ -214,6 +214,8 @@ def figure(
             )  # fmt: skip
             traces.append(_trace(run, field, "heatmap", column.steps[keep]))
         elif panel.kind == "bars":
+            counts = "count" if column.values.dtype.kind in "iu" else field
+            layout[f"yaxis{suffix}"]["title"] = _title_of_axis(counts)
             latest = column.values[-1] if column.n else np.zeros(len(bins))
             data.append(
                 {"type": "bar", "x": bins, "y": _series(latest), "marker": {"color": COLORS[0]},
