@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding
 from lmd4ml.learner import base_metadata, serve_dashboard, warn_if_nonfinite
 from lmd4ml.quantities import Quantity
 from lmd4ml.stats import DataAxis, PyTree, sharding_axis
+from lmd4ml.stats.sharding import on_mesh_of
 from lmd4ml.step import (
     Metrics,
     check_losses,
@@ -221,7 +222,7 @@ def monitor(
             count=jnp.zeros((), jnp.int32),
             tracked_step=jnp.full((), -1, jnp.int32),
         )
-        return strongly_typed(state)
+        return on_mesh_of(params, strongly_typed(state))
 
     def update(
         grads: optax.Updates,

@@ -217,8 +217,7 @@ class InstrumentedStep:
             step=jnp.zeros((), jnp.int32),
         )
         state = strongly_typed(state)
-        if (mesh := sharding.params_mesh(params)) is not None:
-            state = sharding.replicate_on(mesh, state)
+        state = sharding.on_mesh_of(params, state)
         return jax.tree.map(jnp.copy, state) if self.donate else state
 
     def active_keys(self, track: bool | Collection[str]) -> frozenset[str]:

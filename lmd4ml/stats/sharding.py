@@ -76,8 +76,17 @@ def params_mesh(params: PyTree) -> Mesh | None:
     return mesh if isinstance(mesh, Mesh) and mesh.size > 1 else None
 
 
-def replicate_on(mesh: Mesh, tree: PyTree) -> PyTree:
-    """``tree`` with every leaf not yet placed on ``mesh`` replicated over it."""
+def on_mesh_of(params: PyTree, tree: PyTree) -> PyTree:
+    """``tree`` with every leaf not yet on the mesh of ``params`` (:func:`params_mesh`)
+    replicated over it; unchanged when ``params`` are on no such mesh.
+
+    A state made by ``init`` from placed params holds new leaves (counters, estimates) on
+    one device, which a step over the mesh gives back replicated: the next step would see
+    other input shardings and compile again.
+    """
+    mesh = params_mesh(params)
+    if mesh is None:
+        return tree
     replicated = NamedSharding(mesh, PartitionSpec())
     placed = lambda x: getattr(getattr(x, "sharding", None), "mesh", None) == mesh  # noqa: E731
     return jax.tree.map(lambda x: x if placed(x) else jax.device_put(x, replicated), tree)
