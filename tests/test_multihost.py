@@ -54,8 +54,11 @@ def worker(process_id: int, port: int, out: Path) -> None:
         jax.tree.map(lambda x: jax.make_array_from_process_local_data(split, x[rows]), b)
         for b in c.batches
     ]
-    learner = lm.Learner(c.params, c.loss_fn, batches, optax.sgd(0.1), quantities())
-    learner.state = jax.device_put(learner.state, replicated)
+    params = jax.device_put(c.params, replicated)  # init places the rest of the state alike
+    learner = lm.Learner(params, c.loss_fn, batches, optax.sgd(0.1), quantities())
+    assert all(
+        x.sharding.is_equivalent_to(replicated, x.ndim) for x in jax.tree.leaves(learner.state)
+    )
     history = lm.train(learner, runs_dir=out / "runs")
     with open(out / f"{process_id}.pkl", "wb") as f:
         pickle.dump({"pid": os.getpid(), "history": dict(history)}, f)
