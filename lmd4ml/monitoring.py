@@ -28,8 +28,7 @@ from jax.sharding import NamedSharding
 
 from lmd4ml.learner import base_metadata, serve_dashboard, warn_if_nonfinite
 from lmd4ml.quantities import Quantity
-from lmd4ml.stats import DataAxis, PyTree, sharding_axis
-from lmd4ml.stats.sharding import on_mesh_of
+from lmd4ml.stats import DataAxis, PyTree, sharding
 from lmd4ml.step import (
     Metrics,
     check_losses,
@@ -123,7 +122,7 @@ def _data_axis(batch_sharding: Any) -> DataAxis | None:
             f"(sample) axis over mesh axes, e.g. NamedSharding(mesh, P('data')); got "
             f"{batch_sharding!r}"
         )
-    return sharding_axis(batch_sharding)
+    return sharding.sharding_axis(batch_sharding)
 
 
 def _check_wiring(loss_fn: Any, batch: Any, params: Any) -> None:
@@ -222,7 +221,7 @@ def monitor(
             count=jnp.zeros((), jnp.int32),
             tracked_step=jnp.full((), -1, jnp.int32),
         )
-        return on_mesh_of(params, strongly_typed(state))
+        return sharding.on_mesh_of(params, strongly_typed(state))
 
     def update(
         grads: optax.Updates,

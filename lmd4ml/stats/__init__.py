@@ -23,7 +23,7 @@ from lmd4ml.stats.per_sample import (
     per_sample_pass,
 )
 from lmd4ml.stats.precision import cast_like, wide_dtype, widen
-from lmd4ml.stats.sharding import DataAxis, data_axis, sharding_axis
+from lmd4ml.stats.sharding import DataAxis, data_axis
 
 __all__ = [
     "SQ_GRADS",
@@ -45,7 +45,6 @@ __all__ = [
     "per_sample_pass",
     "precision",
     "sharding",
-    "sharding_axis",
     "wide_dtype",
     "widen",
 ]

@@ -71,7 +71,7 @@ def params_mesh(params: PyTree) -> Mesh | None:
       >>> params_mesh({"w": np.zeros(3)}) is None
       True
     """
-    meshes = {getattr(getattr(x, "sharding", None), "mesh", None) for x in jax.tree.leaves(params)}
+    meshes = {_mesh_of(x) for x in jax.tree.leaves(params)}
     mesh = meshes.pop() if len(meshes) == 1 else None
     return mesh if isinstance(mesh, Mesh) and mesh.size > 1 else None
 
@@ -88,8 +88,11 @@ def on_mesh_of(params: PyTree, tree: PyTree) -> PyTree:
     if mesh is None:
         return tree
     replicated = NamedSharding(mesh, PartitionSpec())
-    placed = lambda x: getattr(getattr(x, "sharding", None), "mesh", None) == mesh  # noqa: E731
-    return jax.tree.map(lambda x: x if placed(x) else jax.device_put(x, replicated), tree)
+    return jax.tree.map(lambda x: x if _mesh_of(x) == mesh else jax.device_put(x, replicated), tree)
+
+
+def _mesh_of(leaf: object) -> object:
+    return getattr(getattr(leaf, "sharding", None), "mesh", None)
 
 
 def over_samples(
