@@ -115,8 +115,7 @@ def _data_axis(batch_sharding: Any) -> DataAxis | None:
     """The mesh axes ``batch_sharding`` splits samples over; a clear error for anything else."""
     if batch_sharding is None:
         return None
-    spec = getattr(batch_sharding, "spec", None)
-    if not isinstance(batch_sharding, NamedSharding) or not spec or spec[0] is None:
+    if sharding.sample_axis_names(batch_sharding) is None:
         raise ValueError(
             "lm.monitor: batch_sharding must be a NamedSharding that splits the batch's first "
             f"(sample) axis over mesh axes, e.g. NamedSharding(mesh, P('data')); got "

@@ -54,13 +54,19 @@ def sharding_axis(sharding: object) -> DataAxis | None:
       >>> sharding_axis(NamedSharding(mesh, P("data"))) is None  # one device: not split
       True
     """
+    names = sample_axis_names(sharding)
+    if names is None or all(sharding.mesh.shape[n] == 1 for n in names):
+        return None
+    return DataAxis(sharding.mesh, names)
+
+
+def sample_axis_names(sharding: object) -> tuple[str, ...] | None:
+    """The mesh axis names a ``NamedSharding`` puts on an array's first axis; ``None`` for no
+    names or another kind of sharding."""
     if not isinstance(sharding, NamedSharding) or not sharding.spec or sharding.spec[0] is None:
         return None
     names = sharding.spec[0]
-    names = (names,) if isinstance(names, str) else tuple(names)
-    if all(sharding.mesh.shape[n] == 1 for n in names):
-        return None
-    return DataAxis(sharding.mesh, names)
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def params_mesh(params: PyTree) -> Mesh | None:

@@ -75,7 +75,7 @@ def fsdp_spec(leaf: jax.Array) -> P:
     return P()
 
 
-def initial_state(step: lm.InstrumentedStep, params: Any, mesh: Mesh, split: bool) -> Any:
+def initial_state(step: lm.InstrumentedStep, params: Any, mesh: Mesh, split: bool) -> lm.StepState:
     """``step.init`` of ``params`` placed on ``mesh``: replicated, or split over "model"."""
     spec = fsdp_spec if split else lambda leaf: P()
     placed = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params)
@@ -100,16 +100,22 @@ def compilations() -> int:
     return BACKEND_COMPILES["/jax/core/compile/backend_compile_duration"]
 
 
+def without_recompiling(t: int, step: Callable, *args: Any) -> Any:
+    """``step(*args)``, the ``t``-th step of a loop; asserts that only the first compiles."""
+    before = compilations()
+    out = step(*args)
+    assert t == 0 or compilations() == before, f"step {t} compiled again"
+    return out
+
+
 def run(step: lm.InstrumentedStep, state: lm.StepState, data: list, mesh: Mesh | None) -> list:
     """(metrics, params) after each batch; asserts that only the first step compiled."""
     out = []
     for t, batch in enumerate(data):
         if mesh is not None:
             batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-        before = compilations()
-        state, metrics = step(state, batch)
+        state, metrics = without_recompiling(t, step, state, batch)
         out.append((jax.device_get(metrics), jax.device_get(state.params)))
-        assert t == 0 or compilations() == before, f"step {t} compiled again"
     return out
 
 
@@ -224,9 +230,7 @@ def test_monitor_told_the_batch_sharding_matches_one_device() -> None:
         results[told] = []
         for t, batch in enumerate(batches(case)):
             batch = batch if told is None else jax.device_put(batch, split)
-            before = compilations()
-            params, opt_state = step(params, opt_state, batch)
-            assert t == 0 or compilations() == before, f"step {t} compiled again"
+            params, opt_state = without_recompiling(t, step, params, opt_state, batch)
             values = {k: v for k, v in lm.metrics(opt_state).items() if k != "step"}
             results[told].append(jax.device_get((values, params)))
     assert_same(results[split], results[None])
