@@ -19,6 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from lmd4ml.quantities import Quantity
+from lmd4ml.quantities.base import describe
 from lmd4ml.schedules import Schedule, as_schedule
 from lmd4ml.stats import LossFn, PyTree
 from lmd4ml.step import InstrumentedStep, Metrics, instrument
@@ -197,14 +198,23 @@ def base_metadata(
 ) -> dict[str, Any]:
     """What every run records about itself: quantities, keys, config, versions and process.
 
+    ``quantities_by_key`` says for each quantity's key what it is (its class, the kind that
+    readers such as the dashboard treat it as, and its settings:
+    :func:`lmd4ml.quantities.base.describe`), so that a quantity given a ``name=`` of its
+    own is still read as what it is.
+
     Example:
       >>> import lmd4ml as lm
       >>> meta = base_metadata([lm.Loss()], ["loss"], {"lr": 0.1, "tx": object})
       >>> meta["keys"], meta["config"]["lr"], "jax" in meta["versions"]
       (['loss'], 0.1, True)
+      >>> narrow = lm.GradHist1d(nbins=20, maxval=0.1, name="narrow")
+      >>> base_metadata([narrow], ["narrow"], {})["quantities_by_key"]["narrow"]
+      {'class': 'GradHist1d', 'kind': 'grad_hist_1d', 'args': {'nbins': 20, 'maxval': 0.1}}
     """
     return {
         "quantities": [repr(q) for q in quantities],
+        "quantities_by_key": {q.key: describe(q) for q in quantities},
         "axes": {q.key: q.axes() for q in quantities if q.axes()},
         "keys": list(keys),
         "config": {

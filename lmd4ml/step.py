@@ -61,11 +61,18 @@ def check_quantities(quantities: Sequence[Quantity]) -> None:
             )
     keys = [q.key for q in quantities]
     if taken := RESERVED_KEYS.intersection(keys):
-        raise ValueError(f"quantity key {sorted(taken)[0]!r} is reserved; choose another key")
-    if dupes := [k for k, n in collections.Counter(keys).items() if n > 1]:
         raise ValueError(
-            f"two or more quantities share the key(s) {dupes}; each key must be unique "
-            f"(got keys {keys})"
+            f"quantity key {sorted(taken)[0]!r} is reserved; choose another key "
+            "(for a built-in quantity, pass name=...)"
+        )
+    if dupes := [k for k, n in collections.Counter(keys).items() if n > 1]:
+        holders = "; ".join(
+            f"{k!r}: " + ", ".join(repr(q) for q in quantities if q.key == k) for k in dupes
+        )
+        raise ValueError(
+            f"two or more quantities share the key(s) {dupes} ({holders}); each key must be "
+            "unique: give all but one of them a name= of its own, e.g. "
+            f"lm.GradHist1d(maxval=0.1, name='narrow') (got keys {keys})"
         )
 
 

@@ -129,15 +129,31 @@ def _frame(
     return layout, tuple(suffixes)
 
 
+def kinds_of(run: RunData) -> dict[str, str]:
+    """The kind of each of a run's quantity keys (its class's default key), as its metadata
+    records it (``quantities_by_key``); ``{}`` for a run that records none."""
+    described = run.metadata.get("quantities_by_key")
+    if not isinstance(described, dict):
+        return {}
+    return {
+        key: about["kind"]
+        for key, about in described.items()
+        if isinstance(about, dict) and isinstance(about.get("kind"), str)
+    }
+
+
 def runs_plan(runs: Sequence[RunData]) -> tuple[Panel, ...]:
     """The panels for runs shown together: every quantity any of them tracks, first run first."""
     keys: list[str] = []
     shapes: dict[str, tuple[int, ...]] = {}
+    kinds: dict[str, str] = {}
     for run in runs:
         keys += [k for k in run.metadata.get("keys", []) if k not in keys]
         for field, shape in run.shapes.items():
             shapes.setdefault(field, shape)
-    return tuple(plan(keys, shapes))
+        for key, kind in kinds_of(run).items():
+            kinds.setdefault(key, kind)
+    return tuple(plan(keys, shapes, kinds))
 
 
 def _line_points(run: RunData, field: str, smoothing: float, start: int, thin: bool) -> tuple:

@@ -3,6 +3,8 @@
 Known keys go into Cockpit's groups (STEP SIZE, GRADIENTS, CURVATURE, then the loss); any
 other quantity gets a panel from the shape of its value: a scalar is a line, a vector a
 heatmap over steps, a dict of scalars a line per entry, a matrix an image of its latest value.
+A quantity given a ``name=`` of its own goes by its kind, the key its class reports under
+by default, which the run's metadata records (``quantities_by_key``).
 
 Example:
   >>> shapes = {"loss": (), "grad_norm": (), "grad_hist_1d": (20,), "mine['a']": (),
@@ -70,9 +72,14 @@ def fields_of(key: str, names: Sequence[str]) -> list[str]:
 
 
 def _by_shape(
-    group: str, title: str, fields: Sequence[str], shapes: Mapping[str, tuple[int, ...]]
+    group: str,
+    title: str,
+    fields: Sequence[str],
+    shapes: Mapping[str, tuple[int, ...]],
+    histograms: frozenset[str] = frozenset(),
 ) -> list[Panel]:
-    """One lines panel for the scalar fields, then a panel per array field by its shape."""
+    """One lines panel for the scalar fields, then a panel per array field by its shape; a
+    histogram (a field in ``histograms``, or one with "hist" in its name) gets bars too."""
     scalars = tuple(f for f in fields if not shapes[f])
     panels = [Panel(group, title, "lines", scalars)] if scalars else []
     for field in fields:
@@ -82,26 +89,46 @@ def _by_shape(
             panels.append(Panel(group, label, "image", (field,)))
         elif shape:
             panels.append(Panel(group, label, "heatmap", (field,)))
-            if re.search("hist", field):
+            if field in histograms or re.search("hist", field):
                 panels.append(Panel(group, f"{label}, latest", "bars", (field,)))
     return panels
 
 
-def plan(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> list[Panel]:
+def plan(
+    keys: Sequence[str],
+    shapes: Mapping[str, tuple[int, ...]],
+    kinds: Mapping[str, str] | None = None,
+) -> list[Panel]:
     """The panels for a run with quantity ``keys`` (in order) and flat field ``shapes``.
 
     Cockpit's panels come first, by group, then a "MORE" panel (or several) per other key.
+    ``kinds`` maps a key to the kind of quantity it is (its class's default key), so that a
+    renamed quantity joins its kind's panel; a key it does not name is its own kind.
+
+    Example:
+      >>> shapes = {"grad_hist_1d": (20,), "narrow": (20,)}
+      >>> for p in plan(["grad_hist_1d", "narrow"], shapes, {"narrow": "grad_hist_1d"}):
+      ...     print(p.group, p.kind, p.title, list(p.fields))
+      GRADIENTS heatmap grad_hist_1d ['grad_hist_1d']
+      GRADIENTS bars grad_hist_1d, latest ['grad_hist_1d']
+      GRADIENTS heatmap narrow ['narrow']
+      GRADIENTS bars narrow, latest ['narrow']
     """
     names = list(shapes)
+    kind_of = {key: (kinds or {}).get(key, key) for key in keys}
     tracked = {key: fields_of(key, names) for key in keys}
     known = {k for _, _, ks in COCKPIT for k in ks}
+    histograms = frozenset(f for key in keys if "hist" in kind_of[key] for f in tracked[key])
     panels: list[Panel] = []
     for group, title, panel_keys in COCKPIT:
-        fields = [f for k in panel_keys for f in tracked.get(k, [])]
-        panels += _by_shape(group, title, fields, shapes)
+        here = [key for k in panel_keys for key in keys if kind_of[key] == k and tracked[key]]
+        if len(here) == 1 and here[0] != kind_of[here[0]]:
+            title = f"{title} ({here[0]})"  # one renamed quantity: say which
+        fields = [f for key in here for f in tracked[key]]
+        panels += _by_shape(group, title, fields, shapes, histograms)
     for key in keys:
-        if key not in known and tracked[key]:
-            panels += _by_shape("MORE", key, tracked[key], shapes)
+        if kind_of[key] not in known and tracked[key]:
+            panels += _by_shape("MORE", key, tracked[key], shapes, histograms)
     return panels
 
 

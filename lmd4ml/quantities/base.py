@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
+import numbers
+import re
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from typing import Any, ClassVar
@@ -156,6 +159,50 @@ class StepContext:
         return self._hessian_diags[estimator]
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+IDENTIFIER_RULE = "an identifier (letters, digits and _, not starting with a digit)"
+
+
+def check_key(value: object, what: str, example: str) -> None:
+    """Raise ``ValueError`` unless ``value`` can key a quantity: an identifier.
+
+    Example:
+      >>> check_key("narrow", "GradHist1d: name=", "narrow")
+      >>> check_key("my-hist", "GradHist1d: name=", "narrow")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: GradHist1d: name= must be an identifier (letters, ...; got 'my-hist'
+    """
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        raise ValueError(f"{what} must be {IDENTIFIER_RULE}, e.g. {example!r}; got {value!r}")
+
+
+def _repr(q: Quantity) -> str:
+    """``Class(field=value, ...)`` as a dataclass shows it, with ``name`` last and only if set."""
+    fields = [f for f in dataclasses.fields(q) if f.repr and f.name != "name"]
+    if q.name is not None:
+        fields += [f for f in dataclasses.fields(q) if f.name == "name"]
+    args = ", ".join(f"{f.name}={getattr(q, f.name)!r}" for f in fields)
+    return f"{type(q).__qualname__}({args})"
+
+
+class _Key:
+    """A quantity class's ``key``: on an instance its ``name`` if it was given one, else the
+    class's default key, which is also what the class itself reads (``lm.NormTest.key``)."""
+
+    def __init__(self, default: str | None):
+        self.default = default
+
+    def __get__(self, instance: Quantity | None, owner: type) -> str:
+        if instance is not None and instance.name is not None:
+            return instance.name
+        if self.default is None:
+            raise AttributeError(
+                f"{owner.__name__} has no key: set `key = ...` in the class or pass name=..."
+            )
+        return self.default
+
+
 @dataclasses.dataclass(frozen=True)
 class Quantity(abc.ABC):
     """Base of every quantity: a ``key`` and a pure ``compute``.
@@ -163,10 +210,37 @@ class Quantity(abc.ABC):
     Subclasses set ``key``, override :meth:`compute`, and where they carry state across steps
     also :meth:`init`. ``per_sample`` lists the per-sample statistics ``compute`` reads, so
     the step can build them all in one pass.
+
+    Every quantity takes ``name=`` (keyword only), the key it reports under instead of its
+    class's, so that two settings of one instrument can run in one step. A name is an
+    identifier; it is checked at construction.
+
+    Example:
+      >>> import lmd4ml as lm
+      >>> lm.GradHist1d(maxval=0.1, name="narrow").key, lm.GradHist1d().key, lm.NormTest.key
+      ('narrow', 'grad_hist_1d', 'norm_test')
     """
 
-    key: ClassVar[str]
+    key: ClassVar[str] = _Key(None)  # type: ignore[assignment]
     per_sample: ClassVar[tuple[PerSample, ...]] = ()
+    name: str | None = dataclasses.field(default=None, kw_only=True)
+
+    __repr__ = _repr
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        default = cls.__dict__.get("key")
+        if isinstance(default, str):
+            check_key(default, f"{cls.__name__}: key", "my_quantity")
+            cls.key = _Key(default)  # type: ignore[assignment]
+        if "__repr__" not in cls.__dict__:  # the dataclass decorator keeps what is set here
+            cls.__repr__ = _repr  # type: ignore[method-assign]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Quantity:
+        del args
+        if kwargs.get("name") is not None:
+            check_key(kwargs["name"], f"{cls.__name__}: name=", "narrow")
+        return super().__new__(cls)
 
     def init(self, params: PyTree) -> PyTree:
         """The quantity's state before the first step (empty by default)."""
@@ -194,7 +268,6 @@ class Quantity(abc.ABC):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _FunctionQuantity(Quantity):
-    name: str
     fn: Callable[..., Any]
     init_fn: Callable[[PyTree], PyTree] | None
     stats: tuple[PerSample, ...]
@@ -234,8 +307,50 @@ def quantity(
       >>> max_loss.key
       'max_loss'
     """
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"a quantity key must be a non-empty string, got {key!r}")
+    check_key(key, "lm.quantity: key", "max_loss")
     if not callable(fn):
         raise TypeError(f"quantity {key!r}: fn must be callable, got {type(fn).__name__}")
-    return _FunctionQuantity(key, fn, init, tuple(per_sample))
+    return _FunctionQuantity(fn, init, tuple(per_sample), name=key)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` as JSON can hold it: numbers, strings, lists and dicts as they are (NaN and
+    ±inf as strings), functions by their qualified name, anything else by its ``repr``."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else repr(float(value))
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_json_safe(v) for v in value]
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', None) or ''}.{value.__qualname__}".lstrip(".")
+    return repr(value)
+
+
+def describe(q: Quantity) -> dict[str, Any]:
+    """What kind of quantity ``q`` is, for a run's metadata (JSON-safe).
+
+    ``class`` is its class's name (``"quantity"`` for one made by :func:`quantity`), ``kind``
+    the key its class reports under by default, which readers such as the dashboard go by
+    whatever the quantity's ``name``, and ``args`` its settings (its dataclass fields but
+    ``name``).
+
+    Example:
+      >>> import lmd4ml as lm
+      >>> describe(lm.GradHist1d(nbins=20, maxval=0.1, name="narrow"))
+      {'class': 'GradHist1d', 'kind': 'grad_hist_1d', 'args': {'nbins': 20, 'maxval': 0.1}}
+    """
+    if isinstance(q, _FunctionQuantity):
+        args = {"fn": q.fn, "init": q.init_fn, "per_sample": [s.name for s in q.stats]}
+        return {"class": "quantity", "kind": q.key, "args": _json_safe(args)}
+    kind = getattr(type(q), "key", None)
+    args = {f.name: getattr(q, f.name) for f in dataclasses.fields(q) if f.name != "name"}
+    return {
+        "class": type(q).__qualname__,
+        "kind": kind if isinstance(kind, str) else q.key,
+        "args": _json_safe(args),
+    }

@@ -183,6 +183,17 @@ def _tfrecords(records: list[bytes]) -> bytes:
     )
 
 
+def _recorded_edges(run: Run, key: str, nbins: int) -> np.ndarray:
+    """The bin edges of histogram ``key`` as the run's metadata describes its quantity
+    (``quantities_by_key``: a ``GradHist1d`` of any name); else the bin indices 0…nbins."""
+    about = run.metadata.get("quantities_by_key", {}).get(key)
+    args = about.get("args", {}) if isinstance(about, dict) else {}
+    if about and about.get("kind") == "grad_hist_1d" and args.get("nbins") == nbins:
+        maxval = float(args["maxval"])
+        return np.linspace(-maxval, maxval, nbins + 1)
+    return np.arange(nbins + 1)
+
+
 def to_tensorboard(
     run: Run, logdir: str | os.PathLike, bin_edges: Mapping[str, ArrayLike] | None = None
 ) -> pathlib.Path:
@@ -190,10 +201,11 @@ def to_tensorboard(
 
     Scalar fields become scalar summaries. 1-D integer fields are taken as histogram counts
     and become histogram summaries, with bins ``bin_edges[name]`` (``nbins + 1`` edges,
-    e.g. ``np.linspace(-maxval, maxval, nbins + 1)`` for ``GradHist1d``) or else the bin
-    indices 0…nbins. Any other array becomes one scalar per element, tagged ``name[i]``. The
-    store keeps no per-step clock, so every event carries the run's start time. Exporting
-    the same run again replaces the file.
+    e.g. ``np.linspace(-maxval, maxval, nbins + 1)``), else those of the ``GradHist1d`` that
+    the run's metadata records under that key (whatever its ``name``), else the bin indices
+    0…nbins. Any other array becomes one scalar per element, tagged ``name[i]``. The store
+    keeps no per-step clock, so every event carries the run's start time. Exporting the
+    same run again replaces the file.
     """
     bin_edges = dict(bin_edges or {})
     by_step: dict[int, list[bytes]] = {}
@@ -202,7 +214,7 @@ def to_tensorboard(
         edges = None
         if values.ndim == 2 and values.dtype.kind in "iu":
             nbins = values.shape[1]
-            edges = np.asarray(bin_edges.pop(key, np.arange(nbins + 1)), np.float64)
+            edges = np.asarray(bin_edges.pop(key, _recorded_edges(run, key, nbins)), np.float64)
             if edges.shape != (nbins + 1,):
                 raise ValueError(
                     f"to_tensorboard: {key!r} has {nbins} bins but {edges.shape} bin edges"
