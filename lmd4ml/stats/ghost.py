@@ -30,7 +30,6 @@ per-sample gradients from the same pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -41,10 +40,8 @@ from jax.extend import core
 from jax.extend.core import primitives
 
 from lmd4ml.stats._types import LossFn, PyTree
+from lmd4ml.stats.jaxpr import walk
 from lmd4ml.stats.precision import widen
-
-INLINED = (primitives.jit_p, primitives.closed_call_p)
-"""Primitives whose calls are analysed as part of the jaxpr that makes them."""
 
 
 class Product(NamedTuple):
@@ -74,47 +71,6 @@ class Factors(NamedTuple):
     grads: dict[int, jax.Array]
 
 
-def _read(env: dict, var: Any) -> Any:
-    return var.val if isinstance(var, core.Literal) else env[var]
-
-
-def _bind_params(eqn: Any) -> dict:
-    bound = eqn.primitive.get_bind_params(eqn.params)
-    # JAX < 0.7 returned (subfuns, params); no primitive that is not inlined has subfuns now.
-    return bound[1] if isinstance(bound, tuple) else bound
-
-
-Visit = Callable[[Any, list, list, list], list]
-
-
-def _walk(closed: core.ClosedJaxpr, args: Sequence, origins: Sequence, visit: Visit) -> list:
-    """Evaluate ``closed`` on ``args``, inlining jit calls and tracking which values are leaves.
-
-    ``origins[j]`` is the parameter leaf that argument j is (or None). ``visit(eqn, inputs,
-    input_origins, outputs)`` sees every equation that is not inlined and returns its outputs.
-    """
-    jaxpr = closed.jaxpr
-    env = dict(zip(jaxpr.constvars, closed.consts, strict=True))
-    env.update(zip(jaxpr.invars, args, strict=True))
-    origin = {v: o for v, o in zip(jaxpr.invars, origins, strict=True) if o is not None}
-    for eqn in jaxpr.eqns:
-        inputs = [_read(env, v) for v in eqn.invars]
-        in_origins = [None if isinstance(v, core.Literal) else origin.get(v) for v in eqn.invars]
-        if eqn.primitive in INLINED:
-            inner = eqn.params.get("jaxpr") or eqn.params["call_jaxpr"]
-            outputs = _walk(inner, inputs, in_origins, visit)
-        elif eqn.primitive is primitives.convert_element_type_p and in_origins[0] is not None:
-            # A cast (mixed precision, flax's promote_dtype) keeps the value a view of the leaf.
-            outputs = [eqn.primitive.bind(*inputs, **_bind_params(eqn))]
-            origin[eqn.outvars[0]] = in_origins[0]
-        else:
-            outputs = eqn.primitive.bind(*inputs, **_bind_params(eqn))
-            outputs = outputs if eqn.primitive.multiple_results else [outputs]
-            outputs = visit(eqn, inputs, in_origins, outputs)
-        env.update(zip(eqn.outvars, outputs, strict=True))
-    return [_read(env, v) for v in jaxpr.outvars]
-
-
 def _single_sample_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree) -> core.ClosedJaxpr:
     def single(p: PyTree, sample: PyTree) -> jax.Array:
         return loss_fn(p, jax.tree.map(lambda x: x[None], sample))[0]
@@ -135,7 +91,7 @@ def _products(closed: core.ClosedJaxpr, n_leaves: int) -> dict[int, Product]:
 
     args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
     origins = [*range(n_leaves), *[None] * (len(args) - n_leaves)]
-    jax.eval_shape(lambda *a: _walk(closed, a, origins, count), *args)
+    jax.eval_shape(lambda *a: walk(closed, a, origins, count), *args)
     products = {}
     for k, found in uses.items():
         if len(found) != 1:
@@ -267,7 +223,7 @@ def factors(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Factors:
         for k, leaf in zip(rest, rest_leaves, strict=True):
             merged[k] = leaf
         origins = [*range(len(leaves)), *[None] * len(sample_leaves)]
-        (loss,) = _walk(closed, [*merged, *sample_leaves], origins, tap)
+        (loss,) = walk(closed, [*merged, *sample_leaves], origins, tap)
         return loss, inputs
 
     taps = {k: jnp.zeros(p.out.shape, p.out.dtype) for k, p in products.items()}

@@ -18,6 +18,7 @@ import numpy as np
 from jax.extend import core
 
 from lmd4ml.stats import ghost, sharding
+from lmd4ml.stats import jaxpr as jaxpr_tools
 from lmd4ml.stats._types import LossFn, PyTree
 from lmd4ml.stats.precision import cast_like, widen
 from lmd4ml.stats.sharding import DataAxis
@@ -277,7 +278,7 @@ def entry_leaves(loss_fn: LossFn, params: PyTree, batch: PyTree) -> set[int]:
         env.update(zip(jaxpr.invars, tags, strict=True))
         for eqn in jaxpr.eqns:
             ins = [frozenset() if isinstance(v, core.Literal) else env[v] for v in eqn.invars]
-            if eqn.primitive in ghost.INLINED:
+            if eqn.primitive in jaxpr_tools.INLINED:
                 inner = eqn.params.get("jaxpr") or eqn.params["call_jaxpr"]
                 outs = visit(inner.jaxpr, ins)
             else:
