@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -20,6 +21,8 @@ def bin_index(values: jax.Array, nbins: int, lo: float, hi: float) -> jax.Array:
     Example:
       >>> bin_index(jnp.array([-9.0, -1e-20, 0.0, 0.99, 1.0, jnp.nan]), 4, -1.0, 1.0).tolist()
       [0, 1, 2, 3, 3, 4]
+      >>> jax.jit(lambda x: bin_index(x, 100, -0.05, 0.05))(jnp.zeros(2)).tolist()  # 0 is an edge
+      [50, 50]
     """
     dtype = values.dtype
 
@@ -35,6 +38,12 @@ def bin_index(values: jax.Array, nbins: int, lo: float, hi: float) -> jax.Array:
     # XLA may divide by multiplying with 1/n, so edge(0) can round above lo: never below bin 0.
     index = jnp.maximum(index - (clipped < edge(index)), 0)
     index = index + ((clipped >= edge(index + 1)) & (index < nbins - 1))
+    if lo < 0 < hi:
+        # Exact zeros (dead ReLUs, padded samples) are common, and 0 is often an edge: XLA
+        # may fuse an edge's arithmetic into a multiply-add that rounds it off 0, so their
+        # bin is numpy's, found once on the host.
+        zero = int(np.argmax(np.histogram([0.0], nbins, (lo, hi))[0]))
+        index = jnp.where(values == 0, zero, index)
     return jnp.where(jnp.isnan(values), nbins, index)
 
 
