@@ -9,7 +9,7 @@ import platform
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from lmd4ml import protocol, stats
 from lmd4ml.quantities import Quantity
 from lmd4ml.quantities.base import describe
 from lmd4ml.schedules import Schedule, as_schedule
@@ -51,8 +52,12 @@ class Learner:
     """A model, its per-sample loss, the data, an optax optimizer and the quantities to track.
 
     ``model`` is a pytree of float arrays or a flax ``nnx.Module``; for a module, ``loss_fn``
-    receives the module (rebuilt from the current parameters) in place of a pytree. Training
-    state persists across calls of :func:`train`. With ``donate`` each step reuses the
+    receives the module (rebuilt from the current parameters and state) in place of a
+    pytree, and what it changes in the module (BatchNorm's statistics, dropout's RNG counts)
+    is carried to the next step, as in nnx's own training loop. A pytree model's loss takes
+    the protocol of :func:`lmd4ml.instrument`: with ``model_state`` it is called with
+    ``model_state=`` and returns ``(losses, new_state)``, with ``key`` it gets ``key=``.
+    Training state persists across calls of :func:`train`. With ``donate`` each step reuses the
     memory of the state before it (:func:`lmd4ml.instrument`); ``params`` and ``model`` then
     hand out copies, which later steps leave intact.
 
@@ -74,17 +79,20 @@ class Learner:
         optimizer: optax.GradientTransformation,
         quantities: Sequence[Quantity],
         *,
+        model_state: PyTree = None,
+        key: jax.Array | None = None,
         memory_budget: int = 2**26,
         donate: bool = False,
     ):
         if isinstance(model, nnx.Module):
-            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-            self._module = (model, graphdef, rest)
-
-            def module_loss(p: PyTree, batch: PyTree) -> jax.Array:
-                return loss_fn(nnx.merge(graphdef, p, rest), batch)
-
-            step_loss = module_loss
+            if model_state is not None or key is not None:
+                raise ValueError(
+                    "an nnx.Module carries its own state (BatchNorm statistics) and randomness "
+                    "(nnx.Rngs); model_state= and key= are for pytree models"
+                )
+            graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+            self._module = model
+            step_loss = protocol.nnx_loss(loss_fn, graphdef)
         else:
             params, self._module, step_loss = model, None, loss_fn
         if not isinstance(batches, Iterable):
@@ -93,27 +101,82 @@ class Learner:
         self.step: InstrumentedStep = instrument(
             step_loss, optimizer, quantities, memory_budget=memory_budget, donate=donate
         )
-        self.state = self.step.init(params)
+        if self._module is not None:
+            self.step.hints = (self._module,)
+        self.state = self.step.init(params, model_state=model_state, key=key)
         self.history: dict[str, list] = collections.defaultdict(list)
         self.tracked_steps: dict[str, list[int]] = collections.defaultdict(list)
         self.first_nonfinite: int | None = None
         self.steps_done = 0
 
+    def _own(self, tree: PyTree) -> PyTree:
+        if self.step.donate:  # the next step deletes the state's own arrays
+            return jax.tree.map(jnp.copy, tree)
+        return tree
+
     @property
     def params(self) -> PyTree:
         """The current parameters (a pytree, or the module's ``nnx.Param`` state)."""
-        if self.step.donate:  # the next step deletes the state's own arrays
-            return jax.tree.map(jnp.copy, self.state.params)
-        return self.state.params
+        return self._own(self.state.params)
+
+    @property
+    def model_state(self) -> PyTree:
+        """The current model state: what the loss returned at the last step (a module's
+        non-parameter state, e.g. BatchNorm's running statistics), or ``None``."""
+        return self._own(self.state.model_state)
 
     @property
     def model(self) -> PyTree | nnx.Module:
-        """The trained model: the module updated in place, or the parameter pytree."""
+        """The trained model: the module updated in place (parameters and state, e.g.
+        BatchNorm's running statistics), or the parameter pytree."""
         if self._module is None:
             return self.params
-        module = self._module[0]
-        nnx.update(module, self.params)
-        return module
+        nnx.update(self._module, self.params, self.model_state)
+        return self._module
+
+
+class BatchShaper:
+    """Brings every batch to the size of the first: a shorter one is padded (repeating its
+    own samples, so padded inputs are valid ones) with a sample mask, or dropped. Padding,
+    every batch gets a mask, so that one compiled program serves them all."""
+
+    def __init__(self, learner: Learner, last_batch: str):
+        self.learner = learner
+        self.last_batch = last_batch
+        self.size: int | None = None
+        self.independent: bool | None = None  # whether the samples do not interact
+        self.warned = False
+
+    def __call__(self, batch: PyTree) -> tuple[PyTree | None, jax.Array | None]:
+        n = stats.batch_size(batch)
+        if self.size is None:
+            self.size = n
+        if self.last_batch == "drop":
+            return (batch, None) if n >= self.size else (None, None)
+        if n >= self.size:
+            # A mask on full batches too: the same program then serves a padded one.
+            return batch, jnp.ones(n, bool)
+        index = np.arange(self.size) % n
+        padded = jax.tree.map(lambda x: x[index], batch)
+        mask = jnp.asarray(np.arange(self.size) < n)
+        step = self.learner.step
+        if self.independent is None:
+            self.independent = step.samples_checked or (
+                step.sample_deviation(self.learner.state, padded, mask) is None
+            )
+        if not self.independent:
+            if not self.warned:
+                warnings.warn(
+                    f"a batch of {n} samples (the first had {self.size}) was dropped: the "
+                    "loss's samples interact (BatchNorm in training mode, say), so padding "
+                    "it would change the real samples' losses. Pass last_batch='drop' to "
+                    "drop such batches without this warning",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self.warned = True
+            return None, None
+        return padded, mask
 
 
 def _due_keys(
@@ -237,7 +300,7 @@ def run_metadata(learner: Learner, config: Mapping[str, Any]) -> dict[str, Any]:
         **base_metadata(learner.step.quantities, learner.step.keys, config),
         "model": {
             "kind": "nnx.Module" if learner._module else type(params).__name__,
-            "class": type(learner._module[0]).__name__ if learner._module else None,
+            "class": type(learner._module).__name__ if learner._module else None,
             "n_params": int(sum(np.size(x) for _, x in leaves)),
             "shapes": {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in leaves},
         },
@@ -267,8 +330,12 @@ def _open_telemetry(
     runs_dir: str | os.PathLike,
     run_name: str | None,
     config: Mapping[str, Any],
+    mask: jax.Array | None,
 ) -> Telemetry:
-    shapes = jax.eval_shape(lambda s, b: learner.step(s, b, track=True)[1], learner.state, batch)
+    # Traced as the step is called (with its mask), so that the trace is the step's own.
+    shapes = jax.eval_shape(
+        lambda s, b, m: learner.step(s, b, track=True, mask=m)[1], learner.state, batch, mask
+    )
     run_dir = new_run_dir(runs_dir, run_name)
     return Telemetry(run_dir, run_metadata(learner, config), shapes)
 
@@ -284,6 +351,7 @@ def train(
     on_epoch: Callable[[int, History], None] | None = None,
     progress: bool = True,
     dashboard: bool | int = False,
+    last_batch: Literal["pad", "drop"] = "pad",
 ) -> History:
     """Train ``learner`` for ``epochs`` passes over its batches, tracking its quantities.
 
@@ -304,6 +372,11 @@ def train(
         port) from a process of its own and print its URL; it outlives training, then stops
         5 minutes after this process has exited and no page is open (see
         :mod:`lmd4ml.dashboard.launch`). Needs the ``dashboard`` extra.
+      last_batch: what to do with a batch shorter than the first (a DataLoader's last):
+        ``"pad"`` it to the first's size with a sample mask, so that one compiled program
+        serves every batch and the padding counts for nothing; or ``"drop"`` it. Where the
+        loss's samples interact (train-mode BatchNorm), padding would change the real
+        samples' losses: such a batch is dropped, with a warning.
 
     Under ``jax.distributed`` every process calls ``train`` on its share of each global batch
     and gets the same history; only process 0 writes the run, serves the dashboard and shows
@@ -315,6 +388,9 @@ def train(
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if last_batch not in ("pad", "drop"):
+        raise ValueError(f"last_batch must be 'pad' or 'drop', got {last_batch!r}")
+    shaper = BatchShaper(learner, last_batch)
     due = _due_keys(learner, track_every, schedules or {})
     total = len(learner.batches) * epochs if hasattr(learner.batches, "__len__") else None
     if total == 0:
@@ -327,6 +403,7 @@ def train(
         "track_every": track_every,
         "schedules": dict(schedules or {}),
         "memory_budget": learner.step.memory_budget,
+        "last_batch": last_batch,
     }
     bar = tqdm(total=total, unit="step", disable=not progress, dynamic_ncols=True)
     pending: tuple[int, Metrics] | None = None
@@ -346,12 +423,15 @@ def train(
         for epoch in range(epochs):
             n_batches = 0
             for batch in learner.batches:
+                batch, mask = shaper(batch)
+                if batch is None:  # a short batch, dropped
+                    continue
                 step = learner.steps_done
                 track = due(step)
                 if track and telemetry is None and runs_dir is not None:
-                    telemetry = _open_telemetry(learner, batch, runs_dir, run_name, config)
+                    telemetry = _open_telemetry(learner, batch, runs_dir, run_name, config, mask)
                 learner.state, metrics, loss = learner.step.step_with_loss(
-                    learner.state, batch, track=track
+                    learner.state, batch, track=track, mask=mask
                 )
                 # Fetch the previous tracked step only now, so the host never waits on the
                 # step it just dispatched.

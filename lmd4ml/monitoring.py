@@ -26,12 +26,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from lmd4ml import protocol, stats
 from lmd4ml.learner import base_metadata, serve_dashboard, warn_if_nonfinite
 from lmd4ml.quantities import Quantity
 from lmd4ml.stats import DataAxis, PyTree, sharding
 from lmd4ml.step import (
     Metrics,
-    check_losses,
     check_params,
     check_quantities,
     linearize,
@@ -55,6 +55,7 @@ class MonitorState(NamedTuple):
     metrics: dict[str, PyTree]  # the values at update ``tracked_step``; NaN (or 0) before
     count: jax.Array  # updates taken so far
     tracked_step: jax.Array  # the update that ``metrics`` describe, -1 before the first
+    samples: jax.Array  # -1 unchecked, 0 independent, 1 interacting, 2 interacting (BatchNorm)
 
 
 def _probe_values(
@@ -68,7 +69,7 @@ def _probe_values(
 
         dtype = jnp.result_type(*jax.tree.leaves(params))
         batch = jnp.ones(PROBE_BATCH, dtype)
-        lin = linearize(loss_fn, params, batch, quantities)
+        lin = linearize(lambda p: (loss_fn(p, batch), None), params, quantities)
         step = jnp.zeros((), jnp.int32)
         return measure(
             quantities, states, loss_fn, batch, params, lin, lin.grads, step, memory_budget
@@ -150,6 +151,7 @@ def monitor(
     every: int = 1,
     memory_budget: int = 2**26,
     batch_sharding: NamedSharding | None = None,
+    has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Wrap an optimizer so that its ``update`` also computes ``quantities``.
 
@@ -165,6 +167,15 @@ def monitor(
     optimizer or the last element of a chain. Values are kept in the state until the next
     tracked update; read them with :func:`metrics`.
 
+    The loss protocol is ``lm.instrument``'s (:mod:`lmd4ml.protocol`): pass ``key=`` (the key
+    your step's loss used) and ``model_state=`` (the state it started from) to ``update``
+    and the loss is called with them, every evaluation within the update with the same key,
+    state and random draws. The inner optimizer also gets optax's ``value``, ``grad`` and
+    ``value_fn`` (for ``optax.lbfgs()``, ``optax.polyak_sgd()``) unless you pass them. The
+    first tracked update checks that the samples do not interact (train-mode BatchNorm);
+    if they do, per-sample quantities are undefined and :func:`metrics` raises. ``mask=``
+    marks the real samples of a padded batch: padded ones count for nothing.
+
     When to track: ``every=k`` tracks updates 0, k, 2k, … (a counter in the state and one
     ``lax.cond``: one compiled program). An extra argument ``track`` overrides it for one call:
     a Python bool selects one of two programs while tracing (``track=False`` is the bare inner
@@ -174,7 +185,8 @@ def monitor(
     every 4th step costs 2.8× ``lm.instrument``'s through ``every=4``).
 
     Args:
-      inner: the optimizer to wrap, any optax transformation (extra arguments are passed on).
+      inner: the optimizer to wrap, any optax transformation (extra arguments other than the
+        monitor's own are passed on).
       quantities: what to compute, e.g. ``[lm.Loss(), lm.NormTest()]``; each value's shape
         must not depend on the batch (true of every built-in quantity).
       every: track every k-th update when ``track`` is not given.
@@ -183,6 +195,7 @@ def monitor(
       batch_sharding: how the batch is placed, e.g. ``NamedSharding(mesh, P("data"))``. Inside
         a jitted step the monitor cannot see it; told, it runs the per-sample pass on each
         device's own samples, as ``lm.instrument`` does for a batch it sees placed so.
+      has_aux: the loss returns ``(losses, aux)``, as with ``jax.grad``'s ``has_aux``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, lmd4ml as lm
@@ -208,6 +221,7 @@ def monitor(
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
     data = _data_axis(batch_sharding)
     inner = optax.with_extra_args_support(inner)
+    uses_samples = any(q.uses_samples for q in quantities)
 
     def init(params: PyTree) -> MonitorState:
         check_params(params)
@@ -219,6 +233,7 @@ def monitor(
             metrics=jax.tree.map(_missing, shapes),
             count=jnp.zeros((), jnp.int32),
             tracked_step=jnp.full((), -1, jnp.int32),
+            samples=jnp.full((), -1, jnp.int32),
         )
         return sharding.on_mesh_of(params, strongly_typed(state))
 
@@ -227,9 +242,12 @@ def monitor(
         state: MonitorState,
         params: optax.Params | None = None,
         *,
-        loss_fn: Callable[[PyTree, PyTree], jax.Array] | None = None,
+        loss_fn: Callable[..., Any] | None = None,
         batch: PyTree = None,
         track: bool | jax.Array | None = None,
+        key: jax.Array | None = None,
+        model_state: PyTree = None,
+        mask: jax.Array | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, MonitorState]:
         if not isinstance(state, MonitorState):
@@ -238,36 +256,88 @@ def monitor(
                 "its own init returned (or the chain's, for a chain)"
             )
         track = _resolve_track(track, every, state.count)
-        extra = {"loss_fn": loss_fn, "batch": batch, **extra_args}
+        # The loss, batch, key and model state are the monitor's own arguments: a line search
+        # inside takes value_fn instead, and refuses keywords it does not consume.
+        extra = dict(extra_args)
         if track is False:
-            updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
+            if loss_fn is not None and batch is not None and params is not None:
+                # Line searches and Polyak steps get the loss; XLA drops it where unused.
+                bound = _bind(loss_fn, params, batch, key, model_state, mask)
+                extra = {**_loss_args(bound, params, grads), **extra}
+            updates, inner_state = _inner_update(grads, state.inner_state, params, extra)
             return updates, state._replace(inner_state=inner_state, count=state.count + 1)
 
         _check_wiring(loss_fn, batch, params)
-        check_losses(jax.eval_shape(loss_fn, params, batch), batch)
+        bound = _bind(loss_fn, params, batch, key, model_state, mask)
+        protocol.check_losses(jax.eval_shape(bound.loss, params, bound.inputs), batch)
         # Outside any lax.cond below, so that XLA merges it with the user's own gradient
         # (inside one, on CPU, it ran as a second, slower pass).
-        lin = linearize(loss_fn, params, batch, quantities)
-        updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
+        lin = linearize(bound.full, params, quantities, bound.inputs_mask)
+        value = stats.hessian.weighted_mean(lin.losses, bound.inputs_mask)
+        extra = {**_loss_args(bound, params, grads, value), **extra}
+        updates, inner_state = _inner_update(grads, state.inner_state, params, extra)
 
-        def tracked(q_states: dict, old: Metrics) -> tuple[dict, Metrics]:
-            args = (loss_fn, batch, params, lin, updates, state.count, memory_budget, data)
-            values, q_states, _ = measure(quantities, q_states, *args)
-            return q_states, _as_stored(values, old)
+        def tracked(q_states: dict, old: Metrics, samples: jax.Array) -> tuple:
+            args = (bound.loss, bound.inputs, params, lin, updates, state.count, memory_budget)
+            values, q_states, _ = measure(quantities, q_states, *args, data, bound.inputs_mask)
+            if uses_samples:
+                samples = jax.lax.cond(samples < 0, samples_flag, lambda: samples)
+            return q_states, _as_stored(values, old), samples
 
-        def kept(q_states: dict, old: Metrics) -> tuple[dict, Metrics]:
-            return q_states, old
+        def samples_flag() -> jax.Array:
+            # ℓᵢ on the batch against ℓᵢ alone, once: 0 independent, 1 or 2 interacting.
+            dtype = jnp.result_type(*jax.tree.leaves(params))
+            found = stats.coupling.deviation(bound.loss, params, bound.inputs, lin.losses)
+            coupled = ~(found <= stats.coupling.tolerance(dtype))
+            jaxpr = jax.make_jaxpr(bound.loss)(params, bound.inputs).jaxpr
+            batchnorm = protocol.batchnorm_in(params, model_state, jaxpr=jaxpr)
+            return jnp.where(coupled, 2 if batchnorm else 1, 0).astype(jnp.int32)
 
+        def kept(q_states: dict, old: Metrics, samples: jax.Array) -> tuple:
+            return q_states, old, samples
+
+        carried = (state.quantity_states, state.metrics, state.samples)
         if track is True:
-            q_states, values = tracked(state.quantity_states, state.metrics)
+            q_states, values, samples = tracked(*carried)
             tracked_step = state.count
         else:
-            q_states, values = jax.lax.cond(
-                track, tracked, kept, state.quantity_states, state.metrics
-            )
+            q_states, values, samples = jax.lax.cond(track, tracked, kept, *carried)
             tracked_step = jnp.where(track, state.count, state.tracked_step)
-        new_state = MonitorState(inner_state, q_states, values, state.count + 1, tracked_step)
+        new_state = MonitorState(
+            inner_state, q_states, values, state.count + 1, tracked_step, samples
+        )
         return updates, new_state
+
+    def _bind(
+        loss_fn: Callable[..., Any],
+        params: PyTree,
+        batch: PyTree,
+        key: Any,
+        model_state: PyTree,
+        mask: Any,
+    ) -> protocol.Bound:
+        protocol.check_batch(batch)
+        protocol.check_extras(key, model_state)
+        mask = protocol.check_mask(mask, batch)
+        extras = protocol.Extras(key, model_state)
+        return protocol.bind(loss_fn, has_aux, params, batch, extras, mask)
+
+    def _loss_args(
+        bound: protocol.Bound, params: PyTree, grads: PyTree, value: jax.Array | None = None
+    ) -> dict[str, Any]:
+        def value_fn(p: PyTree) -> jax.Array:
+            return stats.hessian.weighted_mean(bound.loss(p, bound.inputs), bound.inputs_mask)
+
+        value = value_fn(params) if value is None else value
+        return {"value": value, "grad": grads, "value_fn": value_fn}
+
+    def _inner_update(grads: PyTree, inner_state: Any, params: PyTree, extra: dict) -> tuple:
+        value, value_fn = extra.pop("value", None), extra.pop("value_fn", None)
+        if value_fn is None:
+            return inner.update(grads, inner_state, params, **extra)
+        return protocol.optimizer_update(
+            inner, grads, inner_state, params, value, value_fn, **extra
+        )
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -293,6 +363,16 @@ def metrics(state: Any) -> Metrics:
       >>> int(m["step"]), bool(jnp.isnan(m["loss"]))
       (-1, True)
     """
+    values, samples = _read(state)
+    # The check is one flag of the first tracked update: read it once that update is done,
+    # so that reading the values never waits for the device.
+    if not isinstance(samples, jax.Array) or samples.is_ready():
+        check_samples(samples)
+    return values
+
+
+def _read(state: Any) -> tuple[Metrics, jax.Array]:
+    """The values in a monitor's state, and its flag of interacting samples."""
     found = _monitor_states(state)
     if len(found) != 1:
         what = "no lm.monitor state" if not found else f"{len(found)} lm.monitor states"
@@ -303,7 +383,15 @@ def metrics(state: Any) -> Metrics:
             "nnx.Optimizer or TrainState holding it)"
         )
     pure = nnx.as_pure(found[0])  # nnx.Optimizer wraps every leaf of its state in a Variable
-    return {"step": pure.tracked_step, **pure.metrics}
+    return {"step": pure.tracked_step, **pure.metrics}, pure.samples
+
+
+def check_samples(samples: Any) -> None:
+    """Raise the error of :func:`lmd4ml.protocol.coupling_error` if the monitor found that
+    the loss's samples interact (its ``samples`` flag is 1 or 2)."""
+    code = int(np.asarray(samples))
+    if code > 0:
+        raise protocol.coupling_error(batchnorm=code == 2)
 
 
 class Recorder:
@@ -355,7 +443,7 @@ class Recorder:
         self.quantities = tuple(quantities)
         self.config = dict(config or {})
         self.telemetry: Telemetry | None = None
-        self._pending: Metrics | None = None
+        self._pending: tuple[Metrics, jax.Array] | None = None
         self._last_step = -1
         self._warned_nonfinite = False
         self._writes = writes_telemetry()
@@ -370,15 +458,16 @@ class Recorder:
         """Record the monitor's values in ``state`` if they are from a newly tracked update."""
         if not self._writes:
             return
-        values = metrics(state)
         self._flush()
-        self._pending = values
+        self._pending = _read(state)
 
     def _flush(self) -> None:
         if self._pending is None:
             return
-        values = jax.tree.map(np.asarray, jax.device_get(self._pending))
+        pending, samples = self._pending
+        values = jax.tree.map(np.asarray, jax.device_get(pending))
         self._pending = None
+        check_samples(samples)
         step = int(values.pop("step"))
         if step <= self._last_step:  # not tracked since the last call (or never)
             return

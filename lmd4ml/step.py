@@ -8,9 +8,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from lmd4ml import protocol, stats
 from lmd4ml.quantities import Quantity, StepContext
 from lmd4ml.stats import DataAxis, LossFn, PyTree, data_axis, sharding
 
@@ -25,12 +25,15 @@ class StepState(NamedTuple):
     opt_state: optax.OptState
     quantity_states: dict[str, PyTree]
     step: jax.Array
+    model_state: PyTree = None  # the loss's model state (BatchNorm statistics), if it has one
+    key: jax.Array | None = None  # the run's PRNG key; step t uses fold_in(key, t)
 
 
 def check_params(params: PyTree) -> None:
     """Raise a clear error unless ``params`` is a non-empty pytree of floating-point arrays.
 
     Example:
+      >>> import numpy as np
       >>> check_params({"w": np.zeros(3, np.int32)})
       Traceback (most recent call last):
       ...
@@ -76,25 +79,6 @@ def check_quantities(quantities: Sequence[Quantity]) -> None:
         )
 
 
-def check_losses(losses: jax.ShapeDtypeStruct, batch: PyTree) -> None:
-    """Raise unless ``losses`` is a float vector with one entry per sample of ``batch``."""
-    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch) if np.ndim(x)}
-    n = sizes.pop() if len(sizes) == 1 else None
-    expected = "(B,)" if n is None else f"({n},)"
-    if losses.ndim != 1 or not jnp.issubdtype(losses.dtype, jnp.floating):
-        raise ValueError(
-            "loss_fn(params, batch) must return per-sample losses, a float vector of shape "
-            f"{expected}; got shape {tuple(losses.shape)} dtype {losses.dtype}. "
-            "Return the unreduced loss (e.g. optax.softmax_cross_entropy_with_integer_labels "
-            "without .mean())."
-        )
-    if n is not None and losses.shape[0] != n:
-        raise ValueError(
-            f"loss_fn returned shape {tuple(losses.shape)} but the batch has {n} samples: "
-            f"one loss per sample, shape {expected}, is expected"
-        )
-
-
 def strongly_typed(tree: PyTree) -> PyTree:
     """``tree`` with every leaf a strongly typed array.
 
@@ -114,23 +98,35 @@ class Linearization(NamedTuple):
     losses: jax.Array  # per-sample losses ℓᵢ, shape (B,)
     vjp: Callable[[jax.Array], PyTree]  # c -> Σᵢ cᵢ ∇ℓᵢ
     grads: PyTree  # the mean gradient g = vjp(1/B)
+    outputs: tuple[PyTree, PyTree] = (None, None)  # the loss's (new model state, aux)
 
 
 def linearize(
-    loss_fn: LossFn, params: PyTree, batch: PyTree, quantities: Sequence[Quantity]
+    full: Callable[[PyTree], tuple[jax.Array, Any]],
+    params: PyTree,
+    quantities: Sequence[Quantity],
+    mask: jax.Array | None = None,
 ) -> Linearization:
     """Per-sample losses at ``params``, their VJP and the mean gradient; checks each quantity.
 
+    ``full(params) -> (losses, outputs)``: the batch's per-sample losses and what else the
+    loss returns (:attr:`lmd4ml.protocol.Bound.full`), taken from this same pass. With a
+    sample ``mask``, g is the mean over the real samples.
+
     Example:
-      >>> lin = linearize(lambda w, x: (x * w) ** 2, jnp.array(1.0), jnp.array([1.0, 2.0]), [])
+      >>> x = jnp.array([1.0, 2.0])
+      >>> lin = linearize(lambda w: ((x * w) ** 2, None), jnp.array(1.0), [])
       >>> lin.losses.tolist(), float(lin.grads)
       ([1.0, 4.0], 5.0)
     """
-    losses, vjp = jax.vjp(lambda p: loss_fn(p, batch), params)
+    losses, vjp, outputs = jax.vjp(full, params, has_aux=True)
     for q in quantities:
         q.check(losses.shape[0])
-    (grads,) = vjp(jnp.full_like(losses, 1.0 / losses.shape[0]))
-    return Linearization(losses, lambda c: vjp(c)[0], grads)
+    if mask is None:
+        (grads,) = vjp(jnp.full_like(losses, 1.0 / losses.shape[0]))
+    else:
+        (grads,) = vjp(jnp.where(mask, 1.0, 0.0).astype(losses.dtype) / jnp.sum(mask))
+    return Linearization(losses, lambda c: vjp(c)[0], grads, outputs)
 
 
 def measure(
@@ -144,12 +140,14 @@ def measure(
     step: jax.Array,
     memory_budget: int,
     data: DataAxis | None = None,
+    mask: jax.Array | None = None,
 ) -> tuple[Metrics, dict[str, PyTree], jax.Array]:
     """Every quantity's value at θₜ (``step`` = t) for the update taken from it, in one
     shared context.
 
     Returns the values by key, every quantity state (those of ``quantities`` advanced, the
-    others as given) and the mean loss.
+    others as given) and the mean loss. With a sample ``mask`` that leaves fewer than two
+    real samples, quantities that need two (a sample variance) are NaN.
     """
     ctx = StepContext(
         loss_fn=loss_fn,
@@ -164,11 +162,25 @@ def measure(
         per_sample={s.name: s for q in quantities for s in q.per_sample},
         memory_budget=memory_budget,
         data=data,
+        mask=mask,
     )
     metrics, new_states = {}, dict(states)
     for q in quantities:
         metrics[q.key], new_states[q.key] = q.compute(ctx, states[q.key])
+        if mask is not None and _needs_two(q):
+            metrics[q.key] = jax.tree.map(
+                lambda v: jnp.where(ctx.batch_size >= 2, v, jnp.nan), metrics[q.key]
+            )
     return metrics, new_states, ctx.loss
+
+
+def _needs_two(q: Quantity) -> bool:
+    """Whether ``q`` has no value for one sample (its :meth:`Quantity.check` says so)."""
+    try:
+        q.check(1)
+    except ValueError:
+        return True
+    return False
 
 
 class InstrumentedStep:
@@ -181,6 +193,7 @@ class InstrumentedStep:
         quantities: Sequence[Quantity],
         memory_budget: int,
         donate: bool = False,
+        has_aux: bool = False,
     ):
         quantities = tuple(quantities)
         check_quantities(quantities)
@@ -200,15 +213,26 @@ class InstrumentedStep:
         self.memory_budget = int(memory_budget)
         self.keys = tuple(q.key for q in quantities)
         self.donate = donate
+        self.has_aux = bool(has_aux)
+        self.hints: tuple = ()  # what may name a coupling's cause (a Learner's module)
         self.trace_count: collections.Counter[frozenset[str]] = collections.Counter()
+        self._samples_checked = False
+        self._deviation = jax.jit(self._sample_deviation)
         self._jitted = jax.jit(
             self._step,
             static_argnames=("active", "data"),
             donate_argnames=("state",) if donate else (),
         )
 
-    def init(self, params: PyTree) -> StepState:
+    def init(
+        self, params: PyTree, *, model_state: PyTree = None, key: jax.Array | None = None
+    ) -> StepState:
         """The state before the first step; ``params`` become θ₀.
+
+        ``model_state``: the loss's model state (linen's mutable collections, equinox's
+        ``State``); the loss is then called with ``model_state=`` and returns the new one
+        (:mod:`lmd4ml.protocol`). ``key``: a PRNG key; the loss is then called with
+        ``key=fold_in(key, t)`` at step t.
 
         With ``donate``, every leaf is a copy: the first step may then consume the state
         without touching ``params``, and leaves that would share a buffer (the params and
@@ -217,11 +241,15 @@ class InstrumentedStep:
         than the step gives it back would compile the second step again.
         """
         check_params(params)
+        protocol.check_extras(key, model_state)
+        protocol.check_optimizer(self.optimizer, params)
         state = StepState(
             params=params,
             opt_state=self.optimizer.init(params),
             quantity_states={q.key: q.init(params) for q in self.quantities},
             step=jnp.zeros((), jnp.int32),
+            model_state=model_state,
+            key=key,
         )
         state = strongly_typed(state)
         state = sharding.on_mesh_of(params, state)
@@ -241,15 +269,23 @@ class InstrumentedStep:
         return frozenset(track)
 
     def __call__(
-        self, state: StepState, batch: PyTree, track: bool | Collection[str] = True
-    ) -> tuple[StepState, Metrics]:
+        self,
+        state: StepState,
+        batch: PyTree,
+        track: bool | Collection[str] = True,
+        *,
+        mask: jax.Array | None = None,
+    ) -> tuple[StepState, Metrics] | tuple[StepState, Metrics, PyTree]:
         """One optimizer step; ``metrics`` holds the value of each tracked quantity.
 
         ``track``: ``True`` for every quantity, ``False`` for none (the bare update), or a
-        collection of keys. Each distinct selection compiles once.
+        collection of keys. Each distinct selection compiles once. With ``has_aux``, the
+        loss's auxiliary output on this batch comes third. ``mask``: which samples are real
+        (a boolean (B,)); padded ones count for nothing, in the update and in every
+        statistic, so a short batch padded to B runs the same program.
         """
-        state, metrics, _ = self.step_with_loss(state, batch, track)
-        return state, metrics
+        state, metrics, _, aux = self._run(state, batch, track, mask)
+        return (state, metrics, aux) if self.has_aux else (state, metrics)
 
     def lower(
         self, state: StepState, batch: PyTree, track: bool | Collection[str] = True
@@ -259,48 +295,138 @@ class InstrumentedStep:
         ``step.lower(state, batch).compile().memory_analysis()`` tells what it holds.
         """
         return self._jitted.lower(
-            state, batch, active=self.active_keys(track), data=data_axis(batch)
+            state, batch, None, active=self.active_keys(track), data=data_axis(batch)
         )
 
     def step_with_loss(
-        self, state: StepState, batch: PyTree, track: bool | Collection[str] = True
+        self,
+        state: StepState,
+        batch: PyTree,
+        track: bool | Collection[str] = True,
+        *,
+        mask: jax.Array | None = None,
     ) -> tuple[StepState, Metrics, jax.Array]:
         """As ``__call__``, also returning the mean loss, which every variant computes anyway."""
-        return self._jitted(state, batch, active=self.active_keys(track), data=data_axis(batch))
+        return self._run(state, batch, track, mask)[:3]
+
+    def _run(
+        self,
+        state: StepState,
+        batch: PyTree,
+        track: bool | Collection[str],
+        mask: jax.Array | None,
+    ) -> tuple[StepState, Metrics, jax.Array, PyTree]:
+        active = self.active_keys(track)
+        protocol.check_batch(batch)
+        mask = protocol.check_mask(mask, batch)
+        if (
+            not self._samples_checked
+            and any(q.uses_samples for q in self.quantities if q.key in active)
+            # not while the step is traced (an eval_shape of it): the check needs values
+            and not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state))
+        ):
+            self.check_samples(state, batch, mask)
+        return self._jitted(state, batch, mask, active=active, data=data_axis(batch))
+
+    def check_samples(self, state: StepState, batch: PyTree, mask: jax.Array | None = None) -> None:
+        """Raise a clear error if the loss's samples interact (ℓᵢ on the batch differs from ℓᵢ
+        computed alone), where per-sample instruments are undefined. Run once, before the
+        first step that tracks a per-sample quantity; naming BatchNorm where the model, its
+        parameters or state show one (:func:`lmd4ml.protocol.batchnorm_in`)."""
+        found = self.sample_deviation(state, batch, mask)
+        if found is not None:
+            hints = (*self.hints, state.params, state.model_state)
+            raise protocol.coupling_error(protocol.batchnorm_in(*hints), found)
+        self._samples_checked = True
+
+    def sample_deviation(
+        self, state: StepState, batch: PyTree, mask: jax.Array | None = None
+    ) -> float | None:
+        """How far ℓᵢ on ``batch`` and ℓᵢ computed alone differ (relative), or None within
+        rounding: where samples do not interact (:mod:`lmd4ml.stats.coupling`)."""
+        found = float(self._deviation(state, batch, mask))
+        dtype = jnp.result_type(*jax.tree.leaves(state.params))
+        return None if found <= stats.coupling.tolerance(dtype) else found
+
+    @property
+    def samples_checked(self) -> bool:
+        """Whether the samples were found not to interact (:meth:`check_samples`)."""
+        return self._samples_checked
+
+    def _bind(self, state: StepState, batch: PyTree, mask: jax.Array | None) -> protocol.Bound:
+        extras = protocol.Extras(protocol.step_key(state.key, state.step), state.model_state)
+        return protocol.bind(self.loss_fn, self.has_aux, state.params, batch, extras, mask)
+
+    def _sample_deviation(
+        self, state: StepState, batch: PyTree, mask: jax.Array | None
+    ) -> jax.Array:
+        bound = self._bind(state, batch, mask)
+        protocol.check_losses(jax.eval_shape(bound.loss, state.params, bound.inputs), batch)
+        return stats.coupling.deviation(bound.loss, state.params, bound.inputs)
 
     def _step(
-        self, state: StepState, batch: PyTree, active: frozenset[str], data: DataAxis | None
-    ) -> tuple[StepState, Metrics, jax.Array]:
+        self,
+        state: StepState,
+        batch: PyTree,
+        mask: jax.Array | None,
+        active: frozenset[str],
+        data: DataAxis | None,
+    ) -> tuple[StepState, Metrics, jax.Array, PyTree]:
         self.trace_count[active] += 1
         params = state.params
-        check_losses(jax.eval_shape(self.loss_fn, params, batch), batch)
+        bound = self._bind(state, batch, mask)
+        protocol.check_losses(jax.eval_shape(bound.loss, params, bound.inputs), batch)
+
+        def value_fn(p: PyTree) -> jax.Array:
+            return stats.hessian.weighted_mean(bound.loss(p, bound.inputs), mask)
+
         due = [q for q in self.quantities if q.key in active]
         if not due:
-            loss, grads = jax.value_and_grad(lambda p: jnp.mean(self.loss_fn(p, batch)))(params)
-            updates, opt_state = self.optimizer.update(grads, state.opt_state, params)
+
+            def mean_loss(p: PyTree) -> tuple[jax.Array, tuple]:
+                losses, outputs = bound.full(p)
+                return stats.hessian.weighted_mean(losses, mask), outputs
+
+            (loss, (model_state, aux)), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+            updates, opt_state = protocol.optimizer_update(
+                self.optimizer, grads, state.opt_state, params, loss, value_fn
+            )
             new_state = state._replace(
                 params=optax.apply_updates(params, updates),
                 opt_state=opt_state,
                 step=state.step + 1,
+                model_state=model_state,
             )
-            return new_state, {}, loss
+            return new_state, {}, loss, aux
 
-        lin = linearize(self.loss_fn, params, batch, due)
-        updates, opt_state = self.optimizer.update(lin.grads, state.opt_state, params)
+        lin = linearize(bound.full, params, due, mask)
+        value = stats.hessian.weighted_mean(lin.losses, mask)
+        updates, opt_state = protocol.optimizer_update(
+            self.optimizer, lin.grads, state.opt_state, params, value, value_fn
+        )
         metrics, q_states, loss = measure(
             due,
             state.quantity_states,
-            self.loss_fn,
-            batch,
+            bound.loss,
+            bound.inputs,
             params,
             lin,
             updates,
             state.step,
             self.memory_budget,
             data,
+            mask,
         )
-        new_params = optax.apply_updates(params, updates)
-        return StepState(new_params, opt_state, q_states, state.step + 1), metrics, loss
+        model_state, aux = lin.outputs
+        new_state = StepState(
+            optax.apply_updates(params, updates),
+            opt_state,
+            q_states,
+            state.step + 1,
+            model_state,
+            state.key,
+        )
+        return new_state, metrics, loss, aux
 
 
 def instrument(
@@ -310,13 +436,18 @@ def instrument(
     *,
     memory_budget: int = 2**26,
     donate: bool = False,
+    has_aux: bool = False,
 ) -> InstrumentedStep:
     """Wrap an optax optimizer and a per-sample loss into one jitted, instrumented step.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> (B,)`` per-sample losses; the step minimises
-        their mean.
-      optimizer: any optax ``GradientTransformation``.
+        their mean. With a key or model state given to ``init``, it also takes ``key=`` or
+        ``model_state=`` (and returns the new model state beside the losses): see
+        :mod:`lmd4ml.protocol` and ``docs/your-model.md``.
+      optimizer: any optax ``GradientTransformation``; those that take optax's extra
+        arguments (``optax.lbfgs()``, ``optax.polyak_sgd()``, line searches) get ``value``,
+        ``grad`` and ``value_fn`` (the mean loss on this batch, key and model state held).
       quantities: what to compute at tracked steps, e.g. ``[lm.Loss(), lm.NormTest()]``.
       memory_budget: bytes of per-sample gradients held at once (per device) when a quantity
         needs them (histograms, norm test); the batch is processed in chunks that fit.
@@ -324,10 +455,16 @@ def instrument(
         returns (``jax.jit``'s ``donate_argnames``): the old state is deleted, so keep only
         the returned one. Saves a copy of everything in the state (the parameters, the
         optimizer's moments, Distance's θ₀) on devices short of memory.
+      has_aux: the loss returns ``(losses, aux)`` (as ``jax.grad``'s ``has_aux``); the step
+        then returns ``(state, metrics, aux)``.
 
     A batch split over devices (``jax.device_put(batch, NamedSharding(mesh, P("data")))``)
     goes through the same step: each device computes the per-sample statistics of its own
     samples and the results are reduced across devices (:mod:`lmd4ml.stats.sharding`).
+
+    Where the loss's samples interact (BatchNorm in training mode), per-sample quantities
+    are undefined: the first step that tracks one raises a clear error instead
+    (:meth:`InstrumentedStep.check_samples`).
 
     Example:
       >>> import jax.numpy as jnp, optax, lmd4ml as lm
@@ -341,4 +478,4 @@ def instrument(
       >>> round(float(metrics["loss"]), 3)
       2.5
     """
-    return InstrumentedStep(loss_fn, optimizer, quantities, memory_budget, donate)
+    return InstrumentedStep(loss_fn, optimizer, quantities, memory_budget, donate, has_aux)

@@ -41,6 +41,9 @@ class StepContext:
       grads: the mean gradient g = (1/B) Σᵢ ∇ℓᵢ that the optimizer used.
       vjp: ``vjp(c)`` = Σᵢ cᵢ ∇ℓᵢ for a cotangent c of shape (B,).
       step: t, the number of updates applied before this one (an int32 scalar).
+      mask: which samples are real (a boolean (B,)), or None when all are. Padded samples
+        have ℓᵢ = 0 and ∇ℓᵢ = 0 here; ``batch_size`` counts the real ones, and every
+        statistic built here leaves the padded ones out.
 
     ``per_sample`` names the statistics to build in the shared pass, ``memory_budget`` bounds
     the bytes it holds at once (per device), and ``data`` says how the batch is split over
@@ -65,6 +68,7 @@ class StepContext:
         per_sample: Mapping[str, PerSample] | None = None,
         memory_budget: int = 2**26,
         data: stats.DataAxis | None = None,
+        mask: jax.Array | None = None,
     ):
         self.loss_fn = loss_fn
         self.batch = batch
@@ -75,20 +79,28 @@ class StepContext:
         self.updates = stats.widen(updates)
         self.new_params = new_params
         self.step = step
+        self.mask = mask
         self._declared = dict(per_sample or {})
         self._memory_budget = memory_budget
         self._data = data
         self._last_pass: jax.Array | tuple = ()
 
     @property
-    def batch_size(self) -> int:
-        """B, the number of samples (a Python int, known while tracing)."""
-        return self.losses.shape[0]
+    def batch_size(self) -> int | jax.Array:
+        """B, the number of samples: a Python int, known while tracing, or with a ``mask``
+        the number of real samples (a traced scalar of the losses' dtype)."""
+        if self.mask is None:
+            return self.losses.shape[0]
+        return jnp.sum(self.mask).astype(self.losses.dtype)
+
+    def sample_mean(self, values: jax.Array) -> jax.Array:
+        """The mean of per-sample ``values`` (B,) over the real samples."""
+        return stats.hessian.weighted_mean(values, self.mask)
 
     @cached_property
     def loss(self) -> jax.Array:
-        """L = mean(ℓ)."""
-        return jnp.mean(self.losses)
+        """L = mean(ℓ) over the real samples."""
+        return self.sample_mean(self.losses)
 
     @cached_property
     def grad_sq_norm(self) -> jax.Array:
@@ -105,10 +117,21 @@ class StepContext:
         )
 
     def per_sample(self, stat: PerSample) -> jax.Array:
-        """The value of a per-sample statistic, from the shared pass when it was declared."""
+        """The value of a per-sample statistic, from the shared pass when it was declared.
+
+        With a ``mask``, a ``"sum"`` statistic leaves the padded samples out: their
+        gradients are zero, so their share is their number times ``stat.fn`` of one zero
+        gradient, taken off (a histogram's count of zeros, say).
+        """
         if stat.name in self._declared:
-            return self._declared_pass[stat.name]
-        return self._pass({stat.name: stat})[stat.name]
+            value = self._declared_pass[stat.name]
+        else:
+            value = self._pass({stat.name: stat})[stat.name]
+        if self.mask is None or stat.combine != "sum":
+            return value
+        zero = jax.tree.map(lambda x: jnp.zeros((1, *x.shape), x.dtype), stats.widen(self.params))
+        padded = jnp.sum(~self.mask).astype(value.dtype)
+        return value - padded * stat.fn(zero, self.params).astype(value.dtype)
 
     @cached_property
     def sq_norms(self) -> jax.Array:
@@ -138,7 +161,7 @@ class StepContext:
     @cached_property
     def hvp(self) -> Callable[[PyTree], PyTree]:
         """``hvp(v)`` = ∇²L v at θₜ, forward over reverse, the gradient linearized once."""
-        return stats.hessian.hvp(self.loss_fn, self.params, self.batch)
+        return stats.hessian.hvp(self.loss_fn, self.params, self.batch, self.mask)
 
     @cached_property
     def _hessian_diags(self) -> dict[stats.hessian.DiagEstimator, PyTree]:
@@ -223,6 +246,10 @@ class Quantity(abc.ABC):
 
     key: ClassVar[str] = _Key(None)  # type: ignore[assignment]
     per_sample: ClassVar[tuple[PerSample, ...]] = ()
+    uses_samples: ClassVar[bool] = True
+    """Whether the value needs each sample's own loss or gradient (per-sample statistics,
+    ``ctx.losses``, ``ctx.vjp``); False for batch-level values (the mean loss, g, curvature
+    of the mean loss), which stay defined when samples interact (train-mode BatchNorm)."""
     name: str | None = dataclasses.field(default=None, kw_only=True)
 
     __repr__ = _repr
@@ -271,10 +298,15 @@ class _FunctionQuantity(Quantity):
     fn: Callable[..., Any]
     init_fn: Callable[[PyTree], PyTree] | None
     stats: tuple[PerSample, ...]
+    samples: bool = True
 
     @property
     def key(self) -> str:  # type: ignore[override]
         return self.name
+
+    @property
+    def uses_samples(self) -> bool:  # type: ignore[override]
+        return self.samples
 
     @property
     def per_sample(self) -> tuple[PerSample, ...]:  # type: ignore[override]
@@ -295,11 +327,15 @@ def quantity(
     *,
     init: Callable[[PyTree], PyTree] | None = None,
     per_sample: Sequence[PerSample] = (),
+    uses_samples: bool = True,
 ) -> Quantity:
     """A quantity from one function of the step context.
 
     Without ``init``, ``fn(ctx) -> value``. With ``init``, the quantity carries state:
-    ``init(params) -> state`` and ``fn(ctx, state) -> (value, state)``.
+    ``init(params) -> state`` and ``fn(ctx, state) -> (value, state)``. ``uses_samples=False``
+    declares a batch-level value (reading only ``ctx.loss``, ``ctx.grads``, the params, the
+    update or ``ctx.hvp``): it is then computed where the loss's samples interact (train-mode
+    BatchNorm), where per-sample values are refused (:attr:`Quantity.uses_samples`).
 
     Example:
       >>> import lmd4ml as lm, jax.numpy as jnp
@@ -310,7 +346,7 @@ def quantity(
     check_key(key, "lm.quantity: key", "max_loss")
     if not callable(fn):
         raise TypeError(f"quantity {key!r}: fn must be callable, got {type(fn).__name__}")
-    return _FunctionQuantity(fn, init, tuple(per_sample), name=key)
+    return _FunctionQuantity(fn, init, tuple(per_sample), bool(uses_samples), name=key)
 
 
 def _json_safe(value: Any) -> Any:

@@ -88,6 +88,7 @@ class HessTrace(_HessianDiagQuantity):
     """
 
     key = "hess_trace"
+    uses_samples = False
     per_layer: bool = False
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[Any, PyTree]:
@@ -150,7 +151,7 @@ class TICTrace(_HessianDiagQuantity):
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         diag, state = self._diag(ctx, state)
-        return jnp.mean(ctx.sq_norms) / (_tree_sum(diag) + TIC_EPS), state
+        return ctx.sample_mean(ctx.sq_norms) / (_tree_sum(diag) + TIC_EPS), state
 
 
 class LanczosState(NamedTuple):
@@ -186,6 +187,7 @@ class HessMaxEV(Quantity):
     """
 
     key = "hess_max_ev"
+    uses_samples = False
     rtol: float = 1e-3
     max_iters: int = 100
     krylov_dim: int = 20

@@ -89,7 +89,7 @@ class EarlyStopping(Quantity):
 
 def _trace_cov_biased(ctx: StepContext) -> jax.Array:
     """(1/B)Σᵢ‖∇ℓᵢ − g‖² = (1/B)Σᵢ‖∇ℓᵢ‖² − ‖g‖²."""
-    return jnp.mean(ctx.sq_norms) - ctx.grad_sq_norm
+    return ctx.sample_mean(ctx.sq_norms) - ctx.grad_sq_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +171,7 @@ class NoiseScale(Quantity):
     def estimates(ctx: StepContext) -> tuple[jax.Array, jax.Array]:
         """This step's unbiased estimates (S, |G|²) of tr(Σ) and |G|²."""
         b = ctx.batch_size
-        small = jnp.mean(ctx.sq_norms)  # E‖G_est‖² for batches of 1
+        small = ctx.sample_mean(ctx.sq_norms)  # E‖G_est‖² for batches of 1
         big = ctx.grad_sq_norm  # ... and of B
         return (small - big) * b / (b - 1), (b * big - small) / (b - 1)
 

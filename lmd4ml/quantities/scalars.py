@@ -54,6 +54,7 @@ class Loss(Quantity):
     """
 
     key = "loss"
+    uses_samples = False
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         return ctx.loss, state
@@ -83,6 +84,7 @@ class GradNorm(_Norm):
     """
 
     key = "grad_norm"
+    uses_samples = False
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[PyTree, PyTree]:
         return norms(ctx.grads, self.per_layer), state
@@ -96,6 +98,7 @@ class Distance(_Norm):
     """
 
     key = "distance"
+    uses_samples = False
 
     def init(self, params: PyTree) -> PyTree:
         return params
@@ -109,6 +112,7 @@ class UpdateSize(_Norm):
     """‖θₜ₊₁ − θₜ‖₂, the size of the update this step applied; per leaf too with ``per_layer``."""
 
     key = "update_size"
+    uses_samples = False
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[PyTree, PyTree]:
         return norms(ctx.updates, self.per_layer), state

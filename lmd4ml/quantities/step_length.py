@@ -62,15 +62,22 @@ class Observation(NamedTuple):
     slope_var: jax.Array  # their sample variance
 
 
-def _mean_and_var(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean and sample variance (ddof 1), a zero variance floored to ``ALPHA_VAR_FLOOR``."""
-    var = jnp.var(samples, ddof=1)
-    return samples.mean(), jnp.where(var == 0, jnp.asarray(ALPHA_VAR_FLOOR, var.dtype), var)
+def _mean_and_var(samples: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Mean and sample variance (ddof 1) over the real samples, a zero variance floored to
+    ``ALPHA_VAR_FLOOR``."""
+    if mask is None:
+        mean, var = samples.mean(), jnp.var(samples, ddof=1)
+    else:
+        n = jnp.sum(mask).astype(samples.dtype)
+        mean = jnp.sum(jnp.where(mask, samples, 0)) / n
+        var = jnp.sum(jnp.where(mask, jnp.square(samples - mean), 0)) / (n - 1)
+    return mean, jnp.where(var == 0, jnp.asarray(ALPHA_VAR_FLOOR, var.dtype), var)
 
 
-def observe(losses: jax.Array, slopes: jax.Array) -> Observation:
-    """The observation of per-sample ``losses`` and directional ``slopes``, both shape (B,)."""
-    return Observation(*_mean_and_var(losses), *_mean_and_var(slopes))
+def observe(losses: jax.Array, slopes: jax.Array, mask: jax.Array | None = None) -> Observation:
+    """The observation of per-sample ``losses`` and directional ``slopes``, both shape (B,),
+    over the samples ``mask`` marks real (all, without one)."""
+    return Observation(*_mean_and_var(losses, mask), *_mean_and_var(slopes, mask))
 
 
 def losses_and_slopes(
@@ -176,20 +183,22 @@ class Alpha(Quantity):
         _, start_slopes = losses_and_slopes(ctx, ctx.params, u)
         end_losses, end_slopes = losses_and_slopes(ctx, ctx.new_params, u)
         return step_alpha(
-            optax.tree.norm(u), observe(ctx.losses, start_slopes), observe(end_losses, end_slopes)
+            optax.tree.norm(u),
+            observe(ctx.losses, start_slopes, ctx.mask),
+            observe(end_losses, end_slopes, ctx.mask),
         )
 
     @staticmethod
     def _next_batch(ctx: StepContext, state: AlphaStart) -> tuple[jax.Array, AlphaStart]:
         # This step's θ and batch are the previous step's end point: finish its fit.
         u = state.direction
-        end = observe(ctx.losses, losses_and_slopes(ctx, ctx.params, u)[1])
+        end = observe(ctx.losses, losses_and_slopes(ctx, ctx.params, u)[1], ctx.mask)
         alpha = step_alpha(optax.tree.norm(u), state.start, end)
         follows = ctx.step == state.step + 1
         value = jnp.where(follows, alpha, jnp.nan)
 
         dtype = state.start.value.dtype
-        start = observe(ctx.losses, losses_and_slopes(ctx, ctx.params, ctx.updates)[1])
+        start = observe(ctx.losses, losses_and_slopes(ctx, ctx.params, ctx.updates)[1], ctx.mask)
         new_state = AlphaStart(
             direction=ctx.updates,
             start=Observation(*(x.astype(dtype) for x in start)),

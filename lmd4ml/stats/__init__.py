@@ -7,9 +7,12 @@
 - :mod:`~lmd4ml.stats.hessian`: Hessian-vector products, Hessian diagonal, top eigenvalue.
 - :mod:`~lmd4ml.stats.sharding`: the per-sample pass on a batch split over devices.
 - :mod:`~lmd4ml.stats.precision`: statistics in float32 or wider under mixed precision.
+- :mod:`~lmd4ml.stats.jaxpr`: the one evaluator of a loss's jaxpr that the others share.
+- :mod:`~lmd4ml.stats.randomness`: a loss's random draws, recorded and replayed per sample.
+- :mod:`~lmd4ml.stats.coupling`: whether a loss's samples interact (BatchNorm in training).
 """
 
-from lmd4ml.stats import hessian, precision, sharding
+from lmd4ml.stats import coupling, hessian, jaxpr, precision, randomness, sharding
 from lmd4ml.stats._types import LossFn, PyTree
 from lmd4ml.stats.ghost import factored_leaves
 from lmd4ml.stats.histogram import bin_index, histogram, histogram2d
@@ -36,14 +39,17 @@ __all__ = [
     "bin_index",
     "cast_like",
     "chunk_size",
+    "coupling",
     "data_axis",
     "directional",
     "factored_leaves",
     "hessian",
     "histogram",
     "histogram2d",
+    "jaxpr",
     "per_sample_pass",
     "precision",
+    "randomness",
     "sharding",
     "wide_dtype",
     "widen",
