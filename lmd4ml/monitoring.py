@@ -46,6 +46,10 @@ PROBE_BATCH = 8
 
 USAGE = "tx.update(grads, opt_state, params, loss_fn=loss_fn, batch=batch)"
 
+SAMPLES_CHECKED = 2
+"""Samples of each tracked batch whose loss the monitor also computes alone, to tell whether
+the loss's samples interact (:mod:`lmd4ml.stats.coupling`)."""
+
 
 class MonitorState(NamedTuple):
     """The monitor's part of an optimizer state: the inner state and the last values."""
@@ -171,10 +175,11 @@ def monitor(
     your step's loss used) and ``model_state=`` (the state it started from) to ``update``
     and the loss is called with them, every evaluation within the update with the same key,
     state and random draws. The inner optimizer also gets optax's ``value``, ``grad`` and
-    ``value_fn`` (for ``optax.lbfgs()``, ``optax.polyak_sgd()``) unless you pass them. The
-    first tracked update checks that the samples do not interact (train-mode BatchNorm);
-    if they do, per-sample quantities are undefined and :func:`metrics` raises. ``mask=``
-    marks the real samples of a padded batch: padded ones count for nothing.
+    ``value_fn`` (for ``optax.lbfgs()``, ``optax.polyak_sgd()``) unless you pass them. Each
+    tracked update checks, on its first samples, that the samples do not interact
+    (train-mode BatchNorm); if they do, per-sample quantities are undefined and
+    :func:`metrics` raises. ``mask=`` marks the real samples of a padded batch: padded ones
+    count for nothing.
 
     When to track: ``every=k`` tracks updates 0, k, 2k, … (a counter in the state and one
     ``lax.cond``: one compiled program). An extra argument ``track`` overrides it for one call:
@@ -182,7 +187,7 @@ def monitor(
     update, as ``lm.instrument``'s), a scalar boolean array is decided at run time. On CPU,
     XLA runs convolutions inside a ``lax.cond`` several times slower: for a convolutional
     model there, prefer a static ``track`` (``benchmarks/monitor.py``: 3c3d with the norm test
-    every 4th step costs 2.8× ``lm.instrument``'s through ``every=4``).
+    every 4th step costs 3.1× ``lm.instrument``'s through ``every=4``).
 
     Args:
       inner: the optimizer to wrap, any optax transformation (extra arguments other than the
@@ -281,13 +286,17 @@ def monitor(
             args = (bound.loss, bound.inputs, params, lin, updates, state.count, memory_budget)
             values, q_states, _ = measure(quantities, q_states, *args, data, bound.inputs_mask)
             if uses_samples:
-                samples = jax.lax.cond(samples < 0, samples_flag, lambda: samples)
+                samples = jnp.maximum(samples, samples_flag())  # once interacting, always
             return q_states, _as_stored(values, old), samples
 
         def samples_flag() -> jax.Array:
-            # ℓᵢ on the batch against ℓᵢ alone, once: 0 independent, 1 or 2 interacting.
+            # ℓᵢ on the batch against ℓᵢ alone for its first samples, every tracked update:
+            # a few one-sample forward passes (a check once, in a lax.cond, made XLA's CPU
+            # convolutions of the whole step slower). 0 independent, 1 or 2 interacting.
             dtype = jnp.result_type(*jax.tree.leaves(params))
-            found = stats.coupling.deviation(bound.loss, params, bound.inputs, lin.losses)
+            found = stats.coupling.deviation(
+                bound.loss, params, bound.inputs, lin.losses, first=SAMPLES_CHECKED
+            )
             coupled = ~(found <= stats.coupling.tolerance(dtype))
             jaxpr = jax.make_jaxpr(bound.loss)(params, bound.inputs).jaxpr
             batchnorm = protocol.batchnorm_in(params, model_state, jaxpr=jaxpr)
@@ -364,8 +373,8 @@ def metrics(state: Any) -> Metrics:
       (-1, True)
     """
     values, samples = _read(state)
-    # The check is one flag of the first tracked update: read it once that update is done,
-    # so that reading the values never waits for the device.
+    # The check is one flag of the tracked updates: read it once the update is done, so
+    # that reading the values never waits for the device.
     if not isinstance(samples, jax.Array) or samples.is_ready():
         check_samples(samples)
     return values

@@ -18,10 +18,16 @@ from lmd4ml.stats.per_sample import batch_size
 
 
 def deviation(
-    loss_fn: LossFn, params: PyTree, batch: PyTree, batched: jax.Array | None = None
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    batched: jax.Array | None = None,
+    first: int | None = None,
 ) -> jax.Array:
     """max |ℓᵢ(batch) − ℓᵢ(sample i alone)| over max |ℓᵢ(batch)|: zero when samples do not
-    interact, up to rounding. ``batched``: ℓ on the batch, if already computed.
+    interact, up to rounding. ``batched``: ℓ on the batch, if already computed. ``first``:
+    compute only the first samples alone (a few forward passes of one sample: cheap enough
+    for every step; BatchNorm or a batch-centred loss moves every sample's loss).
 
     Example:
       >>> x = jnp.array([1.0, 2.0, 4.0])
@@ -32,6 +38,9 @@ def deviation(
     """
     batch_size(batch)  # a clear error for a batch without a sample axis
     batched = loss_fn(params, batch) if batched is None else batched
+    if first is not None:
+        batched = batched[:first]
+        batch = jax.tree.map(lambda x: x[:first], batch)
     alone = jax.vmap(lambda s: loss_fn(params, jax.tree.map(lambda x: x[None], s))[0])(batch)
     # Non-finite losses (a diverged step) are no evidence either way.
     finite = jnp.isfinite(batched) & jnp.isfinite(alone)
