@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections
 from functools import partial
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -232,70 +231,6 @@ def test_a_batch_centred_loss_is_refused_for_per_sample_instruments() -> None:
     assert np.isfinite(m["loss"])
 
 
-class LinenBN(nn.Module):
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        h = nn.Dense(H, param_dtype=jnp.float64)(x)
-        h = nn.BatchNorm(use_running_average=not train, param_dtype=jnp.float64)(h)
-        h = nn.Dropout(0.3, deterministic=not train)(nn.relu(h))
-        return nn.Dense(C, param_dtype=jnp.float64)(h)
-
-
-def linen_loss(model: nn.Module) -> callable:
-    """The protocol loss of a linen model with BatchNorm and dropout, in training mode."""
-
-    def loss_fn(p: dict, batch: tuple, *, key: jax.Array, model_state: dict) -> tuple:
-        x, y = batch
-        logits, new = model.apply(
-            {"params": p, **model_state},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": key},
-        )
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y), new
-
-    return loss_fn
-
-
-def users_train_step(loss_fn: callable, tx: optax.GradientTransformation) -> callable:
-    """A linen user's own jitted step, with lm.monitor in its optimizer."""
-
-    @jax.jit
-    def train_step(p: dict, s: dict, opt_state: tuple, batch: tuple, key: jax.Array) -> tuple:
-        def mean(q: dict) -> tuple:
-            losses, new = loss_fn(q, batch, key=key, model_state=s)
-            return losses.mean(), new
-
-        (loss, new_s), grads = jax.value_and_grad(mean, has_aux=True)(p)
-        updates, opt_state = tx.update(
-            grads, opt_state, p, loss_fn=loss_fn, batch=batch, key=key, model_state=s
-        )
-        return optax.apply_updates(p, updates), new_s, opt_state, loss, grads
-
-    return train_step
-
-
-def test_linen_state_and_dropout_through_lm_monitor_in_a_users_loop() -> None:
-    model = LinenBN()
-    variables = model.init(jax.random.key(0), BATCHES[0][0], train=False)
-    params, stats = variables["params"], {"batch_stats": variables["batch_stats"]}
-    loss_fn = linen_loss(model)
-    key = jax.random.fold_in(KEY, 0)
-    for quantities, error in (([lm.Loss(), lm.GradNorm()], None), ([lm.NormTest()], "BatchNorm")):
-        tx = lm.monitor(optax.sgd(0.1), quantities)
-        train_step = users_train_step(loss_fn, tx)
-        *_, opt_state, loss, grads = train_step(params, stats, tx.init(params), BATCHES[0], key)
-        jax.block_until_ready(opt_state)
-        if error:
-            with pytest.raises(ValueError, match=error):
-                lm.metrics(opt_state)
-            continue
-        m = lm.metrics(opt_state)
-        np.testing.assert_allclose(m["loss"], loss, rtol=1e-12)
-        np.testing.assert_allclose(m["grad_norm"], optax.tree.norm(grads), rtol=1e-12)
-
-
 def linear_loss(w: jax.Array, batch: tuple) -> jax.Array:
     x, y = batch
     return optax.softmax_cross_entropy_with_integer_labels(x @ w, y)
@@ -502,16 +437,7 @@ def test_nothing_compiles_after_the_first_epoch() -> None:
     """Dropout, BatchNorm statistics, RNG counts and a padded last batch: a second epoch,
     tracked and untracked steps alike, compiles nothing (XLA compilations counted)."""
 
-    class Net(nnx.Module):
-        def __init__(self, rngs: nnx.Rngs):
-            self.l1 = nnx.Linear(D, H, rngs=rngs, param_dtype=jnp.float64)
-            self.drop = nnx.Dropout(0.3, rngs=rngs)
-            self.l2 = nnx.Linear(H, C, rngs=rngs, param_dtype=jnp.float64)
-
-        def __call__(self, x: jax.Array) -> jax.Array:
-            return self.l2(self.drop(nnx.relu(self.l1(x))))
-
-    net = Net(nnx.Rngs(0, dropout=1))
+    net = DropoutNet(nnx.Rngs(0, dropout=1))
     data = [*BATCHES[:2], jax.tree.map(lambda x: x[:5], BATCHES[2])]
     learner = lm.Learner(net, module_loss, data, optax.adam(0.01), lm.presets.economy())
     lm.train(learner, epochs=1, track_every=2, progress=False, runs_dir=None)
