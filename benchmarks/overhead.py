@@ -38,6 +38,7 @@ Usage::
 
     python benchmarks/overhead.py [--model mlp|3c3d|all] [--suite core|presets|all]
         [--repeats R] [--markdown] [--min-block SECONDS] [--memory-budget BYTES]
+        [--presets economy,business,full]
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ MiB = 2**20
 Configuration = tuple[list[lm.Quantity] | None, int]  # quantities, tracked every k steps
 
 
-def configurations(suite: str) -> dict[str, Configuration]:
+PRESETS = ("economy", "business", "full")
+
+
+def configurations(suite: str, presets: tuple[str, ...] = PRESETS) -> dict[str, Configuration]:
     """The instrumented configurations; ``None`` is the lmd4ml step with ``track=False``."""
     scalars = [lm.Loss(), lm.GradNorm(), lm.Distance(), lm.UpdateSize()]
     core = {
@@ -78,12 +82,12 @@ def configurations(suite: str) -> dict[str, Configuration]:
     }
     if suite == "core":
         return core
-    presets = {
+    chosen = {
         f"{name}/{every}": (getattr(lm.presets, name)(), every)
-        for name in ("economy", "business", "full")
+        for name in presets
         for every in (1, 4, 16)
     }
-    return presets if suite == "presets" else {**core, **presets}
+    return chosen if suite == "presets" else {**core, **chosen}
 
 
 @dataclass
@@ -201,12 +205,13 @@ def benchmark(
     repeats: int,
     min_block_s: float,
     memory_budget: int | None = None,
+    presets: tuple[str, ...] = PRESETS,
 ) -> list[dict]:
     optimizer = optax.sgd(0.01, momentum=0.9)
     runners = [bare_runner(problem, optimizer)]
     runners += [
         lm_runner(name, problem, optimizer, quantities, every, memory_budget)
-        for name, (quantities, every) in configurations(suite).items()
+        for name, (quantities, every) in configurations(suite, presets).items()
     ]
     time_interleaved(runners, repeats, min_block_s)
     return rows_over_bare(problem.name, runners)
@@ -320,7 +325,15 @@ def main(argv: list[str] | None = None) -> None:
         help="bytes passed as lm.instrument(memory_budget=...) (default: lmd4ml's own)",
     )
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
+    parser.add_argument(
+        "--presets",
+        default=",".join(PRESETS),
+        help="comma-separated presets of the presets suite (default: all three)",
+    )
     args = parser.parse_args(argv)
+    presets = tuple(p for p in args.presets.split(",") if p)
+    if unknown := set(presets) - set(PRESETS):
+        parser.error(f"--presets: unknown {sorted(unknown)}; choose from {', '.join(PRESETS)}")
 
     device = jax.devices()[0]
     print(
@@ -339,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
         problem = PROBLEMS[name]()
         batch_size = problem.batch[0].shape[0]
         print(f"{name}: {problem.num_params:,} parameters, batch {batch_size}", flush=True)
-        rows += benchmark(problem, args.suite, args.repeats, args.min_block, args.memory_budget)
+        rows += benchmark(
+            problem, args.suite, args.repeats, args.min_block, args.memory_budget, presets
+        )
     print()
     print(text_table(rows))
     if args.markdown:
