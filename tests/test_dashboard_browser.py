@@ -181,6 +181,9 @@ def test_live_run_grows_keeps_zoom_and_survives_its_training_being_killed(browse
         page, errors = wait_for(lambda: _try_open(browser, url), 30, "the server")
         wait_for(lambda: "LIVE" in status(page), 30, "the page to show the run live")
         wait_for(lambda: len(traces(page)) == 11, 30, "every panel")
+        # The run opens before its first step has finished (compiling it, checking that
+        # samples do not interact): panels may stand empty for a poll or two.
+        wait_for(lambda: None not in newest(page).values(), 30, "the first values")
         first = traces(page)
         first_steps = newest(page)
         assert {(f, k) for _, f, k in first} == set(expected(tmp_path / "runs/live"))
