@@ -100,10 +100,11 @@ def compilations() -> int:
     return BACKEND_COMPILES["/jax/core/compile/backend_compile_duration"]
 
 
-def without_recompiling(t: int, step: Callable, *args: Any) -> Any:
-    """``step(*args)``, the ``t``-th step of a loop; asserts that only the first compiles."""
+def without_recompiling(t: int, step: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``step(*args, **kwargs)``, the ``t``-th step of a loop; asserts that only the first
+    compiles."""
     before = compilations()
-    out = step(*args)
+    out = step(*args, **kwargs)
     assert t == 0 or compilations() == before, f"step {t} compiled again"
     return out
 
@@ -261,3 +262,41 @@ def gathers(text: str) -> list[tuple]:
     """The shape of the result of each all-gather or all-to-all in a compiled program's text."""
     found = re.findall(r"= \w+\[([\d,]*)\]\S* (?:all-gather|all-to-all)(?:-start)?\(", text)
     return [tuple(int(n) for n in dims.split(",") if n) for dims in found]
+
+
+def test_dropout_mask_and_state_match_one_device() -> None:
+    """Dropout's per-sample draws travel with their samples to each device (chunked there),
+    a sample mask too, and model state comes back as on one device."""
+
+    def loss_fn(w: dict, batch: tuple, *, key: jax.Array, model_state: jax.Array) -> tuple:
+        x, y = batch
+        h = jnp.tanh(x @ w["a"])
+        keep = jax.random.bernoulli(key, 0.7, h.shape)
+        losses = (jnp.where(keep, h / 0.7, 0.0) @ w["b"] - y) ** 2
+        return losses, model_state + jnp.mean(h)  # a running sum, as a statistic would be
+
+    rng = np.random.default_rng(3)
+    params = {"a": jnp.asarray(rng.normal(size=(5, 6))), "b": jnp.asarray(rng.normal(size=6))}
+    data = [(jnp.asarray(rng.normal(size=(N, 5))), jnp.asarray(rng.normal(size=N)))] * 3
+    mask = jnp.arange(N) < N - 2
+    quantities = [lm.Loss(), lm.NormTest(), lm.GradHist1d(nbins=11, maxval=2.0), lm.Alpha()]
+    budget = models.budget_for_chunk(params, 2)
+    mesh = data_mesh()
+    out = []
+    for placed in (False, True):
+        step = lm.instrument(loss_fn, optax.adam(1e-2), quantities, memory_budget=budget)
+        key, start = jax.random.key(4), jnp.zeros(())
+        state = step.init(params, key=key, model_state=start)
+        if placed:
+            on_mesh = lambda x: jax.device_put(x, NamedSharding(mesh, P()))  # noqa: E731
+            state = step.init(jax.tree.map(on_mesh, params), key=key, model_state=on_mesh(start))
+        runs = []
+        for t, batch in enumerate(data):
+            batch_mask = mask
+            if placed:
+                batch, batch_mask = jax.device_put((batch, mask), NamedSharding(mesh, P("data")))
+            state, metrics = without_recompiling(t, step, state, batch, mask=batch_mask)
+            runs.append((jax.device_get(metrics), jax.device_get(state.params)))
+        out.append((runs, float(state.model_state)))
+    assert_same(out[1][0], out[0][0])
+    np.testing.assert_allclose(out[1][1], out[0][1], rtol=RTOL)
