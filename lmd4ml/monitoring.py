@@ -278,7 +278,7 @@ def monitor(
         # Outside any lax.cond below, so that XLA merges it with the user's own gradient
         # (inside one, on CPU, it ran as a second, slower pass).
         lin = linearize(bound.full, params, quantities, bound.inputs_mask)
-        value = stats.hessian.weighted_mean(lin.losses, bound.inputs_mask)
+        value = stats.sample_mean(lin.losses, bound.inputs_mask)
         extra = {**_loss_args(bound, params, grads, value), **extra}
         updates, inner_state = _inner_update(grads, state.inner_state, params, extra)
 
@@ -335,7 +335,7 @@ def monitor(
         bound: protocol.Bound, params: PyTree, grads: PyTree, value: jax.Array | None = None
     ) -> dict[str, Any]:
         def value_fn(p: PyTree) -> jax.Array:
-            return stats.hessian.weighted_mean(bound.loss(p, bound.inputs), bound.inputs_mask)
+            return stats.sample_mean(bound.loss(p, bound.inputs), bound.inputs_mask)
 
         value = value_fn(params) if value is None else value
         return {"value": value, "grad": grads, "value_fn": value_fn}

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lmd4ml import stats
 from lmd4ml.stats import LossFn, PyTree, randomness
 from lmd4ml.stats import jaxpr as jaxpr_tools
 
@@ -151,8 +152,7 @@ def _as_given(old: PyTree, new: PyTree) -> PyTree:
 
 def check_losses(losses: jax.ShapeDtypeStruct, batch: PyTree) -> None:
     """Raise unless ``losses`` is a float vector with one entry per sample of ``batch``."""
-    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch) if np.ndim(x)}
-    n = sizes.pop() if len(sizes) == 1 else None
+    n = stats.leading_size(batch)
     expected = "(B,)" if n is None else f"({n},)"
     if losses.ndim != 1 or not jnp.issubdtype(losses.dtype, jnp.floating):
         raise ValueError(
@@ -292,8 +292,7 @@ def check_mask(mask: Any, batch: PyTree) -> jax.Array | None:
     if mask is None:
         return None
     mask = jnp.asarray(mask)
-    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch) if np.ndim(x)}
-    n = sizes.pop() if len(sizes) == 1 else None
+    n = stats.leading_size(batch)
     if mask.ndim != 1 or (n is not None and mask.shape[0] != n):
         raise ValueError(
             f"mask must have one entry per sample, shape ({n if n is not None else 'B'},); "

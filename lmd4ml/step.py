@@ -378,14 +378,14 @@ class InstrumentedStep:
         protocol.check_losses(jax.eval_shape(bound.loss, params, bound.inputs), batch)
 
         def value_fn(p: PyTree) -> jax.Array:
-            return stats.hessian.weighted_mean(bound.loss(p, bound.inputs), mask)
+            return stats.sample_mean(bound.loss(p, bound.inputs), mask)
 
         due = [q for q in self.quantities if q.key in active]
         if not due:
 
             def mean_loss(p: PyTree) -> tuple[jax.Array, tuple]:
                 losses, outputs = bound.full(p)
-                return stats.hessian.weighted_mean(losses, mask), outputs
+                return stats.sample_mean(losses, mask), outputs
 
             (loss, (model_state, aux)), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
             updates, opt_state = protocol.optimizer_update(
@@ -400,7 +400,7 @@ class InstrumentedStep:
             return new_state, {}, loss, aux
 
         lin = linearize(bound.full, params, due, mask)
-        value = stats.hessian.weighted_mean(lin.losses, mask)
+        value = stats.sample_mean(lin.losses, mask)
         updates, opt_state = protocol.optimizer_update(
             self.optimizer, lin.grads, state.opt_state, params, value, value_fn
         )

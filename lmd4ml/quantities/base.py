@@ -95,7 +95,7 @@ class StepContext:
 
     def sample_mean(self, values: jax.Array) -> jax.Array:
         """The mean of per-sample ``values`` (B,) over the real samples."""
-        return stats.hessian.weighted_mean(values, self.mask)
+        return stats.sample_mean(values, self.mask)
 
     @cached_property
     def loss(self) -> jax.Array:

@@ -69,7 +69,7 @@ def _mean_and_var(samples: jax.Array, mask: jax.Array | None) -> tuple[jax.Array
         mean, var = samples.mean(), jnp.var(samples, ddof=1)
     else:
         n = jnp.sum(mask).astype(samples.dtype)
-        mean = jnp.sum(jnp.where(mask, samples, 0)) / n
+        mean = stats.sample_mean(samples, mask)
         var = jnp.sum(jnp.where(mask, jnp.square(samples - mean), 0)) / (n - 1)
     return mean, jnp.where(var == 0, jnp.asarray(ALPHA_VAR_FLOOR, var.dtype), var)
 

@@ -23,7 +23,9 @@ from lmd4ml.stats.per_sample import (
     batch_size,
     chunk_size,
     directional,
+    leading_size,
     per_sample_pass,
+    sample_mean,
 )
 from lmd4ml.stats.precision import cast_like, wide_dtype, widen
 from lmd4ml.stats.sharding import DataAxis, data_axis
@@ -47,9 +49,11 @@ __all__ = [
     "histogram",
     "histogram2d",
     "jaxpr",
+    "leading_size",
     "per_sample_pass",
     "precision",
     "randomness",
+    "sample_mean",
     "sharding",
     "wide_dtype",
     "widen",

@@ -23,7 +23,7 @@ from jax.flatten_util import ravel_pytree
 
 from lmd4ml.stats._types import LossFn, PyTree
 from lmd4ml.stats.jaxpr import equations
-from lmd4ml.stats.per_sample import _chunked, chunk_size
+from lmd4ml.stats.per_sample import _chunked, chunk_size, sample_mean
 from lmd4ml.stats.precision import cast_like, widen
 
 Hvp = Callable[[PyTree], PyTree]
@@ -53,21 +53,9 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, weights: jax.Array | Non
       >>> hvp(loss_fn, jnp.zeros(2), x)(jnp.array([1.0, 0.0])).tolist()
       [2.0, 2.0]
     """
-    grad = jax.grad(lambda p: weighted_mean(loss_fn(p, batch), weights))
+    grad = jax.grad(lambda p: sample_mean(loss_fn(p, batch), weights))
     product = jax.linearize(grad, params)[1]
     return lambda v: widen(product(cast_like(v, params)))
-
-
-def weighted_mean(x: jax.Array, weights: jax.Array | None) -> jax.Array:
-    """mean(x), or Σᵢ wᵢxᵢ / Σᵢ wᵢ with ``weights``.
-
-    Example:
-      >>> weighted_mean(jnp.array([1.0, 3.0, 9.0]), jnp.array([1.0, 1.0, 0.0])).item()
-      2.0
-    """
-    if weights is None:
-        return jnp.mean(x)
-    return jnp.sum(jnp.where(weights > 0, weights * x, 0)) / jnp.sum(weights)
 
 
 def flat_matvec(hvp: Hvp, params: PyTree) -> tuple[Callable[[jax.Array], jax.Array], jax.Array]:

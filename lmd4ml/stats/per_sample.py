@@ -82,6 +82,31 @@ def batch_size(batch: PyTree) -> int:
     return sizes.pop()
 
 
+def leading_size(batch: PyTree) -> int | None:
+    """The batch's number of samples: the leading dimension its arrays share, or None when
+    they share none (or it has none).
+
+    Example:
+      >>> leading_size((np.zeros((8, 3)), np.zeros(8))), leading_size(np.zeros(()))
+      (8, None)
+    """
+    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch) if np.ndim(x)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def sample_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """mean(values) over the samples, or with a sample ``mask`` (or 0/1 weights) over the
+    real ones: Σᵢ mᵢxᵢ / Σᵢ mᵢ, padded values (NaN included) left out.
+
+    Example:
+      >>> sample_mean(jnp.array([1.0, 3.0, 9.0]), jnp.array([True, True, False])).item()
+      2.0
+    """
+    if mask is None:
+        return jnp.mean(values)
+    return jnp.sum(jnp.where(mask > 0, mask * values, 0)) / jnp.sum(mask)
+
+
 def chunk_size(per_sample: PyTree, memory_budget: int, batch: int, extra_bytes: int = 0) -> int:
     """How many samples fit in ``memory_budget`` bytes when each holds arrays like ``per_sample``
     and ``extra_bytes`` more (at least 1, at most ``batch``); for full per-sample gradients,

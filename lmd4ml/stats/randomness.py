@@ -27,6 +27,7 @@ import numpy as np
 
 from lmd4ml.stats import jaxpr as jaxpr_tools
 from lmd4ml.stats._types import PyTree
+from lmd4ml.stats.per_sample import leading_size
 
 Fn = Callable[..., Any]
 
@@ -94,8 +95,7 @@ def plan(fn: Fn, params: PyTree, batch: PyTree, extra: PyTree = ()) -> Plan | No
       >>> plan(loss, jnp.ones(3), jnp.ones((4, 3)), jax.random.key(0))
       Plan(per_sample=(True, False))
     """
-    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch) if np.ndim(x)}
-    n = sizes.pop() if len(sizes) == 1 else None
+    n = leading_size(batch)
     at_n = draw_shapes(fn, params, batch, extra)
     if not at_n:
         return None
