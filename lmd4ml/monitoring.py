@@ -265,11 +265,15 @@ def monitor(
         # inside takes value_fn instead, and refuses keywords it does not consume.
         extra = dict(extra_args)
         if track is False:
-            if loss_fn is not None and batch is not None and params is not None:
+            if loss_fn is None or batch is None or params is None:
+                updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
+            else:
                 # Line searches and Polyak steps get the loss; XLA drops it where unused.
                 bound = _bind(loss_fn, params, batch, key, model_state, mask)
-                extra = {**_loss_args(bound, params, grads), **extra}
-            updates, inner_state = _inner_update(grads, state.inner_state, params, extra)
+                extra = {**_loss_args(bound, grads, bound.mean(params)), **extra}
+                updates, inner_state = protocol.optimizer_update(
+                    inner, grads, state.inner_state, params, **extra
+                )
             return updates, state._replace(inner_state=inner_state, count=state.count + 1)
 
         _check_wiring(loss_fn, batch, params)
@@ -279,8 +283,10 @@ def monitor(
         # (inside one, on CPU, it ran as a second, slower pass).
         lin = linearize(bound.full, params, quantities, bound.inputs_mask)
         value = stats.sample_mean(lin.losses, bound.inputs_mask)
-        extra = {**_loss_args(bound, params, grads, value), **extra}
-        updates, inner_state = _inner_update(grads, state.inner_state, params, extra)
+        extra = {**_loss_args(bound, grads, value), **extra}
+        updates, inner_state = protocol.optimizer_update(
+            inner, grads, state.inner_state, params, **extra
+        )
 
         def tracked(q_states: dict, old: Metrics, samples: jax.Array) -> tuple:
             args = (bound.loss, bound.inputs, params, lin, updates, state.count, memory_budget)
@@ -326,27 +332,14 @@ def monitor(
         mask: Any,
     ) -> protocol.Bound:
         protocol.check_batch(batch)
-        protocol.check_extras(key, model_state)
+        protocol.check_key(key)
         mask = protocol.check_mask(mask, batch)
         extras = protocol.Extras(key, model_state)
         return protocol.bind(loss_fn, has_aux, params, batch, extras, mask)
 
-    def _loss_args(
-        bound: protocol.Bound, params: PyTree, grads: PyTree, value: jax.Array | None = None
-    ) -> dict[str, Any]:
-        def value_fn(p: PyTree) -> jax.Array:
-            return stats.sample_mean(bound.loss(p, bound.inputs), bound.inputs_mask)
-
-        value = value_fn(params) if value is None else value
-        return {"value": value, "grad": grads, "value_fn": value_fn}
-
-    def _inner_update(grads: PyTree, inner_state: Any, params: PyTree, extra: dict) -> tuple:
-        value, value_fn = extra.pop("value", None), extra.pop("value_fn", None)
-        if value_fn is None:
-            return inner.update(grads, inner_state, params, **extra)
-        return protocol.optimizer_update(
-            inner, grads, inner_state, params, value, value_fn, **extra
-        )
+    def _loss_args(bound: protocol.Bound, grads: PyTree, value: jax.Array) -> dict[str, Any]:
+        """optax's extra arguments for the inner optimizer (yours, if given, win)."""
+        return {"value": value, "grad": grads, "value_fn": bound.mean}
 
     return optax.GradientTransformationExtraArgs(init, update)
 

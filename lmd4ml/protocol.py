@@ -187,7 +187,7 @@ def check_batch(batch: PyTree) -> None:
             )
 
 
-def check_extras(key: Any, model_state: PyTree) -> None:
+def check_key(key: Any) -> None:
     """Raise a clear error unless ``key`` is a PRNG key (or None)."""
     if key is None:
         return
@@ -200,7 +200,6 @@ def check_extras(key: Any, model_state: PyTree) -> None:
         )
     if np.shape(key) != () and not raw:
         raise TypeError(f"key must be a single PRNG key, got shape {np.shape(key)}")
-    del model_state
 
 
 def step_key(key: jax.Array | None, step: jax.Array) -> jax.Array | None:
@@ -224,6 +223,11 @@ class Bound(NamedTuple):
     def inputs_mask(self) -> jax.Array | None:
         """The sample mask the loss applies, or None."""
         return self.inputs.mask if isinstance(self.inputs, Sampled) else None
+
+    def mean(self, params: PyTree) -> jax.Array:
+        """The mean loss over the real samples as a function of ``params``: optax's
+        ``value_fn`` for line searches."""
+        return stats.sample_mean(self.loss(params, self.inputs), self.inputs_mask)
 
 
 def bind(
@@ -390,32 +394,26 @@ def coupling_error(batchnorm: bool, deviation: float | None = None) -> ValueErro
     )
 
 
-EXTRA_ARGS = ("value", "grad", "value_fn")
-"""What optax's line searches and Polyak step sizes take beside the gradient."""
-
-
 def optimizer_update(
     optimizer: optax.GradientTransformation,
     grads: PyTree,
     opt_state: optax.OptState,
     params: PyTree,
-    value: jax.Array,
-    value_fn: Callable[[PyTree], jax.Array],
     **extra: Any,
 ) -> tuple[PyTree, optax.OptState]:
-    """``optimizer.update`` with optax's extra arguments ``value`` (the mean loss), ``grad``
-    and ``value_fn`` (the mean loss on this batch as a function of the params), passing only
-    those its update accepts; a clear error for optimizers that need something else.
+    """``optimizer.update`` with extra arguments, such as optax's ``value`` (the mean loss),
+    ``grad`` and ``value_fn`` (the mean loss on this batch as a function of the params),
+    passing only those its update accepts; a clear error for optimizers that need something
+    the step does not have.
 
     Example:
       >>> tx = optax.polyak_sgd()
       >>> w = jnp.ones(2)
-      >>> u, _ = optimizer_update(tx, w, tx.init(w), w, jnp.float32(1.0), lambda p: p @ p)
+      >>> u, _ = optimizer_update(tx, w, tx.init(w), w, value=1.0, value_fn=lambda p: p @ p)
       >>> u.tolist()
       [-0.5, -0.5]
     """
-    offered = {"value": value, "grad": grads, "value_fn": value_fn, **extra}
-    accepted = _accepted(optimizer.update, offered)
+    accepted = _accepted(optimizer.update, extra)
     try:
         return optimizer.update(grads, opt_state, params, **accepted)
     except (TypeError, ValueError) as error:

@@ -241,7 +241,7 @@ class InstrumentedStep:
         than the step gives it back would compile the second step again.
         """
         check_params(params)
-        protocol.check_extras(key, model_state)
+        protocol.check_key(key)
         protocol.check_optimizer(self.optimizer, params)
         state = StepState(
             params=params,
@@ -377,9 +377,6 @@ class InstrumentedStep:
         bound = self._bind(state, batch, mask)
         protocol.check_losses(jax.eval_shape(bound.loss, params, bound.inputs), batch)
 
-        def value_fn(p: PyTree) -> jax.Array:
-            return stats.sample_mean(bound.loss(p, bound.inputs), mask)
-
         due = [q for q in self.quantities if q.key in active]
         if not due:
 
@@ -389,7 +386,13 @@ class InstrumentedStep:
 
             (loss, (model_state, aux)), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
             updates, opt_state = protocol.optimizer_update(
-                self.optimizer, grads, state.opt_state, params, loss, value_fn
+                self.optimizer,
+                grads,
+                state.opt_state,
+                params,
+                value=loss,
+                grad=grads,
+                value_fn=bound.mean,
             )
             new_state = state._replace(
                 params=optax.apply_updates(params, updates),
@@ -400,9 +403,14 @@ class InstrumentedStep:
             return new_state, {}, loss, aux
 
         lin = linearize(bound.full, params, due, mask)
-        value = stats.sample_mean(lin.losses, mask)
         updates, opt_state = protocol.optimizer_update(
-            self.optimizer, lin.grads, state.opt_state, params, value, value_fn
+            self.optimizer,
+            lin.grads,
+            state.opt_state,
+            params,
+            value=stats.sample_mean(lin.losses, mask),
+            grad=lin.grads,
+            value_fn=bound.mean,
         )
         metrics, q_states, loss = measure(
             due,
