@@ -144,18 +144,19 @@ class BatchShaper:
         self.learner = learner
         self.last_batch = last_batch
         self.size: int | None = None
+        self.full: jax.Array | None = None  # the mask of a full batch, made once
         self.independent: bool | None = None  # whether the samples do not interact
         self.warned = False
 
     def __call__(self, batch: PyTree) -> tuple[PyTree | None, jax.Array | None]:
         n = stats.batch_size(batch)
         if self.size is None:
-            self.size = n
+            self.size, self.full = n, jnp.ones(n, bool)
         if self.last_batch == "drop":
             return (batch, None) if n >= self.size else (None, None)
         if n >= self.size:
             # A mask on full batches too: the same program then serves a padded one.
-            return batch, jnp.ones(n, bool)
+            return batch, self.full if n == self.size else jnp.ones(n, bool)
         index = np.arange(self.size) % n
         padded = jax.tree.map(lambda x: x[index], batch)
         mask = jnp.asarray(np.arange(self.size) < n)
