@@ -62,6 +62,22 @@ def per_sample_grads(loss_fn: Callable, params: Any, batch: Any) -> PerSampleGra
     return PerSampleGrads(np.asarray(losses), np.stack(rows))
 
 
+@functools.cache
+def _row_grad(losses_of: Callable[..., jax.Array]) -> Callable[..., Any]:
+    # Jitted once per loss (i and the rest are arguments), so the loop compiles once.
+    return jax.jit(jax.grad(lambda p, i, *args: losses_of(p, *args)[i]))
+
+
+def batched_grads(losses_of: Callable[..., jax.Array], params: Any, *args: Any) -> np.ndarray:
+    """Row i = ∇ℓᵢ, the gradient of entry i of the batched loss vector
+    ``losses_of(params, *args)``, one ``jax.grad`` per sample in a Python loop (B×P, float64,
+    in :func:`flatten` order). Unlike :func:`per_sample_grads`, the loss runs on the whole
+    batch, so sample i keeps what the batched pass gave it (its dropout mask)."""
+    grad_i = _row_grad(losses_of)
+    n = losses_of(params, *args).shape[0]
+    return np.stack([flatten(grad_i(params, i, *args)) for i in range(n)])
+
+
 def mean_grad(grads: np.ndarray) -> np.ndarray:
     """g = (1/B) Σᵢ ∇ℓᵢ."""
     return grads.mean(axis=0)

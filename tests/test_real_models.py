@@ -47,13 +47,6 @@ def dropout_loss(params: dict, batch: tuple, *, key: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
-def loop_grads(losses_of: callable, params: dict) -> np.ndarray:
-    """Row i = ∇ℓᵢ of the batched loss vector, by one jax.grad per sample (B×P, float64)."""
-    n = losses_of(params).shape[0]
-    grad_i = jax.jit(jax.grad(lambda p, i: losses_of(p)[i]))
-    return np.stack([reference.flatten(grad_i(params, i)) for i in range(n)])
-
-
 SUM_GRADS = lm.PerSample(
     "sum_grads",
     lambda grads, params: jnp.concatenate(
@@ -91,7 +84,7 @@ def test_dropout_per_sample_statistics_use_the_batched_masks() -> None:
         params = state.params
         state, m = step(state, batch)
         key_t = jax.random.fold_in(KEY, t)
-        grads = loop_grads(partial(dropout_loss, batch=batch, key=key_t), params)
+        grads = reference.batched_grads(partial(dropout_loss, batch=batch, key=key_t), params)
         assert float(m["mean_gap"]) < 1e-12
         np.testing.assert_allclose(m["loss"], dropout_loss(params, batch, key=key_t).mean())
         np.testing.assert_allclose(m["grad_norm"], np.linalg.norm(grads.mean(0)), rtol=1e-10)
@@ -121,9 +114,9 @@ def test_alpha_and_hessian_see_the_step_masks() -> None:
     _, m = step(state, BATCHES[0])
     fixed = jax.random.fold_in(KEY, 0)
     loss = lambda p: dropout_loss(p, BATCHES[0], key=fixed)  # noqa: E731
-    grads = loop_grads(loss, params)
+    grads = reference.batched_grads(loss, params)
     new = reference.unflatten_like(reference.flatten(params) - 0.1 * grads.mean(0), params)
-    end_grads = loop_grads(loss, new)
+    end_grads = reference.batched_grads(loss, new)
     expected = reference.alpha(
         np.asarray(loss(params)), grads, np.asarray(loss(new)), end_grads, -0.1 * grads.mean(0)
     )
@@ -174,7 +167,7 @@ def test_nnx_dropout_learner_trains_with_consistent_masks() -> None:
         p, rest = jax.tree.map(lambda x: x, (p, before.model_state))  # Variables of this trace
         return module_loss(nnx.merge(graphdef, p, rest), BATCHES[0])
 
-    grads = loop_grads(losses, before.params)
+    grads = reference.batched_grads(losses, before.params)
     np.testing.assert_allclose(history["norm_test"][0], reference.norm_test(grads), rtol=1e-9)
     # The RNG count moved once per step, as in nnx's own training.
     counts = [x for x in jax.tree.leaves(learner.model_state) if x.dtype == jnp.uint32]

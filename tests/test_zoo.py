@@ -78,21 +78,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-@functools.cache
-def _row_grad(losses_of: Callable[..., jax.Array]) -> Callable[..., Any]:
-    # Jitted once per loss (i and the rest are arguments), so the loop compiles once.
-    return jax.jit(jax.grad(lambda p, i, *args: losses_of(p, *args)[i]))
-
-
-def loop_grads(losses_of: Callable[..., jax.Array], params: Any, *args: Any) -> np.ndarray:
-    """Row i = ∇ℓᵢ, the gradient of entry i of the batched loss vector
-    ``losses_of(params, *args)``, one ``jax.grad`` per sample in a Python loop (B×P, float64,
-    in :func:`reference.flatten` order)."""
-    grad_i = _row_grad(losses_of)
-    n = losses_of(params, *args).shape[0]
-    return np.stack([reference.flatten(grad_i(params, i, *args)) for i in range(n)])
-
-
 def assert_trees_close(ours: Any, theirs: Any, rtol: float = STATE_RTOL) -> None:
     ours, theirs = jax.tree.leaves(ours), jax.tree.leaves(theirs)
     assert len(ours) == len(theirs)
@@ -268,7 +253,9 @@ def test_nnx_transformer_with_dropout_through_learner() -> None:
         assert history["step"][-1] == t
 
         # The module as the step saw it, RNG counts included: the same masks as its pass.
-        grads = loop_grads(transformer_losses, before.params, before.model_state, batch)
+        grads = reference.batched_grads(
+            transformer_losses, before.params, before.model_state, batch
+        )
         losses = transformer_losses(before.params, before.model_state, batch)
         np.testing.assert_allclose(history["loss"][-1], losses.mean(), RTOL)
         np.testing.assert_allclose(
@@ -453,7 +440,7 @@ def test_equinox_dropout_mlp_through_instrument_with_a_key() -> None:
         before = state
         state, m = step(state, batch)
         key_t = jax.random.fold_in(KEY, t)  # the step's key
-        grads = loop_grads(eqx_dropout_losses, before.params, batch, key_t)
+        grads = reference.batched_grads(eqx_dropout_losses, before.params, batch, key_t)
         assert all(np.all(np.isfinite(np.asarray(v, float))) for v in jax.tree.leaves(m))
         losses = eqx_dropout_loss(before.params, batch, key=key_t)
         np.testing.assert_allclose(m["loss"], losses.mean(), rtol=RTOL)
