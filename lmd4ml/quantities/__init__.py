@@ -1,7 +1,8 @@
 """Quantities: pure functions of the step context, one module per family."""
 
 from lmd4ml.quantities.base import Quantity, StepContext, quantity
-from lmd4ml.quantities.curvature import HessMaxEV, HessTrace, TICDiag, TICTrace
+from lmd4ml.quantities.curvature import HessTrace, TICDiag, TICTrace
+from lmd4ml.quantities.eigenvalue import HessMaxEV
 from lmd4ml.quantities.gradient_tests import InnerTest, NormTest, OrthoTest
 from lmd4ml.quantities.histograms import GradHist1d, GradHist2d
 from lmd4ml.quantities.noise import CABS, EarlyStopping, MeanGSNR, NoiseScale

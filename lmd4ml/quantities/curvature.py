@@ -1,4 +1,4 @@
-"""Curvature: Hessian trace, Takeuchi information criterion, largest Hessian eigenvalue.
+"""Curvature from the Hessian's diagonal: its trace and the Takeuchi information criterion.
 
 Everything here reads Hessian-vector products of the mean loss L from the step context
 (:mod:`lmd4ml.stats.hessian`). HessTrace, TICDiag and TICTrace with the same ``method``,
@@ -8,11 +8,10 @@ Everything here reads Hessian-vector products of the mean loss L from the step c
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from lmd4ml import stats
 from lmd4ml.quantities.base import Quantity, StepContext
@@ -152,69 +151,3 @@ class TICTrace(_HessianDiagQuantity):
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         diag, state = self._diag(ctx, state)
         return ctx.sample_mean(ctx.sq_norms) / (_tree_sum(diag) + TIC_EPS), state
-
-
-class LanczosState(NamedTuple):
-    """HessMaxEV's state: the warm start for the next step, and what this step spent."""
-
-    vector: jax.Array  # unit vector, raveled like the params (jax.flatten_util.ravel_pytree)
-    iterations: jax.Array  # Hessian-vector products the last computation used
-
-
-UNROLL_ON_CPU_CONV = 8
-"""Lanczos products run outside a loop for convolutional models on CPU: enough for a warm
-start on DeepOBS 3c3d (7–8 products a step), each ~10× faster than inside the loop."""
-
-
-@dataclasses.dataclass(frozen=True)
-class HessMaxEV(Quantity):
-    """The largest eigenvalue of ∇²L (algebraic, not largest in magnitude), by Lanczos.
-
-    Restarted Lanczos (:func:`lmd4ml.stats.hessian.max_eigenvalue`) on Hessian-vector
-    products, warm-started from the previous step's eigenvector, which the state carries;
-    the first step starts from a random vector drawn with ``seed``. It stops when the Ritz
-    residual is at most ``rtol`` times the spectral radius, or after ``max_iters`` products.
-    For a convolutional model on CPU the first ``unroll`` products (default
-    ``UNROLL_ON_CPU_CONV``) run outside any loop, where XLA's convolutions are ~10× faster.
-
-    Example:
-      >>> import jax.numpy as jnp, optax, lmd4ml as lm
-      >>> loss_fn = lambda w, x: (x @ w) ** 2  # ∇²L = 2 xᵀx / B: eigenvalues 3 ± √5
-      >>> step = lm.instrument(loss_fn, optax.sgd(0.1), [lm.HessMaxEV()])
-      >>> _, metrics = step(step.init(jnp.zeros(2)), jnp.array([[1.0, 0.0], [1.0, 2.0]]))
-      >>> round(float(metrics["hess_max_ev"]), 4)
-      5.2361
-    """
-
-    key = "hess_max_ev"
-    uses_samples = False
-    rtol: float = 1e-3
-    max_iters: int = 100
-    krylov_dim: int = 20
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.rtol < 1:
-            raise ValueError(f"HessMaxEV: rtol must be in (0, 1), got {self.rtol!r}")
-        for name in ("max_iters", "krylov_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"HessMaxEV: {name} must be a positive int, got {value!r}")
-
-    def init(self, params: PyTree) -> LanczosState:
-        flat = ravel_pytree(stats.widen(params))[0]
-        start = jax.random.normal(jax.random.PRNGKey(self.seed), flat.shape, flat.dtype)
-        return LanczosState(start, jnp.zeros((), jnp.int32))
-
-    def compute(self, ctx: StepContext, state: LanczosState) -> tuple[jax.Array, LanczosState]:
-        matvec, _ = stats.hessian.flat_matvec(ctx.hvp, ctx.params)
-        unrolled = stats.hessian.needs_unrolling(ctx.loss_fn, ctx.params, ctx.batch)
-        out = stats.hessian.max_eigenvalue(
-            matvec,
-            state.vector,
-            rtol=self.rtol,
-            max_iters=self.max_iters,
-            krylov_dim=self.krylov_dim,
-            unroll=UNROLL_ON_CPU_CONV if unrolled else 0,
-        )
-        return out.value, LanczosState(out.vector, out.iterations)
