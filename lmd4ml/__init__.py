@@ -28,6 +28,7 @@ from lmd4ml.quantities import (
 )
 from lmd4ml.stats import PerSample
 from lmd4ml.step import InstrumentedStep, StepState, instrument
+from lmd4ml.supervised import Supervised, supervised
 from lmd4ml.telemetry.export import to_csv, to_json, to_tensorboard
 from lmd4ml.telemetry.store import Run, RunStoreError, list_runs, load_run
 
@@ -59,6 +60,7 @@ __all__ = [
     "RunStoreError",
     "StepContext",
     "StepState",
+    "Supervised",
     "TICDiag",
     "TICTrace",
     "UpdateSize",
@@ -71,6 +73,7 @@ __all__ = [
     "quantity",
     "schedules",
     "stats",
+    "supervised",
     "to_csv",
     "to_json",
     "to_tensorboard",

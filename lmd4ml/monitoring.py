@@ -290,7 +290,10 @@ def monitor(
 
         def tracked(q_states: dict, old: Metrics, samples: jax.Array) -> tuple:
             args = (bound.loss, bound.inputs, params, lin, updates, state.count, memory_budget)
-            values, q_states, _ = measure(quantities, q_states, *args, data, bound.inputs_mask)
+            split = protocol.bind_split(loss_fn, params, batch, protocol.Extras(key, model_state))
+            values, q_states, _ = measure(
+                quantities, q_states, *args, data, bound.inputs_mask, split
+            )
             if uses_samples:
                 samples = jnp.maximum(samples, samples_flag())  # once interacting, always
             return q_states, _as_stored(values, old), samples

@@ -22,6 +22,7 @@ per-sample loss that the statistics take, ``loss(params, inputs) -> (B,)``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -32,8 +33,9 @@ import numpy as np
 import optax
 
 from lmd4ml import stats
-from lmd4ml.stats import LossFn, PyTree, randomness
+from lmd4ml.stats import LossFn, PyTree, ggn, randomness
 from lmd4ml.stats import jaxpr as jaxpr_tools
+from lmd4ml.supervised import Supervised
 
 
 class Extras(NamedTuple):
@@ -281,6 +283,22 @@ def bind(
     return Bound(lambda p, b: masked(p, b)[0], inputs, lambda p: masked(p, inputs))
 
 
+def bind_split(
+    loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, extras: Extras
+) -> ggn.Split | None:
+    """The model and output loss of a loss from ``lm.supervised``, the model bound to the
+    step as the loss is (:func:`bind`: same key, model state and replayed draws); None for
+    any other loss."""
+    if not isinstance(loss_fn, Supervised):
+        return None
+    bound = bind(loss_fn.forward, False, params, batch, extras)
+
+    def targets(sample: PyTree) -> PyTree:
+        return loss_fn.targets(sample.batch if isinstance(sample, Sampled) else sample)
+
+    return ggn.Split(bound.loss, bound.inputs, loss_fn.curvature, targets)
+
+
 def check_mask(mask: Any, batch: PyTree) -> jax.Array | None:
     """``mask`` as a boolean vector, one entry per sample of ``batch``; a clear error for
     anything else.
@@ -310,9 +328,13 @@ def check_mask(mask: Any, batch: PyTree) -> jax.Array | None:
 def nnx_loss(loss_fn: Callable[..., Any], graphdef: Any, has_aux: bool = False) -> Callable:
     """A protocol loss for an nnx module split into ``graphdef``, ``nnx.Param`` and the rest:
     ``loss_fn(module, batch)`` on the merged module, the rest (BatchNorm statistics, RNG
-    counts) its model state, read back after the call.
+    counts) its model state, read back after the call. A loss from ``lm.supervised`` stays
+    one, its ``apply_fn(module, inputs)`` wrapped the same way.
     """
     from flax import nnx
+
+    if isinstance(loss_fn, Supervised) and not has_aux:
+        return dataclasses.replace(loss_fn, apply_fn=nnx_loss(loss_fn.apply_fn, graphdef))
 
     def loss(params: PyTree, batch: PyTree, *, model_state: PyTree) -> tuple:
         # Variables made in this trace: nnx refuses to mutate ones from an enclosing trace
@@ -388,9 +410,10 @@ def coupling_error(batchnorm: bool, deviation: float | None = None) -> ValueErro
         fix = "make ℓᵢ depend on sample i alone, or track only batch-level instruments"
     return ValueError(
         f"per-sample instruments are undefined here: {cause}{seen}. Per-sample gradients, "
-        f"the gradient tests, histograms, GSNR, TIC, the noise scale and α need each "
+        f"the gradient tests, histograms, GSNR, TIC, the noise scale, α and the GGN need each "
         f"sample's own gradient. To fix: {fix} (lm.Loss, lm.GradNorm, lm.Distance, "
-        "lm.UpdateSize, lm.HessMaxEV and lm.HessTrace stay valid)."
+        "lm.UpdateSize, lm.HessMaxEV and lm.HessTrace(method='exact' or 'hutchinson') stay "
+        "valid)."
     )
 
 

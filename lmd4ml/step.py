@@ -141,13 +141,15 @@ def measure(
     memory_budget: int,
     data: DataAxis | None = None,
     mask: jax.Array | None = None,
+    split: stats.ggn.Split | None = None,
 ) -> tuple[Metrics, dict[str, PyTree], jax.Array]:
     """Every quantity's value at θₜ (``step`` = t) for the update taken from it, in one
     shared context.
 
     Returns the values by key, every quantity state (those of ``quantities`` advanced, the
     others as given) and the mean loss. With a sample ``mask`` that leaves fewer than two
-    real samples, quantities that need two (a sample variance) are NaN.
+    real samples, quantities that need two (a sample variance) are NaN. ``split``: the
+    model and output loss of a loss from ``lm.supervised`` (for the GGN).
     """
     ctx = StepContext(
         loss_fn=loss_fn,
@@ -163,6 +165,7 @@ def measure(
         memory_budget=memory_budget,
         data=data,
         mask=mask,
+        split=split,
     )
     metrics, new_states = {}, dict(states)
     for q in quantities:
@@ -353,8 +356,11 @@ class InstrumentedStep:
         """Whether the samples were found not to interact (:meth:`check_samples`)."""
         return self._samples_checked
 
+    def _extras(self, state: StepState) -> protocol.Extras:
+        return protocol.Extras(protocol.step_key(state.key, state.step), state.model_state)
+
     def _bind(self, state: StepState, batch: PyTree, mask: jax.Array | None) -> protocol.Bound:
-        extras = protocol.Extras(protocol.step_key(state.key, state.step), state.model_state)
+        extras = self._extras(state)
         return protocol.bind(self.loss_fn, self.has_aux, state.params, batch, extras, mask)
 
     def _sample_deviation(
@@ -424,6 +430,7 @@ class InstrumentedStep:
             self.memory_budget,
             data,
             mask,
+            protocol.bind_split(self.loss_fn, params, batch, self._extras(state)),
         )
         model_state, aux = lin.outputs
         new_state = StepState(

@@ -47,7 +47,8 @@ class StepContext:
 
     ``per_sample`` names the statistics to build in the shared pass, ``memory_budget`` bounds
     the bytes it holds at once (per device), and ``data`` says how the batch is split over
-    devices, if it is.
+    devices, if it is. ``split``: the model and output loss, for a loss from
+    ``lm.supervised`` (:class:`lmd4ml.stats.ggn.Split`), else None.
 
     Under mixed precision ``params`` and ``new_params`` keep the model's dtypes, while
     ``losses``, ``grads``, ``updates``, ``vjp``'s results and every statistic built here are
@@ -69,8 +70,10 @@ class StepContext:
         memory_budget: int = 2**26,
         data: stats.DataAxis | None = None,
         mask: jax.Array | None = None,
+        split: stats.ggn.Split | None = None,
     ):
         self.loss_fn = loss_fn
+        self.split = split
         self.batch = batch
         self.params = params
         self.losses = stats.widen(losses)
@@ -180,6 +183,75 @@ class StepContext:
                 self.hvp, self.params, key, self._memory_budget
             )
         return self._hessian_diags[estimator]
+
+    @cached_property
+    def output_shape(self) -> tuple[int, ...]:
+        """One sample's model outputs' shape (needs a ``split``)."""
+        split = self._needs_split("the model's outputs")
+        return jax.eval_shape(split.forward, self.params, split.inputs).shape[1:]
+
+    @cached_property
+    def piecewise_linear(self) -> bool:
+        """Whether the model is piecewise linear in each parameter leaf alone, so that the
+        GGN's diagonal is the Hessian's (:func:`lmd4ml.stats.ggn.piecewise_linear`); False
+        without a ``split``."""
+        if self.split is None:
+            return False
+        return stats.ggn.piecewise_linear(self.split.forward, self.params, self.split.inputs)
+
+    def _needs_split(self, what: str) -> stats.ggn.Split:
+        if self.split is None:
+            raise ValueError(
+                f"{what} needs the loss split into a model and a loss on its outputs: make it "
+                "with lm.supervised(apply_fn, output_loss), e.g. lm.supervised(model.apply, "
+                "optax.softmax_cross_entropy_with_integer_labels)"
+            )
+        return self.split
+
+    @cached_property
+    def _ggn_diags(self) -> dict[int | None, PyTree]:
+        return {}
+
+    def ggn_diag(self, seed: int | None = None, key: jax.Array | None = None) -> PyTree:
+        """diag(G) of the mean loss, G = (1/B) Σᵢ Jᵢᵀ ∇²_fℓᵢ Jᵢ the generalised Gauss-Newton
+        matrix (:mod:`lmd4ml.stats.ggn`), a pytree like the params: exact with ``seed``
+        None, else its one-sample Monte-Carlo estimate drawn with ``key``. Built once per step
+        per seed: quantities with the same seed share the first caller's draw.
+        """
+        if seed in self._ggn_diags:
+            return self._ggn_diags[seed]
+        split = self._needs_split("the GGN")
+        n = self.losses.shape[0]
+        curvature, targets = split.curvature, split.targets
+        if seed is None:
+            directions = curvature.directions(self.output_shape)
+
+            def rows(f: jax.Array, sample: PyTree, _: jax.Array) -> jax.Array:
+                return curvature.sqrt(f, targets(sample))
+
+            keys = None
+        else:
+            directions = 1
+
+            def rows(f: jax.Array, sample: PyTree, k: jax.Array) -> jax.Array:
+                return curvature.sample(f, targets(sample), k)[None]
+
+            keys = jax.random.key_data(jax.random.split(key, n))
+        weights = None if self.mask is None else self.mask.astype(self.losses.dtype)
+        total = stats.ggn.diag(
+            split.forward,
+            rows,
+            self.params,
+            split.inputs,
+            directions,
+            weights,
+            keys,
+            self._memory_budget,
+            self._data,
+        )
+        value = jax.tree.map(lambda d: d / self.batch_size, total)
+        self._ggn_diags[seed] = value
+        return value
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -373,7 +445,8 @@ def describe(q: Quantity) -> dict[str, Any]:
     ``class`` is its class's name (``"quantity"`` for one made by :func:`quantity`), ``kind``
     the key its class reports under by default, which readers such as the dashboard go by
     whatever the quantity's ``name``, and ``args`` its settings (its dataclass fields but
-    ``name``).
+    ``name``), and ``resolved`` what it decided when the step was traced, if anything (the
+    method a curvature instrument used).
 
     Example:
       >>> import lmd4ml as lm
@@ -384,9 +457,13 @@ def describe(q: Quantity) -> dict[str, Any]:
         args = {"fn": q.fn, "init": q.init_fn, "per_sample": [s.name for s in q.stats]}
         return {"class": "quantity", "kind": q.key, "args": _json_safe(args)}
     kind = getattr(type(q), "key", None)
-    args = {f.name: getattr(q, f.name) for f in dataclasses.fields(q) if f.name != "name"}
-    return {
+    fields = [f for f in dataclasses.fields(q) if f.name != "name" and f.init]
+    out = {
         "class": type(q).__qualname__,
         "kind": kind if isinstance(kind, str) else q.key,
-        "args": _json_safe(args),
+        "args": _json_safe({f.name: getattr(q, f.name) for f in fields}),
     }
+    # What the quantity decided while the step was traced (the method a curvature
+    # instrument resolved "auto" to), for a reader to know what was measured.
+    resolved = {k: v for k, v in getattr(q, "resolved", {}).items() if k != "warned"}
+    return {**out, "resolved": _json_safe(resolved)} if resolved else out

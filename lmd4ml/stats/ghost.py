@@ -30,6 +30,7 @@ per-sample gradients from the same pass.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -71,7 +72,10 @@ class Factors(NamedTuple):
     grads: dict[int, jax.Array]
 
 
-def _single_sample_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree) -> core.ClosedJaxpr:
+def single_sample_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree) -> core.ClosedJaxpr:
+    """``loss_fn`` on one sample of ``batch`` (its first output entry), as a jaxpr of the
+    parameter leaves and the sample's leaves."""
+
     def single(p: PyTree, sample: PyTree) -> jax.Array:
         return loss_fn(p, jax.tree.map(lambda x: x[None], sample))[0]
 
@@ -79,7 +83,7 @@ def _single_sample_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree) -> core
     return jax.make_jaxpr(single)(params, sample)
 
 
-def _products(closed: core.ClosedJaxpr, n_leaves: int) -> dict[int, Product]:
+def find_products(closed: core.ClosedJaxpr, n_leaves: int) -> dict[int, Product]:
     """The leaves used exactly once, as one operand of a ``dot_general`` without batch axes."""
     uses: dict[int, list] = {k: [] for k in range(n_leaves)}
 
@@ -162,8 +166,8 @@ def _is_small_conv(eqn: Any) -> bool:
 
 def analyse(loss_fn: LossFn, params: PyTree, batch: PyTree) -> dict[int, Product]:
     """Which parameter leaves (by flat index) are factored, and through which product."""
-    closed = _single_sample_jaxpr(loss_fn, params, batch)
-    return _products(closed, len(jax.tree.leaves(params)))
+    closed = single_sample_jaxpr(loss_fn, params, batch)
+    return find_products(closed, len(jax.tree.leaves(params)))
 
 
 def sq_norm_footprint(params: PyTree, products: dict[int, Product]) -> list:
@@ -198,18 +202,17 @@ def _plain_grads(loss_fn: LossFn, params: PyTree, batch: PyTree) -> PyTree:
     return jax.vmap(jax.grad(one), in_axes=(None, 0))(params, batch)
 
 
-def factors(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Factors:
-    """Per-sample factors (Xᵢ, Δᵢ) of factored leaves and gradients of the rest, one pass."""
-    leaves = jax.tree.leaves(params)
-    closed = _single_sample_jaxpr(loss_fn, params, batch)
-    products = _products(closed, len(leaves))
-    if not products:
-        return Factors(
-            {}, {}, {}, dict(enumerate(jax.tree.leaves(_plain_grads(loss_fn, params, batch))))
-        )
+def tapped(
+    closed: core.ClosedJaxpr, leaves: list, products: dict[int, Product]
+) -> Callable[[list, dict, list], tuple[Any, dict[int, jax.Array]]]:
+    """The single-sample function ``(rest_leaves, taps, sample_leaves) -> (output, inputs)``
+    of ``closed``: the unfactored leaves (in order) and the sample are its arguments, the
+    factored leaves are held at ``leaves``, each factored product's output gets its tap added,
+    and ``inputs[k]`` is the other operand Xᵢ of leaf k's product. Its derivative with
+    respect to the taps is every product's cotangent Δᵢ."""
     rest = [k for k in range(len(leaves)) if k not in products]
 
-    def tapped(rest_leaves: list, taps: dict, sample_leaves: list) -> tuple[jax.Array, dict]:
+    def fn(rest_leaves: list, taps: dict, sample_leaves: list) -> tuple[Any, dict]:
         inputs = {}
 
         def tap(eqn: Any, args: list, in_origins: list, outputs: list) -> list:
@@ -223,18 +226,36 @@ def factors(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Factors:
         for k, leaf in zip(rest, rest_leaves, strict=True):
             merged[k] = leaf
         origins = [*range(len(leaves)), *[None] * len(sample_leaves)]
-        (loss,) = walk(closed, [*merged, *sample_leaves], origins, tap)
-        return loss, inputs
+        (output,) = walk(closed, [*merged, *sample_leaves], origins, tap)
+        return output, inputs
 
-    taps = {k: jnp.zeros(p.out.shape, p.out.dtype) for k, p in products.items()}
-    per_sample = jax.vmap(jax.grad(tapped, argnums=(0, 1), has_aux=True), in_axes=(None, None, 0))
+    return fn
+
+
+def zero_taps(products: dict[int, Product]) -> dict[int, jax.Array]:
+    """A zero tap per factored product, shaped like its per-sample output."""
+    return {k: jnp.zeros(p.out.shape, p.out.dtype) for k, p in products.items()}
+
+
+def factors(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Factors:
+    """Per-sample factors (Xᵢ, Δᵢ) of factored leaves and gradients of the rest, one pass."""
+    leaves = jax.tree.leaves(params)
+    closed = single_sample_jaxpr(loss_fn, params, batch)
+    products = find_products(closed, len(leaves))
+    if not products:
+        return Factors(
+            {}, {}, {}, dict(enumerate(jax.tree.leaves(_plain_grads(loss_fn, params, batch))))
+        )
+    rest = [k for k in range(len(leaves)) if k not in products]
+    fn = tapped(closed, leaves, products)
+    per_sample = jax.vmap(jax.grad(fn, argnums=(0, 1), has_aux=True), in_axes=(None, None, 0))
     (rest_grads, cotangents), inputs = per_sample(
-        [leaves[k] for k in rest], taps, jax.tree.leaves(batch)
+        [leaves[k] for k in rest], zero_taps(products), jax.tree.leaves(batch)
     )
     return Factors(products, inputs, cotangents, dict(zip(rest, rest_grads, strict=True)))
 
 
-def _as_matrices(x: jax.Array, delta: jax.Array, product: Product) -> tuple[jax.Array, jax.Array]:
+def as_matrices(x: jax.Array, delta: jax.Array, product: Product) -> tuple[jax.Array, jax.Array]:
     """One sample's X (positions × contracted features) and Δ (positions × output features)."""
     (contract_lhs, contract_rhs), _ = product.params["dimension_numbers"]
     contract = contract_rhs if product.param_is_lhs else contract_lhs
@@ -287,7 +308,7 @@ def _ghost_sq_norm(x: jax.Array, delta: jax.Array, product: Product) -> jax.Arra
     if product.primitive is primitives.gather_p:
         return _lookup_sq_norm(x, delta, product)
     to_matrices = (
-        _conv_matrices if product.primitive is primitives.conv_general_dilated_p else _as_matrices
+        _conv_matrices if product.primitive is primitives.conv_general_dilated_p else as_matrices
     )
     xm, dm = widen(to_matrices(x, delta, product))
     positions, features_in = xm.shape
@@ -308,7 +329,7 @@ def sq_norms(f: Factors) -> jax.Array:
     return total
 
 
-def _leaf_grad(x: jax.Array, delta: jax.Array, leaf: jax.Array, product: Product) -> jax.Array:
+def leaf_grad(x: jax.Array, delta: jax.Array, leaf: jax.Array, product: Product) -> jax.Array:
     def product_of(w: jax.Array) -> jax.Array:
         w = w.astype(product.operand_dtype)
         operands = (w, x) if product.param_is_lhs else (x, w)
@@ -324,7 +345,7 @@ def grads(f: Factors, params: PyTree) -> PyTree:
     out = []
     for k, leaf in enumerate(leaves):
         if k in f.products:
-            per = jax.vmap(partial(_leaf_grad, leaf=leaf, product=f.products[k]))
+            per = jax.vmap(partial(leaf_grad, leaf=leaf, product=f.products[k]))
             out.append(per(f.inputs[k], f.cotangents[k]))
         else:
             out.append(f.grads[k])

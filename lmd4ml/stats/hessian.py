@@ -28,15 +28,6 @@ from lmd4ml.stats.precision import cast_like, widen
 
 Hvp = Callable[[PyTree], PyTree]
 
-METHODS = ("auto", "exact", "hutchinson")
-EXACT_MAX_PARAMS = 256
-"""``method="auto"`` takes the exact diagonal up to this many parameters, Hutchinson above.
-
-The exact diagonal costs D products, Hutchinson's 32 by default: at 256 parameters exact
-costs at most 8× Hutchinson (measured: 1978 parameters, B = 128, 900 ms against 6 ms).
-"""
-
-
 def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, weights: jax.Array | None = None) -> Hvp:
     """``v ↦ ∇²L v`` at ``params`` for L = mean(``loss_fn(params, batch)``), or with
     ``weights`` wᵢ (a sample mask) L = Σᵢ wᵢℓᵢ / Σᵢ wᵢ.
@@ -70,32 +61,6 @@ def flat_matvec(hvp: Hvp, params: PyTree) -> tuple[Callable[[jax.Array], jax.Arr
     """
     flat, unravel = ravel_pytree(widen(params))
     return (lambda v: ravel_pytree(hvp(unravel(v)))[0]), flat
-
-
-def n_params(params: PyTree) -> int:
-    """D, the number of parameters (a Python int).
-
-    Example:
-      >>> import numpy as np
-      >>> n_params({"w": np.zeros((3, 2)), "b": np.zeros(2)})
-      8
-    """
-    return sum(leaf.size for leaf in jax.tree.leaves(params))
-
-
-def resolve_method(method: str, params: PyTree) -> Literal["exact", "hutchinson"]:
-    """``method`` with ``"auto"`` replaced by the choice for ``params`` (see EXACT_MAX_PARAMS).
-
-    Example:
-      >>> import numpy as np
-      >>> resolve_method("auto", np.zeros(10)), resolve_method("auto", np.zeros(10_000))
-      ('exact', 'hutchinson')
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "auto":
-        return "exact" if n_params(params) <= EXACT_MAX_PARAMS else "hutchinson"
-    return method
 
 
 def exact_diag(hvp: Hvp, params: PyTree, memory_budget: int = 2**26) -> PyTree:

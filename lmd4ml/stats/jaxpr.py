@@ -5,6 +5,10 @@ functions so that a model's layers are seen as the primitives they are made of, 
 ``visit`` function see (and replace) the outputs of every other equation. Per-sample factors
 (:mod:`~lmd4ml.stats.ghost`) tap products through it; random draws are recorded and
 replayed through it (:mod:`~lmd4ml.stats.randomness`).
+
+:func:`propagate` runs an abstract analysis over the same equations instead of values: which
+parameter leaves meet the batch first (:func:`lmd4ml.stats.per_sample.entry_leaves`), in which
+leaves a model is piecewise linear (:func:`lmd4ml.stats.ggn.piecewise_linear`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from jax.extend.core import primitives
 
 INLINED = (primitives.jit_p, primitives.closed_call_p)
 """Primitives whose calls are analysed as part of the jaxpr that makes them."""
+
+CALLS = (*INLINED, primitives.custom_jvp_call_p, primitives.custom_vjp_call_p, primitives.remat_p)
+"""Primitives whose inner jaxpr computes their outputs from their inputs, one for one: an
+analysis of values (not of derivatives) may look through them."""
 
 Visit = Callable[[Any, list, list, list], list]
 
@@ -87,3 +95,43 @@ def equations(jaxpr: core.Jaxpr) -> Iterator[tuple[Any, bool]]:
                 yield from visit(inner, reached and inlined)
 
     return visit(jaxpr, True)
+
+
+def _call_body(eqn: Any) -> core.Jaxpr | None:
+    """The jaxpr that computes a call's outputs from its inputs (see CALLS), or None."""
+    if eqn.primitive not in CALLS:
+        return None
+    inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+    inner = getattr(inner, "jaxpr", inner)
+    if not isinstance(inner, core.Jaxpr) or len(inner.invars) != len(eqn.invars):
+        return None
+    return inner
+
+
+def propagate(
+    jaxpr: core.Jaxpr, tags: Sequence, rule: Callable[[Any, list], list], constant: Any
+) -> list:
+    """Tags of ``jaxpr``'s outputs from ``tags`` of its inputs, an abstract evaluation.
+
+    Calls (:data:`CALLS`) are looked into; every other equation's output tags are
+    ``rule(eqn, input_tags)``. Literals and constants get ``constant``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> closed = jax.make_jaxpr(lambda a, b: (jax.nn.relu(a) + 1.0, b * 2.0))(1.0, 2.0)
+      >>> rule = lambda eqn, ins: [frozenset().union(*ins)] * len(eqn.outvars)
+      >>> propagate(closed.jaxpr, [{"a"}, {"b"}], rule, frozenset())
+      [frozenset({'a'}), frozenset({'b'})]
+    """
+    env = {v: constant for v in jaxpr.constvars}
+    env.update(zip(jaxpr.invars, tags, strict=True))
+
+    def tag(v: Any) -> Any:
+        return constant if isinstance(v, core.Literal) else env[v]
+
+    for eqn in jaxpr.eqns:
+        ins = [tag(v) for v in eqn.invars]
+        inner = _call_body(eqn)
+        outs = rule(eqn, ins) if inner is None else propagate(inner, ins, rule, constant)
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [tag(v) for v in jaxpr.outvars]

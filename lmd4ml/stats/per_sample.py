@@ -15,7 +15,6 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core
 
 from lmd4ml.stats import ghost, sharding
 from lmd4ml.stats import jaxpr as jaxpr_tools
@@ -296,32 +295,23 @@ def entry_leaves(loss_fn: LossFn, params: PyTree, batch: PyTree) -> set[int]:
     found: set[int] = set()
     data = frozenset({"data"})
 
-    def visit(jaxpr: Any, tags: list) -> list:
+    def rule(eqn: Any, ins: list) -> list:
         # A tag is the set of leaves a value is made from alone, ``data`` for the batch's
         # values, or None for values made from both (or from constants only: empty).
-        env = {v: frozenset() for v in jaxpr.constvars}
-        env.update(zip(jaxpr.invars, tags, strict=True))
-        for eqn in jaxpr.eqns:
-            ins = [frozenset() if isinstance(v, core.Literal) else env[v] for v in eqn.invars]
-            if eqn.primitive in jaxpr_tools.INLINED:
-                inner = eqn.params.get("jaxpr") or eqn.params["call_jaxpr"]
-                outs = visit(inner.jaxpr, ins)
-            else:
-                meets = any(t == data for t in ins) and any(t and t != data for t in ins)
-                if meets:
-                    found.update(k for t in ins if t and t != data for k in t)
-                if meets or None in ins:
-                    tag = None
-                elif any(t == data for t in ins):
-                    tag = data
-                else:
-                    tag = frozenset().union(*ins)
-                outs = [tag] * len(eqn.outvars)
-            env.update(zip(eqn.outvars, outs, strict=True))
-        return [frozenset() if isinstance(v, core.Literal) else env[v] for v in jaxpr.outvars]
+        meets = any(t == data for t in ins) and any(t and t != data for t in ins)
+        if meets:
+            found.update(k for t in ins if t and t != data for k in t)
+        if meets or None in ins:
+            tag = None
+        elif any(t == data for t in ins):
+            tag = data
+        else:
+            tag = frozenset().union(*ins)
+        return [tag] * len(eqn.outvars)
 
     n_data = len(closed.jaxpr.invars) - n_params
-    visit(closed.jaxpr, [frozenset({k}) for k in range(n_params)] + [data] * n_data)
+    tags = [frozenset({k}) for k in range(n_params)] + [data] * n_data
+    jaxpr_tools.propagate(closed.jaxpr, tags, rule, frozenset())
     return found or set(range(n_params))
 
 
