@@ -38,6 +38,7 @@ from lmd4ml.step import (
     measure,
     strongly_typed,
 )
+from lmd4ml.supervised import supervised
 from lmd4ml.telemetry.store import STATUSES, new_run_dir
 from lmd4ml.telemetry.writer import Telemetry, writes_telemetry
 
@@ -68,16 +69,19 @@ def _probe_values(
     """The shape and dtype of every quantity's value, traced on a stand-in loss and batch."""
 
     def values(params: PyTree, states: dict) -> Metrics:
-        def loss_fn(p: PyTree, batch: jax.Array) -> jax.Array:  # per-sample, in every leaf
-            return batch * sum(jnp.sum(leaf) for leaf in jax.tree.leaves(p))
+        # A model linear in every leaf, split as lm.supervised splits one, so that every
+        # curvature method (the GGN's too) is traced as on a real loss.
+        def apply_fn(p: PyTree, x: jax.Array) -> jax.Array:
+            return x[:, None] * sum(jnp.sum(leaf) for leaf in jax.tree.leaves(p))
 
+        loss_fn = supervised(apply_fn, optax.squared_error)
         dtype = jnp.result_type(*jax.tree.leaves(params))
-        batch = jnp.ones(PROBE_BATCH, dtype)
+        batch = (jnp.ones(PROBE_BATCH, dtype), jnp.zeros((PROBE_BATCH, 1), dtype))
         lin = linearize(lambda p: (loss_fn(p, batch), None), params, quantities)
         step = jnp.zeros((), jnp.int32)
-        return measure(
-            quantities, states, loss_fn, batch, params, lin, lin.grads, step, memory_budget
-        )[0]
+        split = protocol.bind_split(loss_fn, params, batch, protocol.Extras())
+        args = (loss_fn, batch, params, lin, lin.grads, step, memory_budget)
+        return measure(quantities, states, *args, split=split)[0]
 
     return jax.eval_shape(values, params, states)
 

@@ -273,3 +273,25 @@ def alpha_next_batch(loss_fn: Callable, thetas: list[Any], batches: list[Any]) -
         d = flatten(thetas[t + 1]) - flatten(thetas[t])
         values.append(alpha(start.losses, start.grads, end.losses, end.grads, d))
     return values
+
+
+def ggn_diag(
+    outputs_of: Callable[[np.ndarray], jax.Array],
+    output_loss: Callable[[jax.Array, Any], jax.Array],
+    flat: np.ndarray,
+    targets: Any,
+) -> np.ndarray:
+    """(1/B) Σᵢ diag(Jᵢᵀ Hᵢ Jᵢ) by an explicit loop over the samples: Jᵢ the Jacobian of
+    sample i's outputs (row i of ``outputs_of(flat)``, the batched model as a function of the
+    flat params) and Hᵢ = ``jax.hessian`` of ``output_loss(fᵢ, yᵢ)`` (one sample's loss on
+    its own outputs) in fᵢ. Both full matrices, nothing factored."""
+    outputs = np.asarray(outputs_of(flat))
+    jac = np.asarray(jax.jacobian(outputs_of)(flat))  # (B, *output, P)
+    total = np.zeros(flat.shape[0])
+    for i in range(outputs.shape[0]):
+        f = outputs[i]
+        y = jax.tree.map(lambda t, i=i: t[i], targets)
+        hess = jax.hessian(lambda v, y=y, f=f: output_loss(v.reshape(f.shape), y))(f.ravel())
+        j = jac[i].reshape(f.size, -1)
+        total += np.einsum("kd,kl,ld->d", j, np.asarray(hess), j)
+    return total / outputs.shape[0]
