@@ -302,13 +302,15 @@ f), from its outputs, its inputs (one sample of the pass's ``inputs``) and a PRN
 
 
 def _one_position(product: ghost.Product) -> bool:
-    """A plain dense product whose other operand has no free axes per sample: its per-sample
-    gradient is an outer product a ⊗ δ, whose square is a² ⊗ δ²."""
+    """A plain dense product that sees one position per sample (its other operand's free
+    axes hold one element): its per-sample gradient is an outer product a ⊗ δ, whose square
+    is a² ⊗ δ²."""
     if product.primitive is not primitives.dot_general_p:
         return False
     (contract_lhs, contract_rhs), _ = product.params["dimension_numbers"]
     contract = contract_rhs if product.param_is_lhs else contract_lhs
-    return all(d in contract for d in range(len(product.other.shape)))
+    shape = product.other.shape
+    return math.prod(shape[d] for d in range(len(shape)) if d not in contract) == 1
 
 
 def _from_matrix(matrix: jax.Array, product: ghost.Product) -> jax.Array:
