@@ -375,8 +375,12 @@ def _local_diag(
     inputs = xs[0]
     leaves, treedef = jax.tree.flatten(params)
     closed = ghost.single_sample_jaxpr(forward, params, inputs)
-    products = ghost.find_products(closed, len(leaves))
+    # Every convolution's kernel is factored: its per-sample, per-direction gradients are then
+    # products of patches and cotangents (a batched matmul) instead of a convolution grouped
+    # by sample and direction, which XLA runs slowly.
+    products = ghost.find_products(closed, len(leaves), every_conv=True)
     cheap = {k for k, p in products.items() if _one_position(p)}
+    convs = {k for k, p in products.items() if p.primitive is primitives.conv_general_dilated_p}
     rest = [k for k in range(len(leaves)) if k not in products]
     # Per sample: each direction's gradient of the unfactored leaves and of factored leaves
     # with several positions, and each direction's cotangent of every factored product.
@@ -399,9 +403,14 @@ def _local_diag(
         squares = {
             k: jnp.sum(jnp.square(widen(g)), axis=0) for k, g in zip(rest, rest_grads, strict=True)
         }
-        for k in products.keys() - cheap:
+        for k in products.keys() - cheap - convs:
             grad = partial(ghost.leaf_grad, factors[k], leaf=leaves[k], product=products[k])
             squares[k] = jnp.sum(jnp.square(widen(jax.vmap(grad)(cotangents[k]))), axis=0)
+        for k in convs:  # Σ_c (PᵀΔ_c)², P the sample's patches, once for every direction
+            patches = widen(ghost.conv_patches(factors[k], products[k]))
+            rows = jax.vmap(partial(ghost.by_position, product=products[k]))(cotangents[k])
+            grads = jnp.einsum("tp,cto->cpo", patches, widen(rows))
+            squares[k] = ghost.conv_kernel(jnp.sum(jnp.square(grads), axis=0), products[k])
         outer = {}  # a² and Σ_c δ_c², whose outer product is Σ_c (a ⊗ δ_c)²
         for k in cheap:
             x = ghost.as_matrices(factors[k], cotangents[k][0], products[k])[0][0]
