@@ -300,3 +300,47 @@ def test_dropout_mask_and_state_match_one_device() -> None:
         out.append((runs, float(state.model_state)))
     assert_same(out[1][0], out[0][0])
     np.testing.assert_allclose(out[1][1], out[0][1], rtol=RTOL)
+
+
+def test_ggn_with_dropout_and_a_mask_matches_one_device() -> None:
+    """The GGN's per-sample, per-direction pass (a conv kernel factored, a max-pool, dropout's
+    replayed draws, a sample mask, chunks) on each device's own samples equals one device, the
+    Monte-Carlo draws too."""
+
+    def apply_fn(w: dict, x: jax.Array, *, key: jax.Array) -> jax.Array:
+        h = jax.lax.conv_general_dilated(
+            x, w["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        h = jax.lax.reduce_window(
+            jax.nn.relu(h), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+        )
+        h = h.reshape(x.shape[0], -1)
+        keep = jax.random.bernoulli(key, 0.8, h.shape)
+        return jnp.where(keep, h / 0.8, 0.0) @ w["d"]
+
+    rng = np.random.default_rng(5)
+    params = {
+        "k": jnp.asarray(rng.normal(size=(3, 3, 2, 3))),
+        "d": jnp.asarray(rng.normal(size=(12, 4))),
+    }
+    data = [(jnp.asarray(rng.normal(size=(N, 4, 4, 2))), jnp.asarray(rng.integers(0, 4, N)))] * 2
+    mask = jnp.arange(N) < N - 3
+    loss = lm.supervised(apply_fn, optax.softmax_cross_entropy_with_integer_labels)
+    quantities = [lm.HessTrace(per_layer=True), lm.TICDiag(), lm.TICTrace(method="ggn_mc")]
+    budget = models.budget_for_chunk(params, 2)
+    mesh = data_mesh()
+    out = []
+    for placed in (False, True):
+        step = lm.instrument(loss, optax.sgd(0.1), quantities, memory_budget=budget)
+        start = jax.device_put(params, NamedSharding(mesh, P())) if placed else params
+        state = step.init(start, key=jax.random.key(6))
+        runs = []
+        for t, batch in enumerate(data):
+            batch_mask = mask
+            if placed:
+                batch, batch_mask = jax.device_put((batch, mask), NamedSharding(mesh, P("data")))
+            state, metrics = without_recompiling(t, step, state, batch, mask=batch_mask)
+            runs.append((jax.device_get(metrics), jax.device_get(state.params)))
+        out.append(runs)
+    assert [q.resolved["method"] for q in quantities] == ["ggn", "ggn", "ggn_mc"]
+    assert_same(out[1], out[0])
