@@ -419,3 +419,22 @@ def test_monitor_and_chunks_agree_with_instrument() -> None:
     for key, value in expected.items():
         np.testing.assert_allclose(float(in_chunks[key]), float(value), rtol=RTOL)
         np.testing.assert_allclose(float(lm.metrics(state)[key]), float(value), rtol=RTOL)
+
+
+def test_the_run_records_the_method_each_instrument_used(tmp_path: Any) -> None:
+    params = dropout_params()
+    x, y = classification((4,), seed=18)
+    loss = lm.supervised(
+        lambda p, v: jax.nn.relu(v @ p["w1"]) @ p["w2"],
+        optax.softmax_cross_entropy_with_integer_labels,
+    )
+    quantities = [lm.HessTrace(), lm.TICTrace(method="ggn_mc"), lm.TICDiag(method="exact")]
+    learner = lm.Learner(params, loss, [(x, y)], optax.sgd(0.1), quantities)
+    lm.train(learner, runs_dir=tmp_path, progress=False)
+    about = lm.load_run(next(tmp_path.iterdir())).metadata["quantities_by_key"]
+    assert {k: v["resolved"]["method"] for k, v in about.items()} == {
+        "hess_trace": "ggn",
+        "tic_trace": "ggn_mc",
+        "tic_diag": "exact",
+    }
+    assert about["hess_trace"]["args"]["method"] == "auto"
