@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from lmd4ml import stats
-from lmd4ml.quantities.base import Quantity, StepContext
+from lmd4ml.quantities.base import Quantity, Report, StepContext
 from lmd4ml.stats import PyTree
 
 
@@ -34,7 +34,9 @@ class HessMaxEV(Quantity):
     products, warm-started from the previous step's eigenvector, which the state carries;
     the first step starts from a random vector drawn with ``seed``. It stops when the Ritz
     residual is at most ``rtol`` times the spectral radius, or after ``max_iters`` products.
-    For a convolutional model on CPU the first ``unroll`` products (default
+    Two sibling values say how it went: ``hess_max_ev_converged`` (whether the tolerance was
+    met; False when it stopped at ``max_iters``) and ``hess_max_ev_iterations`` (the
+    products used). For a convolutional model on CPU the first ``unroll`` products (default
     ``UNROLL_ON_CPU_CONV``) run outside any loop, where XLA's convolutions are ~10× faster.
 
     Example:
@@ -42,11 +44,14 @@ class HessMaxEV(Quantity):
       >>> loss_fn = lambda w, x: (x @ w) ** 2  # ∇²L = 2 xᵀx / B: eigenvalues 3 ± √5
       >>> step = lm.instrument(loss_fn, optax.sgd(0.1), [lm.HessMaxEV()])
       >>> _, metrics = step(step.init(jnp.zeros(2)), jnp.array([[1.0, 0.0], [1.0, 2.0]]))
-      >>> round(float(metrics["hess_max_ev"]), 4)
-      5.2361
+      >>> round(float(metrics["hess_max_ev"]), 4), bool(metrics["hess_max_ev_converged"])
+      (5.2361, True)
+      >>> int(metrics["hess_max_ev_iterations"])  # two dimensions: exact after two products
+      2
     """
 
     key = "hess_max_ev"
+    siblings = ("converged", "iterations")
     uses_samples = False
     rtol: float = 1e-3
     max_iters: int = 100
@@ -66,7 +71,7 @@ class HessMaxEV(Quantity):
         start = jax.random.normal(jax.random.PRNGKey(self.seed), flat.shape, flat.dtype)
         return LanczosState(start, jnp.zeros((), jnp.int32))
 
-    def compute(self, ctx: StepContext, state: LanczosState) -> tuple[jax.Array, LanczosState]:
+    def compute(self, ctx: StepContext, state: LanczosState) -> tuple[Report, LanczosState]:
         matvec, _ = stats.hessian.flat_matvec(ctx.hvp, ctx.params)
         unrolled = stats.hessian.needs_unrolling(ctx.loss_fn, ctx.params, ctx.batch)
         out = stats.hessian.max_eigenvalue(
@@ -77,4 +82,5 @@ class HessMaxEV(Quantity):
             krylov_dim=self.krylov_dim,
             unroll=UNROLL_ON_CPU_CONV if unrolled else 0,
         )
-        return out.value, LanczosState(out.vector, out.iterations)
+        value = Report(out.value, {"converged": out.converged, "iterations": out.iterations})
+        return value, LanczosState(out.vector, out.iterations)
