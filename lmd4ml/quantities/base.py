@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
@@ -472,3 +475,62 @@ def describe(q: Quantity) -> dict[str, Any]:
         "kind": kind if isinstance(kind, str) else q.key,
         "args": _json_safe(args),
     }
+
+
+State = TypeVar("State")
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """Whether every floating-point element of ``tree`` is finite (other dtypes always are).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> bool(all_finite((jnp.ones(2), jnp.int32(3)))), bool(all_finite(jnp.array([jnp.inf])))
+      (True, False)
+    """
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def reset_if_nonfinite(
+    carried: State,
+    initial: Callable[[], State],
+    resets: jax.Array,
+    step: jax.Array,
+    what: str,
+) -> tuple[State, jax.Array]:
+    """``carried``, or ``initial()`` if any of its floating-point elements is NaN or ±inf, and
+    ``resets`` (how many times so far) plus one if so.
+
+    A quantity that carries state across steps (a warm start, a moving average) passes it
+    through here, so that one non-finite step does not poison the rest of the run. The first
+    reset (``resets`` 0) tells the user: a ``RuntimeWarning`` about ``what``, with ``step``,
+    sent from inside the compiled step (``jax.debug.callback``). Both happen in a
+    ``lax.cond``: a step where all is finite costs one check.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> nan, zeros = jnp.array([jnp.nan, 1.0]), lambda: jnp.zeros(2)
+      >>> state, resets = reset_if_nonfinite(nan, zeros, jnp.int32(1), jnp.int32(7), "x")
+      >>> state.tolist(), int(resets)
+      ([0.0, 0.0], 2)
+    """
+    bad = ~all_finite(carried)
+    warn = functools.partial(jax.debug.callback, functools.partial(_warn_reset, what))
+    jax.lax.cond(bad & (resets == 0), warn, lambda step: None, step)
+    carried = jax.lax.cond(bad, lambda _: initial(), lambda kept: kept, carried)
+    return carried, resets + bad.astype(resets.dtype)
+
+
+def _warn_reset(what: str, step: np.ndarray) -> None:
+    # Called back from the compiled step: there is no frame of the user's to point at.
+    warnings.warn(
+        f"lmd4ml: {what} was NaN or infinite at step {int(step)} and is reset to its initial "
+        "state, so that later steps start afresh (said at the first reset only)",
+        RuntimeWarning,
+        stacklevel=1,
+    )

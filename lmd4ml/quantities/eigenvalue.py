@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from lmd4ml import stats
-from lmd4ml.quantities.base import Quantity, Report, StepContext
+from lmd4ml.quantities.base import Quantity, Report, StepContext, reset_if_nonfinite
 from lmd4ml.stats import LossFn, PyTree
 
 
@@ -19,6 +19,7 @@ class LanczosState(NamedTuple):
 
     vector: jax.Array  # unit vector, raveled like the params (jax.flatten_util.ravel_pytree)
     iterations: jax.Array  # Hessian-vector products the last computation used
+    resets: jax.Array  # how many non-finite warm starts were replaced so far
 
 
 def default_unroll(loss_fn: LossFn, params: PyTree, batch: PyTree) -> int:
@@ -46,7 +47,8 @@ class HessMaxEV(Quantity):
     residual is at most ``rtol`` times the spectral radius, or after ``max_iters`` products.
     Two sibling values say how it went: ``hess_max_ev_converged`` (whether the tolerance was
     met; False when it stopped at ``max_iters``) and ``hess_max_ev_iterations`` (the
-    products used).
+    products used). A warm start that comes out NaN or infinite (a non-finite step) is
+    replaced by a fresh random one, with a warning the first time.
 
     ``unroll``: how many products run outside any loop (each always computed, even past
     convergence); ``None``: :func:`default_unroll`, 8 for a convolutional model on CPU, where
@@ -88,7 +90,7 @@ class HessMaxEV(Quantity):
     def init(self, params: PyTree) -> LanczosState:
         flat = ravel_pytree(stats.widen(params))[0]
         start = jax.random.normal(jax.random.PRNGKey(self.seed), flat.shape, flat.dtype)
-        return LanczosState(start, jnp.zeros((), jnp.int32))
+        return LanczosState(start, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
     def compute(self, ctx: StepContext, state: LanczosState) -> tuple[Report, LanczosState]:
         matvec, _ = stats.hessian.flat_matvec(ctx.hvp, ctx.params)
@@ -103,5 +105,12 @@ class HessMaxEV(Quantity):
             krylov_dim=self.krylov_dim,
             unroll=unroll,
         )
+        vector, resets = reset_if_nonfinite(
+            out.vector,
+            lambda: self.init(ctx.params).vector,
+            state.resets,
+            ctx.step,
+            f"HessMaxEV ({self.key!r}): the warm-start vector",
+        )
         value = Report(out.value, {"converged": out.converged, "iterations": out.iterations})
-        return value, LanczosState(out.vector, out.iterations)
+        return value, LanczosState(vector, out.iterations, resets)

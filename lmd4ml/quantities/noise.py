@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from lmd4ml import stats
-from lmd4ml.quantities.base import Quantity, StepContext
+from lmd4ml.quantities.base import Quantity, StepContext, reset_if_nonfinite
 from lmd4ml.quantities.gradient_tests import check_variance_batch
 from lmd4ml.stats import PyTree
 
@@ -152,6 +152,7 @@ class NoiseScaleState(NamedTuple):
     trace_cov: jax.Array  # EMA of S, the estimate of tr(Σ)
     grad_sq_norm: jax.Array  # EMA of the estimate of |G|²
     count: jax.Array  # steps averaged so far
+    resets: jax.Array  # how many times a non-finite average was started over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +162,9 @@ class NoiseScale(Quantity):
     Each step gives unbiased estimates from batches of 1 and of B samples,
     |G|² ≈ (B‖g‖² − (1/B)Σᵢ‖∇ℓᵢ‖²)/(B−1) and tr(Σ) ≈ S = ((1/B)Σᵢ‖∇ℓᵢ‖² − ‖g‖²)·B/(B−1).
     Both are noisy (|G|² can come out negative), so each is averaged on its own with decay
-    β, debiased as Adam's moments are, and the value is their ratio. Needs B ≥ 2.
+    β, debiased as Adam's moments are, and the value is their ratio. Needs B ≥ 2. An average
+    that comes out NaN or infinite (a non-finite step) starts over from the next step, with a
+    warning the first time.
 
     Example:
       >>> import lmd4ml as lm
@@ -185,7 +188,8 @@ class NoiseScale(Quantity):
 
     def init(self, params: PyTree) -> NoiseScaleState:
         zero = jnp.zeros((), stats.wide_dtype(jnp.result_type(*jax.tree.leaves(params))))
-        return NoiseScaleState(zero, zero, jnp.zeros((), jnp.int32))
+        count = jnp.zeros((), jnp.int32)
+        return NoiseScaleState(zero, zero, count, count)
 
     @staticmethod
     def estimates(ctx: StepContext) -> tuple[jax.Array, jax.Array]:
@@ -201,7 +205,7 @@ class NoiseScale(Quantity):
         Example:
           >>> import jax.numpy as jnp
           >>> q = NoiseScale(decay=0.5)
-          >>> state = NoiseScaleState(jnp.array(0.5), jnp.array(0.25), jnp.array(1))
+          >>> state = NoiseScaleState(jnp.array(0.5), jnp.array(0.25), jnp.array(1), jnp.array(0))
           >>> [float(x) for x in q.averages(state)]
           [1.0, 0.5]
         """
@@ -216,6 +220,13 @@ class NoiseScale(Quantity):
         moments = optax.tree.update_moment(
             estimates, (state.trace_cov, state.grad_sq_norm), self.decay, order=1
         )
-        state = NoiseScaleState(*moments, state.count + 1)
-        trace_cov, grad_sq_norm = self.averages(state)
-        return trace_cov / grad_sq_norm, state
+        averaged = NoiseScaleState(*moments, state.count + 1, state.resets)
+        trace_cov, grad_sq_norm = self.averages(averaged)
+        (*moments, count), resets = reset_if_nonfinite(
+            (*moments, averaged.count),
+            lambda: tuple(self.init(ctx.params)[:3]),
+            state.resets,
+            ctx.step,
+            f"NoiseScale ({self.key!r}): the moving average",
+        )
+        return trace_cov / grad_sq_norm, NoiseScaleState(*moments, count, resets)

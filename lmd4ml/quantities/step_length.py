@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from lmd4ml import stats
-from lmd4ml.quantities.base import Quantity, StepContext
+from lmd4ml.quantities.base import Quantity, StepContext, reset_if_nonfinite
 from lmd4ml.quantities.gradient_tests import check_variance_batch
 from lmd4ml.stats import PyTree
 
@@ -118,6 +118,7 @@ class AlphaStart(NamedTuple):
     direction: PyTree  # the update u = θₜ₊₁ − θₜ of the last tracked step t
     start: Observation  # at θₜ on batch t, along u
     step: jax.Array  # t, or -2 before any tracked step (so no step follows it)
+    resets: jax.Array  # how many times a non-finite start was dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +140,8 @@ class Alpha(Quantity):
       The end is only seen at step t + 1: the value reported there is α of step t, NaN
       where step t was not tracked (at the first step, after an untracked step). Track it
       at consecutive steps; it carries u of the last tracked step (one params-sized state).
+      A start that is NaN or infinite (a non-finite step) is dropped, with a warning the
+      first time: the next step's value is then NaN, as after an untracked step.
 
     ``var_floor`` replaces a zero sample variance (1e-10, Cockpit's), so that an observation
     with no spread keeps a finite weight in the fit.
@@ -190,6 +193,7 @@ class Alpha(Quantity):
             direction=jax.tree.map(jnp.zeros_like, stats.widen(params)),
             start=Observation(zero, zero, zero, zero),
             step=jnp.full((), -2, jnp.int32),
+            resets=jnp.zeros((), jnp.int32),
         )
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
@@ -219,9 +223,12 @@ class Alpha(Quantity):
         dtype = state.start.value.dtype
         slopes = losses_and_slopes(ctx, ctx.params, ctx.updates)[1]
         start = observe(ctx.losses, slopes, ctx.mask, self.var_floor)
-        new_state = AlphaStart(
-            direction=ctx.updates,
-            start=Observation(*(x.astype(dtype) for x in start)),
-            step=jnp.asarray(ctx.step, jnp.int32),
+        step = jnp.asarray(ctx.step, jnp.int32)
+        carried, resets = reset_if_nonfinite(
+            (ctx.updates, Observation(*(x.astype(dtype) for x in start)), step),
+            lambda: tuple(self.init(ctx.params)[:3]),
+            state.resets,
+            step,
+            f"Alpha ({self.key!r}): the start of the step carried to the next",
         )
-        return value, new_state
+        return value, AlphaStart(*carried, resets)
