@@ -15,7 +15,7 @@ import reference
 import lmd4ml as lm
 from lmd4ml.dashboard import figure
 from lmd4ml.dashboard.data import RunData
-from lmd4ml.quantities.base import Report
+from lmd4ml.quantities import Report
 from lmd4ml.quantities.eigenvalue import default_unroll
 
 
