@@ -60,11 +60,9 @@ def test_carried_state_is_reset_and_said_once(regression_case: models.Case) -> N
     for t, (before, metrics, after) in enumerate(out):
         bad = t in (NAN_STEP, INF_STEP)
         where = f"step {t}"
-        lanczos, averages = (
-            after.quantity_states["hess_max_ev"],
-            after.quantity_states["noise_scale"],
-        )
-        assert int(lanczos.resets) == int(averages.resets) == (t >= NAN_STEP) + (t >= INF_STEP)
+        lanczos, averages, start = (after.quantity_states[q.key] for q in quantities)
+        resets = (t >= NAN_STEP) + (t >= INF_STEP)
+        assert int(lanczos.resets) == int(averages.resets) == int(start.resets) == resets, where
         assert np.all(np.isfinite(lanczos.vector)) and np.isfinite(averages.trace_cov), where
         if bad:
             assert np.isnan(metrics["hess_max_ev"]) and np.isnan(metrics["noise_scale"]), where
@@ -87,8 +85,8 @@ def test_carried_state_is_reset_and_said_once(regression_case: models.Case) -> N
         # α of the step before: missing where that step was bad, or is the first.
         follows_bad = t == 0 or t - 1 in (NAN_STEP, INF_STEP)
         assert np.isnan(metrics["alpha"]) == follows_bad, where
-    thetas = [before.params for before, _, _ in out] + [out[-1][2].params]
-    alphas = reference.alpha_next_batch(loss_fn, thetas[4:6], batches[4:6])
+    thetas = [before.params for before, _, _ in out]
+    alphas = reference.alpha_next_batch(loss_fn, thetas[4:6], batches[4:6])  # α of step 4
     np.testing.assert_allclose(out[5][1]["alpha"], alphas[0], rtol=1e-8)
 
 
