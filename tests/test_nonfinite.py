@@ -128,3 +128,36 @@ def test_monitor_resets_inside_its_lax_cond(regression_case: models.Case) -> Non
     want = reference.noise_scale(estimates, DECAY)
     np.testing.assert_allclose([v for _, v in values[4:]], want, rtol=1e-10)
     assert np.isnan(values[2][1])  # untracked: step 1's value is kept
+
+
+def test_one_real_sample_keeps_the_state_and_says_nothing(regression_case: models.Case) -> None:
+    """A padded batch with one real sample: NoiseScale and Alpha have no value there (NaN by
+    design), and their state is kept as it was, not reset."""
+    loss_fn, params = regression_case.loss_fn, regression_case.params
+    quantities = [lm.NoiseScale(decay=DECAY), lm.Alpha(end="next_batch")]
+    step = lm.instrument(loss_fn, optax.sgd(0.1), quantities)
+    batches = list(regression_case.batches)
+    full, one = jnp.ones(models.BATCH, bool), jnp.arange(models.BATCH) < 1
+    batches[1] = jax.tree.map(lambda x: x[np.zeros(models.BATCH, int)], batches[1])
+    state, out = step.init(params), []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch, mask in zip(batches, [full, one, full], strict=True):
+            new_state, metrics = step(state, batch, mask=mask)
+            out.append((state, jax.device_get(metrics), new_state))
+            state = new_state
+        jax.effects_barrier()
+    assert reset_warnings(caught) == []
+    (s0, m0, a0), (_, m1, a1), (s2, m2, _) = out
+    assert np.isnan(m1["noise_scale"]) and np.isnan(m1["alpha"]) and np.isnan(m2["alpha"])
+    for key in ("noise_scale", "alpha"):  # step 1 left the state as step 0 made it
+        jax.tree.map(
+            np.testing.assert_array_equal, a1.quantity_states[key], a0.quantity_states[key]
+        )
+    estimates = [
+        reference.noise_scale_estimates(reference.per_sample_grads(loss_fn, s.params, b).grads)
+        for s, b in ((s0, batches[0]), (s2, batches[2]))
+    ]
+    want = reference.noise_scale(estimates, DECAY)
+    np.testing.assert_allclose([m0["noise_scale"], m2["noise_scale"]], want, rtol=1e-10)
+    assert step.trace_count == {frozenset({"noise_scale", "alpha"}): 1}

@@ -220,10 +220,13 @@ class NoiseScale(Quantity):
         moments = optax.tree.update_moment(
             estimates, (state.trace_cov, state.grad_sq_norm), self.decay, order=1
         )
-        averaged = NoiseScaleState(*moments, state.count + 1, state.resets)
-        trace_cov, grad_sq_norm = self.averages(averaged)
+        carried = (*moments, state.count + 1)
+        trace_cov, grad_sq_norm = self.averages(NoiseScaleState(*carried, state.resets))
+        # A padded batch with fewer than two real samples has no estimate (its value is NaN
+        # by design): the averages stay as they were, rather than being reset.
+        carried = optax.tree.where(ctx.batch_size >= 2, carried, state[:3])
         (*moments, count), resets = reset_if_nonfinite(
-            (*moments, averaged.count),
+            carried,
             lambda: tuple(self.init(ctx.params)[:3]),
             state.resets,
             ctx.step,

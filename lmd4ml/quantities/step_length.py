@@ -224,8 +224,12 @@ class Alpha(Quantity):
         slopes = losses_and_slopes(ctx, ctx.params, ctx.updates)[1]
         start = observe(ctx.losses, slopes, ctx.mask, self.var_floor)
         step = jnp.asarray(ctx.step, jnp.int32)
+        carried = (ctx.updates, Observation(*(x.astype(dtype) for x in start)), step)
+        # Fewer than two real samples (a padded batch) give no variance: the last start is
+        # kept, so the next step has none to finish (NaN, as after an untracked step).
+        carried = optax.tree.where(ctx.batch_size >= 2, carried, state[:3])
         carried, resets = reset_if_nonfinite(
-            (ctx.updates, Observation(*(x.astype(dtype) for x in start)), step),
+            carried,
             lambda: tuple(self.init(ctx.params)[:3]),
             state.resets,
             step,
