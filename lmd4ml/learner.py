@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from lmd4ml import protocol, stats
 from lmd4ml.quantities import Quantity
-from lmd4ml.quantities.base import describe
+from lmd4ml.quantities.base import describe_keys
 from lmd4ml.schedules import Schedule, as_schedule
 from lmd4ml.stats import LossFn, PyTree
 from lmd4ml.step import InstrumentedStep, Metrics, instrument
@@ -215,7 +215,7 @@ def warn_if_nonfinite(
       >>> warn_if_nonfinite(0, {"alpha": np.nan}, 1, [lm.Alpha(end="next_batch")])
       False
     """
-    missing = {q.key for q in quantities if q.nan_is_missing}
+    missing = {k for q in quantities if q.nan_is_missing for k in q.metric_keys}
     bad = [
         key
         for key, value in values.items()
@@ -250,7 +250,7 @@ def as_history(learner: Learner) -> History:
     """The learner's history so far (see :class:`History`)."""
     values: dict[str, Any] = {"step": np.asarray(learner.history["step"], dtype=np.int64)}
     steps = {}
-    for key in learner.step.keys:
+    for key in learner.step.metric_keys:
         if rows := learner.history.get(key):
             values[key] = jax.tree.map(lambda *leaf_rows: np.stack(leaf_rows), *rows)
             steps[key] = np.asarray(learner.tracked_steps[key], dtype=np.int64)
@@ -262,10 +262,10 @@ def base_metadata(
 ) -> dict[str, Any]:
     """What every run records about itself: quantities, keys, config, versions and process.
 
-    ``quantities_by_key`` says for each quantity's key what it is (its class, the kind that
-    readers such as the dashboard treat it as, and its settings:
-    :func:`lmd4ml.quantities.base.describe`), so that a quantity given a ``name=`` of its
-    own is still read as what it is.
+    ``quantities_by_key`` says for each key what it is (its class, the kind that readers
+    such as the dashboard treat it as, and its settings:
+    :func:`lmd4ml.quantities.base.describe_keys`, siblings too), so that a quantity given a
+    ``name=`` of its own is still read as what it is.
 
     Example:
       >>> import lmd4ml as lm
@@ -278,7 +278,7 @@ def base_metadata(
     """
     return {
         "quantities": [repr(q) for q in quantities],
-        "quantities_by_key": {q.key: describe(q) for q in quantities},
+        "quantities_by_key": {k: d for q in quantities for k, d in describe_keys(q).items()},
         "axes": {q.key: q.axes() for q in quantities if q.axes()},
         "keys": list(keys),
         "config": {
@@ -298,7 +298,7 @@ def run_metadata(learner: Learner, config: Mapping[str, Any]) -> dict[str, Any]:
     params = learner.state.params
     leaves = jax.tree_util.tree_leaves_with_path(params)
     return {
-        **base_metadata(learner.step.quantities, learner.step.keys, config),
+        **base_metadata(learner.step.quantities, learner.step.metric_keys, config),
         "model": {
             "kind": "nnx.Module" if learner._module else type(params).__name__,
             "class": type(learner._module).__name__ if learner._module else None,

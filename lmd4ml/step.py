@@ -62,7 +62,7 @@ def check_quantities(quantities: Sequence[Quantity]) -> None:
                 f"expected lmd4ml quantities (e.g. lm.Loss(), lm.quantity(key, fn)); "
                 f"got {q!r} of type {type(q).__name__}"
             )
-    keys = [q.key for q in quantities]
+    keys = [k for q in quantities for k in q.metric_keys]  # siblings' keys too
     if taken := RESERVED_KEYS.intersection(keys):
         raise ValueError(
             f"quantity key {sorted(taken)[0]!r} is reserved; choose another key "
@@ -70,7 +70,7 @@ def check_quantities(quantities: Sequence[Quantity]) -> None:
         )
     if dupes := [k for k, n in collections.Counter(keys).items() if n > 1]:
         holders = "; ".join(
-            f"{k!r}: " + ", ".join(repr(q) for q in quantities if q.key == k) for k in dupes
+            f"{k!r}: " + ", ".join(repr(q) for q in quantities if k in q.metric_keys) for k in dupes
         )
         raise ValueError(
             f"two or more quantities share the key(s) {dupes} ({holders}); each key must be "
@@ -146,10 +146,11 @@ def measure(
     """Every quantity's value at θₜ (``step`` = t) for the update taken from it, in one
     shared context.
 
-    Returns the values by key, every quantity state (those of ``quantities`` advanced, the
-    others as given) and the mean loss. With a sample ``mask`` that leaves fewer than two
-    real samples, quantities that need two (a sample variance) are NaN. ``split``: the
-    model and output loss of a loss from ``lm.supervised`` (for the GGN).
+    Returns the values by key (a quantity's siblings under keys of their own), every quantity
+    state (those of ``quantities`` advanced, the others as given) and the mean loss. With a
+    sample ``mask`` that leaves fewer than two real samples, quantities that need two (a
+    sample variance) are NaN. ``split``: the model and output loss of a loss from
+    ``lm.supervised`` (for the GGN).
     """
     ctx = StepContext(
         loss_fn=loss_fn,
@@ -169,11 +170,11 @@ def measure(
     )
     metrics, new_states = {}, dict(states)
     for q in quantities:
-        metrics[q.key], new_states[q.key] = q.compute(ctx, states[q.key])
+        value, new_states[q.key] = q.compute(ctx, states[q.key])
+        values = q.by_key(value)  # its own value and its siblings'
         if mask is not None and _needs_two(q):
-            metrics[q.key] = jax.tree.map(
-                lambda v: jnp.where(ctx.batch_size >= 2, v, jnp.nan), metrics[q.key]
-            )
+            values = jax.tree.map(lambda v: jnp.where(ctx.batch_size >= 2, v, jnp.nan), values)
+        metrics.update(values)
     return metrics, new_states, ctx.loss
 
 
@@ -215,6 +216,7 @@ class InstrumentedStep:
         self.quantities = quantities
         self.memory_budget = int(memory_budget)
         self.keys = tuple(q.key for q in quantities)
+        self.metric_keys = tuple(k for q in quantities for k in q.metric_keys)
         self.donate = donate
         self.has_aux = bool(has_aux)
         self.hints: tuple = ()  # what may name a coupling's cause (a Learner's module)

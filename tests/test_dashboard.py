@@ -91,6 +91,21 @@ def test_cockpit_keys_go_to_their_groups():
     assert not any(p.group == "MORE" for p in panels)
 
 
+def test_hess_max_ev_siblings_share_a_curvature_panel_whatever_the_name():
+    keys = ["hess_max_ev", "hess_max_ev_converged", "hess_max_ev_iterations", "top",
+            "top_converged", "top_iterations"]  # fmt: skip
+    kinds = {"top": "hess_max_ev", "top_converged": "hess_max_ev_converged",
+             "top_iterations": "hess_max_ev_iterations"}  # fmt: skip
+    panels = {p.title: p for p in plan(keys, dict.fromkeys(keys, ()), kinds)}
+    lanczos = panels["Lanczos products, converged"]
+    assert (lanczos.group, lanczos.kind) == ("CURVATURE", "lines")
+    assert lanczos.fields == (
+        "hess_max_ev_iterations", "top_iterations", "hess_max_ev_converged", "top_converged"
+    )  # fmt: skip
+    assert panels["top Hessian eigenvalue"].fields == ("hess_max_ev", "top")
+    assert {p.group for p in panels.values()} == {"CURVATURE"}
+
+
 def test_custom_quantities_get_a_plot_from_their_shape():
     shapes = {"loss": (), "mine": (), "vec": (7,), "per_layer['a']": (), "per_layer['b']": ()}
     panels = {p.title: p for p in plan(["loss", "mine", "vec", "per_layer"], shapes)}

@@ -4,7 +4,8 @@ Known keys go into Cockpit's groups (STEP SIZE, GRADIENTS, CURVATURE, then the l
 other quantity gets a panel from the shape of its value: a scalar is a line, a vector a
 heatmap over steps, a dict of scalars a line per entry, a matrix an image of its latest value.
 A quantity given a ``name=`` of its own goes by its kind, the key its class reports under
-by default, which the run's metadata records (``quantities_by_key``).
+by default, which the run's metadata records (``quantities_by_key``); a sibling value
+(``hess_max_ev_iterations``) goes by its quantity's kind and its suffix.
 
 Example:
   >>> shapes = {"loss": (), "grad_norm": (), "grad_hist_1d": (20,), "mine['a']": (),
@@ -37,6 +38,12 @@ COCKPIT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("GRADIENTS", "suggested batch sizes", ("cabs", "noise_scale")),
     ("GRADIENTS", "early stopping", ("early_stopping",)),
     ("CURVATURE", "top Hessian eigenvalue", ("hess_max_ev",)),
+    # HessMaxEV's siblings: Hessian-vector products spent, and 1/0 for converged or not.
+    (
+        "CURVATURE",
+        "Lanczos products, converged",
+        ("hess_max_ev_iterations", "hess_max_ev_converged"),
+    ),
     ("CURVATURE", "Hessian trace", ("hess_trace",)),
     ("CURVATURE", "TIC", ("tic_diag", "tic_trace")),
     ("LOSS", "mini-batch loss", ("loss",)),

@@ -1,6 +1,6 @@
 """Quantities: pure functions of the step context, one module per family."""
 
-from lmd4ml.quantities.base import Quantity, StepContext, quantity
+from lmd4ml.quantities.base import Quantity, Report, StepContext, quantity
 from lmd4ml.quantities.curvature import HessTrace, TICDiag, TICTrace
 from lmd4ml.quantities.eigenvalue import HessMaxEV
 from lmd4ml.quantities.gradient_tests import InnerTest, NormTest, OrthoTest
@@ -26,6 +26,7 @@ __all__ = [
     "NormTest",
     "OrthoTest",
     "Quantity",
+    "Report",
     "StepContext",
     "TICDiag",
     "TICTrace",

@@ -3,21 +3,26 @@
 A quantity is a key plus a pure function of a :class:`StepContext` and its own state,
 in the style of an optax transformation: ``init(params) -> state`` and
 ``compute(ctx, state) -> (value, state)``. Everything runs inside the compiled train step.
+A quantity may also report values beside its own, each under a key of its own
+(:attr:`Quantity.siblings`, :class:`Report`).
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
@@ -281,6 +286,30 @@ def _repr(q: Quantity) -> str:
     return f"{type(q).__qualname__}({args})"
 
 
+def sibling_key(key: str, suffix: str) -> str:
+    """The key a sibling value reports under: its quantity's key, ``_``, its suffix.
+
+    Example:
+      >>> sibling_key("top", "converged")
+      'top_converged'
+    """
+    return f"{key}_{suffix}"
+
+
+class Report(NamedTuple):
+    """What ``compute`` returns as its value when its quantity declares ``siblings``: the
+    quantity's own value, and by suffix the values reported beside it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> Report(jnp.array(2.0), {"converged": jnp.array(True)}).siblings["converged"].item()
+      True
+    """
+
+    value: Any
+    siblings: Mapping[str, Any]
+
+
 class _Key:
     """A quantity class's ``key``: on an instance its ``name`` if it was given one, else the
     class's default key, which is also what the class itself reads (``lm.NormTest.key``)."""
@@ -322,6 +351,11 @@ class Quantity(abc.ABC):
     """Whether the value needs each sample's own loss or gradient (per-sample statistics,
     ``ctx.losses``, ``ctx.vjp``); False for batch-level values (the mean loss, g, curvature
     of the mean loss), which stay defined when samples interact (train-mode BatchNorm)."""
+    siblings: ClassVar[tuple[str, ...]] = ()
+    """Suffixes of the values reported beside the quantity's own, each under
+    ``f"{key}_{suffix}"`` (``hess_max_ev_converged``); ``compute`` then returns a
+    :class:`Report` of its value and these, by suffix. They are logged, stored and plotted
+    as values of their own, computed and tracked with the quantity."""
     name: str | None = dataclasses.field(default=None, kw_only=True)
 
     __repr__ = _repr
@@ -332,6 +366,8 @@ class Quantity(abc.ABC):
         if isinstance(default, str):
             check_key(default, f"{cls.__name__}: key", "my_quantity")
             cls.key = _Key(default)  # type: ignore[assignment]
+        for suffix in cls.__dict__.get("siblings", ()):
+            check_key(sibling_key("key", suffix), f"{cls.__name__}: sibling key", "key_converged")
         if "__repr__" not in cls.__dict__:  # the dataclass decorator keeps what is set here
             cls.__repr__ = _repr  # type: ignore[method-assign]
 
@@ -340,6 +376,37 @@ class Quantity(abc.ABC):
         if kwargs.get("name") is not None:
             check_key(kwargs["name"], f"{cls.__name__}: name=", "narrow")
         return super().__new__(cls)
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        """Every key the quantity reports under: its ``key``, then one per sibling.
+
+        Example:
+          >>> import lmd4ml as lm
+          >>> lm.HessMaxEV(name="top").metric_keys
+          ('top', 'top_converged', 'top_iterations')
+        """
+        return (self.key, *(sibling_key(self.key, s) for s in self.siblings))
+
+    def by_key(self, value: Any) -> dict[str, Any]:
+        """What :meth:`compute` returned as its value, by metric key (:attr:`metric_keys`).
+
+        Example:
+          >>> import lmd4ml as lm
+          >>> lm.HessMaxEV().by_key(Report(5.0, {"converged": True, "iterations": 3}))
+          {'hess_max_ev': 5.0, 'hess_max_ev_converged': True, 'hess_max_ev_iterations': 3}
+        """
+        if not self.siblings and not isinstance(value, Report):
+            return {self.key: value}
+        got = sorted(value.siblings) if isinstance(value, Report) else None
+        if got != sorted(self.siblings):
+            raise TypeError(
+                f"{type(self).__name__} ({self.key!r}) declares siblings {self.siblings}, so "
+                f"compute must return Report(value, {{suffix: ...}}) with exactly those "
+                f"suffixes; got {'siblings ' + str(got) if got is not None else type(value)}"
+            )
+        siblings = {sibling_key(self.key, s): value.siblings[s] for s in self.siblings}
+        return {self.key: value.value, **siblings}
 
     def init(self, params: PyTree) -> PyTree:
         """The quantity's state before the first step (empty by default)."""
@@ -439,6 +506,24 @@ def _json_safe(value: Any) -> Any:
     return repr(value)
 
 
+def describe_keys(q: Quantity) -> dict[str, dict[str, Any]]:
+    """:func:`describe` for every key ``q`` reports under: a sibling's ``kind`` is its
+    quantity's kind with its suffix, and its ``sibling_of`` is the quantity's key.
+
+    Example:
+      >>> import lmd4ml as lm
+      >>> about = describe_keys(lm.HessMaxEV(name="top"))
+      >>> list(about), about["top_iterations"]["kind"], about["top_iterations"]["sibling_of"]
+      (['top', 'top_converged', 'top_iterations'], 'hess_max_ev_iterations', 'top')
+    """
+    own = describe(q)
+    siblings = {
+        sibling_key(q.key, s): {**own, "kind": sibling_key(own["kind"], s), "sibling_of": q.key}
+        for s in q.siblings
+    }
+    return {q.key: own, **siblings}
+
+
 def describe(q: Quantity) -> dict[str, Any]:
     """What kind of quantity ``q`` is, for a run's metadata (JSON-safe).
 
@@ -467,3 +552,62 @@ def describe(q: Quantity) -> dict[str, Any]:
     # instrument resolved "auto" to), for a reader to know what was measured.
     resolved = {k: v for k, v in getattr(q, "resolved", {}).items() if k != "warned"}
     return {**out, "resolved": _json_safe(resolved)} if resolved else out
+
+
+State = TypeVar("State")
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """Whether every floating-point element of ``tree`` is finite (other dtypes always are).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> bool(all_finite((jnp.ones(2), jnp.int32(3)))), bool(all_finite(jnp.array([jnp.inf])))
+      (True, False)
+    """
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def reset_if_nonfinite(
+    carried: State,
+    initial: Callable[[], State],
+    resets: jax.Array,
+    step: jax.Array,
+    what: str,
+) -> tuple[State, jax.Array]:
+    """``carried``, or ``initial()`` if any of its floating-point elements is NaN or ±inf, and
+    ``resets`` (how many times so far) plus one if so.
+
+    A quantity that carries state across steps (a warm start, a moving average) passes it
+    through here, so that one non-finite step does not poison the rest of the run. The first
+    reset (``resets`` 0) tells the user: a ``RuntimeWarning`` about ``what``, with ``step``,
+    sent from inside the compiled step (``jax.debug.callback``). Both happen in a
+    ``lax.cond``: a step where all is finite costs one check.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> nan, zeros = jnp.array([jnp.nan, 1.0]), lambda: jnp.zeros(2)
+      >>> state, resets = reset_if_nonfinite(nan, zeros, jnp.int32(1), jnp.int32(7), "x")
+      >>> state.tolist(), int(resets)
+      ([0.0, 0.0], 2)
+    """
+    bad = ~all_finite(carried)
+    warn = functools.partial(jax.debug.callback, functools.partial(_warn_reset, what))
+    jax.lax.cond(bad & (resets == 0), warn, lambda step: None, step)
+    carried = jax.lax.cond(bad, lambda _: initial(), lambda kept: kept, carried)
+    return carried, resets + bad.astype(resets.dtype)
+
+
+def _warn_reset(what: str, step: np.ndarray) -> None:
+    # Called back from the compiled step: there is no frame of the user's to point at.
+    warnings.warn(
+        f"lmd4ml: {what} was NaN or infinite at step {int(step)} and is reset to its initial "
+        "state, so that later steps start afresh (said at the first reset only)",
+        RuntimeWarning,
+        stacklevel=1,
+    )

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from lmd4ml import stats
-from lmd4ml.quantities.base import Quantity, StepContext
-from lmd4ml.stats import PyTree
+from lmd4ml.quantities.base import Quantity, Report, StepContext, reset_if_nonfinite
+from lmd4ml.stats import LossFn, PyTree
 
 
 class LanczosState(NamedTuple):
@@ -19,11 +19,22 @@ class LanczosState(NamedTuple):
 
     vector: jax.Array  # unit vector, raveled like the params (jax.flatten_util.ravel_pytree)
     iterations: jax.Array  # Hessian-vector products the last computation used
+    resets: jax.Array  # how many non-finite warm starts were replaced so far
 
 
-UNROLL_ON_CPU_CONV = 8
-"""Lanczos products run outside a loop for convolutional models on CPU: enough for a warm
-start on DeepOBS 3c3d (7–8 products a step), each ~10× faster than inside the loop."""
+def default_unroll(loss_fn: LossFn, params: PyTree, batch: PyTree) -> int:
+    """HessMaxEV's ``unroll`` when none is given: 8 Lanczos products outside any loop for a
+    model that convolves, on CPU (:func:`lmd4ml.stats.hessian.needs_unrolling`), else 0.
+
+    Eight is enough for a warm start on DeepOBS 3c3d (7–8 products a step), each product
+    there ~10× faster than inside the loop.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> default_unroll(lambda w, x: (x @ w) ** 2, jnp.zeros(2), jnp.ones((3, 2)))
+      0
+    """
+    return 8 if stats.hessian.needs_unrolling(loss_fn, params, batch) else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,24 +45,34 @@ class HessMaxEV(Quantity):
     products, warm-started from the previous step's eigenvector, which the state carries;
     the first step starts from a random vector drawn with ``seed``. It stops when the Ritz
     residual is at most ``rtol`` times the spectral radius, or after ``max_iters`` products.
-    For a convolutional model on CPU the first ``unroll`` products (default
-    ``UNROLL_ON_CPU_CONV``) run outside any loop, where XLA's convolutions are ~10× faster.
+    Two sibling values say how it went: ``hess_max_ev_converged`` (whether the tolerance was
+    met; False when it stopped at ``max_iters``) and ``hess_max_ev_iterations`` (the
+    products used). A warm start that comes out NaN or infinite (a non-finite step) is
+    replaced by a fresh random one, with a warning the first time.
+
+    ``unroll``: how many products run outside any loop (each always computed, even past
+    convergence); ``None``: :func:`default_unroll`, 8 for a convolutional model on CPU, where
+    XLA's convolutions run ~10× faster outside a loop, else 0.
 
     Example:
       >>> import jax.numpy as jnp, optax, lmd4ml as lm
       >>> loss_fn = lambda w, x: (x @ w) ** 2  # ∇²L = 2 xᵀx / B: eigenvalues 3 ± √5
       >>> step = lm.instrument(loss_fn, optax.sgd(0.1), [lm.HessMaxEV()])
       >>> _, metrics = step(step.init(jnp.zeros(2)), jnp.array([[1.0, 0.0], [1.0, 2.0]]))
-      >>> round(float(metrics["hess_max_ev"]), 4)
-      5.2361
+      >>> round(float(metrics["hess_max_ev"]), 4), bool(metrics["hess_max_ev_converged"])
+      (5.2361, True)
+      >>> int(metrics["hess_max_ev_iterations"])  # two dimensions: exact after two products
+      2
     """
 
     key = "hess_max_ev"
+    siblings = ("converged", "iterations")
     uses_samples = False
     rtol: float = 1e-3
     max_iters: int = 100
     krylov_dim: int = 20
     seed: int = 0
+    unroll: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.rtol < 1:
@@ -60,21 +81,36 @@ class HessMaxEV(Quantity):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"HessMaxEV: {name} must be a positive int, got {value!r}")
+        unroll = self.unroll
+        if unroll is not None and (
+            isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 0
+        ):
+            raise ValueError(f"HessMaxEV: unroll must be an int >= 0 or None, got {unroll!r}")
 
     def init(self, params: PyTree) -> LanczosState:
         flat = ravel_pytree(stats.widen(params))[0]
         start = jax.random.normal(jax.random.PRNGKey(self.seed), flat.shape, flat.dtype)
-        return LanczosState(start, jnp.zeros((), jnp.int32))
+        return LanczosState(start, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
-    def compute(self, ctx: StepContext, state: LanczosState) -> tuple[jax.Array, LanczosState]:
+    def compute(self, ctx: StepContext, state: LanczosState) -> tuple[Report, LanczosState]:
         matvec, _ = stats.hessian.flat_matvec(ctx.hvp, ctx.params)
-        unrolled = stats.hessian.needs_unrolling(ctx.loss_fn, ctx.params, ctx.batch)
+        unroll = self.unroll
+        if unroll is None:
+            unroll = default_unroll(ctx.loss_fn, ctx.params, ctx.batch)
         out = stats.hessian.max_eigenvalue(
             matvec,
             state.vector,
             rtol=self.rtol,
             max_iters=self.max_iters,
             krylov_dim=self.krylov_dim,
-            unroll=UNROLL_ON_CPU_CONV if unrolled else 0,
+            unroll=unroll,
         )
-        return out.value, LanczosState(out.vector, out.iterations)
+        vector, resets = reset_if_nonfinite(
+            out.vector,
+            lambda: self.init(ctx.params).vector,
+            state.resets,
+            ctx.step,
+            f"HessMaxEV ({self.key!r}): the warm-start vector",
+        )
+        value = Report(out.value, {"converged": out.converged, "iterations": out.iterations})
+        return value, LanczosState(vector, out.iterations, resets)

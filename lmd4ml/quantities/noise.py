@@ -15,22 +15,33 @@ import jax.numpy as jnp
 import optax
 
 from lmd4ml import stats
-from lmd4ml.quantities.base import Quantity, StepContext
+from lmd4ml.quantities.base import Quantity, StepContext, reset_if_nonfinite
 from lmd4ml.quantities.gradient_tests import check_variance_batch
 from lmd4ml.stats import PyTree
-
-GSNR_EPS = 1e-5
-"""ε added to every per-coordinate variance by MeanGSNR and EarlyStopping (Cockpit's)."""
 
 
 def _mean_over_coordinates(tree: PyTree) -> jax.Array:
     """The mean of every element of every leaf: a mean over the D parameters."""
-    leaves = jax.tree.leaves(tree)
-    return sum(jnp.sum(x) for x in leaves) / sum(x.size for x in leaves)
+    return optax.tree.sum(tree) / optax.tree.size(tree)
 
 
 def _sq_grads(ctx: StepContext) -> PyTree:
     return jax.tree.map(jnp.square, ctx.grads)
+
+
+def check_eps(owner: str, eps: object) -> None:
+    """Raise ``ValueError`` unless ``eps`` is a number ≥ 0 (the ε added to a variance).
+
+    Example:
+      >>> check_eps("MeanGSNR", -1.0)
+      Traceback (most recent call last):
+      ...
+      ValueError: MeanGSNR: eps must be a number >= 0 (added to each variance), got -1.0
+    """
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
+        raise ValueError(
+            f"{owner}: eps must be a number >= 0 (added to each variance), got {eps!r}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,21 +49,25 @@ class MeanGSNR(Quantity):
     """Mean gradient signal-to-noise ratio, mean_j g_j² / ((1/B)Σᵢ(∇ℓᵢ)_j² − g_j² + ε).
 
     Per coordinate j, the squared mean gradient over the (biased) variance of the per-sample
-    gradients, averaged over the D parameters; ε = 1e-5 (Liu et al. 2020). High values: the
-    samples agree on where to go.
+    gradients, averaged over the D parameters; ``eps`` is ε, 1e-5 as in Cockpit (Liu et al.
+    2020). High values: the samples agree on where to go.
 
     Example:
       >>> import lmd4ml as lm
-      >>> lm.MeanGSNR().key
-      'mean_gsnr'
+      >>> lm.MeanGSNR().key, lm.MeanGSNR().eps
+      ('mean_gsnr', 1e-05)
     """
 
+    eps: float = 1e-5
     key = "mean_gsnr"
     per_sample = (stats.SQ_GRADS,)
 
+    def __post_init__(self) -> None:
+        check_eps("MeanGSNR", self.eps)
+
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         ratios = jax.tree.map(
-            lambda m, g2: g2 / (m - g2 + GSNR_EPS), ctx.second_moment, _sq_grads(ctx)
+            lambda m, g2: g2 / (m - g2 + self.eps), ctx.second_moment, _sq_grads(ctx)
         )
         return _mean_over_coordinates(ratios), state
 
@@ -62,8 +77,9 @@ class EarlyStopping(Quantity):
     """Evidence-based early-stopping criterion 1 − B · mean_j[g_j² / (σ_j² + ε)].
 
     σ_j² = (Σᵢ(∇ℓᵢ)_j² − B g_j²)/(B−1) is the unbiased per-coordinate variance of the
-    per-sample gradients and ε = 1e-5 (Mahsereci et al. 2017). Above 0, the batch gradient
-    is indistinguishable from the noise of a zero-mean gradient: stop. Needs B ≥ 2.
+    per-sample gradients and ε is ``eps``, 1e-5 as in Cockpit (Mahsereci et al. 2017). Above
+    0, the batch gradient is indistinguishable from the noise of a zero-mean gradient: stop.
+    Needs B ≥ 2.
 
     Example:
       >>> import lmd4ml as lm
@@ -71,8 +87,12 @@ class EarlyStopping(Quantity):
       'early_stopping'
     """
 
+    eps: float = 1e-5
     key = "early_stopping"
     per_sample = (stats.SQ_GRADS,)
+
+    def __post_init__(self) -> None:
+        check_eps("EarlyStopping", self.eps)
 
     def check(self, batch_size: int) -> None:
         check_variance_batch("EarlyStopping", batch_size)
@@ -80,7 +100,7 @@ class EarlyStopping(Quantity):
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         b = ctx.batch_size
         snr = jax.tree.map(
-            lambda m, g2: g2 / (b / (b - 1) * (m - g2) + GSNR_EPS),
+            lambda m, g2: g2 / (b / (b - 1) * (m - g2) + self.eps),
             ctx.second_moment,
             _sq_grads(ctx),
         )
@@ -132,6 +152,7 @@ class NoiseScaleState(NamedTuple):
     trace_cov: jax.Array  # EMA of S, the estimate of tr(Σ)
     grad_sq_norm: jax.Array  # EMA of the estimate of |G|²
     count: jax.Array  # steps averaged so far
+    resets: jax.Array  # how many times a non-finite average was started over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +162,9 @@ class NoiseScale(Quantity):
     Each step gives unbiased estimates from batches of 1 and of B samples,
     |G|² ≈ (B‖g‖² − (1/B)Σᵢ‖∇ℓᵢ‖²)/(B−1) and tr(Σ) ≈ S = ((1/B)Σᵢ‖∇ℓᵢ‖² − ‖g‖²)·B/(B−1).
     Both are noisy (|G|² can come out negative), so each is averaged on its own with decay
-    β, debiased as Adam's moments are, and the value is their ratio. Needs B ≥ 2.
+    β, debiased as Adam's moments are, and the value is their ratio. Needs B ≥ 2. An average
+    that comes out NaN or infinite (a non-finite step) starts over from the next step, with a
+    warning the first time.
 
     Example:
       >>> import lmd4ml as lm
@@ -165,7 +188,8 @@ class NoiseScale(Quantity):
 
     def init(self, params: PyTree) -> NoiseScaleState:
         zero = jnp.zeros((), stats.wide_dtype(jnp.result_type(*jax.tree.leaves(params))))
-        return NoiseScaleState(zero, zero, jnp.zeros((), jnp.int32))
+        count = jnp.zeros((), jnp.int32)
+        return NoiseScaleState(zero, zero, count, count)
 
     @staticmethod
     def estimates(ctx: StepContext) -> tuple[jax.Array, jax.Array]:
@@ -181,22 +205,31 @@ class NoiseScale(Quantity):
         Example:
           >>> import jax.numpy as jnp
           >>> q = NoiseScale(decay=0.5)
-          >>> state = NoiseScaleState(jnp.array(0.5), jnp.array(0.25), jnp.array(1))
+          >>> state = NoiseScaleState(jnp.array(0.5), jnp.array(0.25), jnp.array(1), jnp.array(0))
           >>> [float(x) for x in q.averages(state)]
           [1.0, 0.5]
         """
-        correction = 1 - self.decay ** state.count.astype(state.trace_cov.dtype)
-        return state.trace_cov / correction, state.grad_sq_norm / correction
+        count = state.count.astype(state.trace_cov.dtype)
+        return optax.tree.bias_correction((state.trace_cov, state.grad_sq_norm), self.decay, count)
 
     def compute(
         self, ctx: StepContext, state: NoiseScaleState
     ) -> tuple[jax.Array, NoiseScaleState]:
         dtype = state.trace_cov.dtype
-        s, g2 = (x.astype(dtype) for x in self.estimates(ctx))
-        state = NoiseScaleState(
-            trace_cov=self.decay * state.trace_cov + (1 - self.decay) * s,
-            grad_sq_norm=self.decay * state.grad_sq_norm + (1 - self.decay) * g2,
-            count=state.count + 1,
+        estimates = tuple(x.astype(dtype) for x in self.estimates(ctx))
+        moments = optax.tree.update_moment(
+            estimates, (state.trace_cov, state.grad_sq_norm), self.decay, order=1
         )
-        trace_cov, grad_sq_norm = self.averages(state)
-        return trace_cov / grad_sq_norm, state
+        carried = (*moments, state.count + 1)
+        trace_cov, grad_sq_norm = self.averages(NoiseScaleState(*carried, state.resets))
+        # A padded batch with fewer than two real samples has no estimate (its value is NaN
+        # by design): the averages stay as they were, rather than being reset.
+        carried = optax.tree.where(ctx.batch_size >= 2, carried, state[:3])
+        (*moments, count), resets = reset_if_nonfinite(
+            carried,
+            lambda: tuple(self.init(ctx.params)[:3]),
+            state.resets,
+            ctx.step,
+            f"NoiseScale ({self.key!r}): the moving average",
+        )
+        return trace_cov / grad_sq_norm, NoiseScaleState(*moments, count, resets)

@@ -10,12 +10,9 @@ import jax.numpy as jnp
 import optax
 
 from lmd4ml import stats
-from lmd4ml.quantities.base import Quantity, StepContext
+from lmd4ml.quantities.base import Quantity, StepContext, reset_if_nonfinite
 from lmd4ml.quantities.gradient_tests import check_variance_batch
 from lmd4ml.stats import PyTree
-
-ALPHA_VAR_FLOOR = 1e-10
-"""A zero sample variance is replaced by this (Cockpit's), so its observation keeps a weight."""
 
 ALPHA_ENDS = ("same_batch", "next_batch")
 """Where ``Alpha`` observes the end point θₜ₊₁: on batch t, or on batch t + 1 (Cockpit's)."""
@@ -62,22 +59,36 @@ class Observation(NamedTuple):
     slope_var: jax.Array  # their sample variance
 
 
-def _mean_and_var(samples: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Mean and sample variance (ddof 1) over the real samples, a zero variance floored to
-    ``ALPHA_VAR_FLOOR``."""
+def _mean_and_var(
+    samples: jax.Array, mask: jax.Array | None, var_floor: float
+) -> tuple[jax.Array, jax.Array]:
+    """Mean and sample variance (ddof 1) over the real samples, a zero variance replaced by
+    ``var_floor``."""
     if mask is None:
         mean, var = samples.mean(), jnp.var(samples, ddof=1)
     else:
         n = jnp.sum(mask).astype(samples.dtype)
         mean = stats.sample_mean(samples, mask)
         var = jnp.sum(jnp.where(mask, jnp.square(samples - mean), 0)) / (n - 1)
-    return mean, jnp.where(var == 0, jnp.asarray(ALPHA_VAR_FLOOR, var.dtype), var)
+    return mean, jnp.where(var == 0, jnp.asarray(var_floor, var.dtype), var)
 
 
-def observe(losses: jax.Array, slopes: jax.Array, mask: jax.Array | None = None) -> Observation:
+def observe(
+    losses: jax.Array, slopes: jax.Array, mask: jax.Array | None = None, var_floor: float = 1e-10
+) -> Observation:
     """The observation of per-sample ``losses`` and directional ``slopes``, both shape (B,),
-    over the samples ``mask`` marks real (all, without one)."""
-    return Observation(*_mean_and_var(losses, mask), *_mean_and_var(slopes, mask))
+    over the samples ``mask`` marks real (all, without one); a zero variance becomes
+    ``var_floor``, so that its observation keeps a finite weight.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> obs = observe(jnp.array([1.0, 3.0]), jnp.array([2.0, 2.0]), var_floor=0.5)
+      >>> [float(x) for x in obs]  # mean and variance of the losses, then of the slopes
+      [2.0, 2.0, 2.0, 0.5]
+    """
+    return Observation(
+        *_mean_and_var(losses, mask, var_floor), *_mean_and_var(slopes, mask, var_floor)
+    )
 
 
 def losses_and_slopes(
@@ -107,6 +118,7 @@ class AlphaStart(NamedTuple):
     direction: PyTree  # the update u = θₜ₊₁ − θₜ of the last tracked step t
     start: Observation  # at θₜ on batch t, along u
     step: jax.Array  # t, or -2 before any tracked step (so no step follows it)
+    resets: jax.Array  # how many times a non-finite start was dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +140,11 @@ class Alpha(Quantity):
       The end is only seen at step t + 1: the value reported there is α of step t, NaN
       where step t was not tracked (at the first step, after an untracked step). Track it
       at consecutive steps; it carries u of the last tracked step (one params-sized state).
+      A start that is NaN or infinite (a non-finite step) is dropped, with a warning the
+      first time: the next step's value is then NaN, as after an untracked step.
+
+    ``var_floor`` replaces a zero sample variance (1e-10, Cockpit's), so that an observation
+    with no spread keeps a finite weight in the fit.
 
     Example: on ℓᵢ = ½‖w − xᵢ‖², SGD with rate 0.5 goes half way to the minimum (α = −0.5);
     with one batch over and over, both modes see the same, one step apart:
@@ -146,6 +163,7 @@ class Alpha(Quantity):
     """
 
     end: str = "same_batch"
+    var_floor: float = 1e-10
     key = "alpha"
 
     def __post_init__(self):
@@ -153,6 +171,11 @@ class Alpha(Quantity):
             raise ValueError(
                 f"Alpha: end must be one of {', '.join(map(repr, ALPHA_ENDS))} (where the "
                 f"step's end point is observed); got {self.end!r}"
+            )
+        floor = self.var_floor
+        if isinstance(floor, bool) or not isinstance(floor, int | float) or not floor > 0:
+            raise ValueError(
+                f"Alpha: var_floor must be a number > 0 (replacing a zero variance); got {floor!r}"
             )
 
     def check(self, batch_size: int) -> None:
@@ -170,6 +193,7 @@ class Alpha(Quantity):
             direction=jax.tree.map(jnp.zeros_like, stats.widen(params)),
             start=Observation(zero, zero, zero, zero),
             step=jnp.full((), -2, jnp.int32),
+            resets=jnp.zeros((), jnp.int32),
         )
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
@@ -177,31 +201,38 @@ class Alpha(Quantity):
             return self._same_batch(ctx), state
         return self._next_batch(ctx, state)
 
-    @staticmethod
-    def _same_batch(ctx: StepContext) -> jax.Array:
+    def _same_batch(self, ctx: StepContext) -> jax.Array:
         u = ctx.updates
         _, start_slopes = losses_and_slopes(ctx, ctx.params, u)
         end_losses, end_slopes = losses_and_slopes(ctx, ctx.new_params, u)
         return step_alpha(
             optax.tree.norm(u),
-            observe(ctx.losses, start_slopes, ctx.mask),
-            observe(end_losses, end_slopes, ctx.mask),
+            observe(ctx.losses, start_slopes, ctx.mask, self.var_floor),
+            observe(end_losses, end_slopes, ctx.mask, self.var_floor),
         )
 
-    @staticmethod
-    def _next_batch(ctx: StepContext, state: AlphaStart) -> tuple[jax.Array, AlphaStart]:
+    def _next_batch(self, ctx: StepContext, state: AlphaStart) -> tuple[jax.Array, AlphaStart]:
         # This step's θ and batch are the previous step's end point: finish its fit.
         u = state.direction
-        end = observe(ctx.losses, losses_and_slopes(ctx, ctx.params, u)[1], ctx.mask)
+        slopes = losses_and_slopes(ctx, ctx.params, u)[1]
+        end = observe(ctx.losses, slopes, ctx.mask, self.var_floor)
         alpha = step_alpha(optax.tree.norm(u), state.start, end)
         follows = ctx.step == state.step + 1
         value = jnp.where(follows, alpha, jnp.nan)
 
         dtype = state.start.value.dtype
-        start = observe(ctx.losses, losses_and_slopes(ctx, ctx.params, ctx.updates)[1], ctx.mask)
-        new_state = AlphaStart(
-            direction=ctx.updates,
-            start=Observation(*(x.astype(dtype) for x in start)),
-            step=jnp.asarray(ctx.step, jnp.int32),
+        slopes = losses_and_slopes(ctx, ctx.params, ctx.updates)[1]
+        start = observe(ctx.losses, slopes, ctx.mask, self.var_floor)
+        step = jnp.asarray(ctx.step, jnp.int32)
+        carried = (ctx.updates, Observation(*(x.astype(dtype) for x in start)), step)
+        # Fewer than two real samples (a padded batch) give no variance: the last start is
+        # kept, so the next step has none to finish (NaN, as after an untracked step).
+        carried = optax.tree.where(ctx.batch_size >= 2, carried, state[:3])
+        carried, resets = reset_if_nonfinite(
+            carried,
+            lambda: tuple(self.init(ctx.params)[:3]),
+            state.resets,
+            step,
+            f"Alpha ({self.key!r}): the start of the step carried to the next",
         )
-        return value, new_state
+        return value, AlphaStart(*carried, resets)

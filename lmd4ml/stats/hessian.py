@@ -28,6 +28,7 @@ from lmd4ml.stats.precision import cast_like, widen
 
 Hvp = Callable[[PyTree], PyTree]
 
+
 def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, weights: jax.Array | None = None) -> Hvp:
     """``v ↦ ∇²L v`` at ``params`` for L = mean(``loss_fn(params, batch)``), or with
     ``weights`` wᵢ (a sample mask) L = Σᵢ wᵢℓᵢ / Σᵢ wᵢ.
