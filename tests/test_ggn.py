@@ -384,6 +384,10 @@ def test_bad_input_is_refused_before_any_compute() -> None:
         first_step(lm.supervised(apply, optax.squared_error), (x, y.astype(F64)))
     with pytest.raises(ValueError, match=r"one output per sample, shape \(B, ...\)"):
         first_step(lm.supervised(lambda p, v: apply(p, v).sum(0), ce), (x, y))
+    with pytest.raises(TypeError, match=r"output_loss\(outputs, targets\) failed on outputs of"):
+        first_step(lm.supervised(apply, lambda o, t: o @ t), (x, y))
+    with pytest.raises(ValueError, match=r"must keep the sample axis.*returned shape \(\)"):
+        first_step(lm.supervised(apply, lambda o, t: jnp.sum(o)), (x, y))
     with pytest.raises(TypeError, match=r"batches \(inputs, targets\), a pair"):
         first_step(lm.supervised(apply, ce), x)
     with pytest.raises(ValueError, match="method must be one of"):
