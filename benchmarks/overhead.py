@@ -11,7 +11,9 @@ For each model (``models.py``: an MLP and DeepOBS's 3c3d CNN) this compares
 * ``all6``: the scalars plus NormTest and GradHist1d (one shared per-sample pass);
 * with ``--suite presets``: Cockpit's presets ``economy``, ``business`` and ``full``
   (``lm.presets``), each tracked every 1, 4 and 16 steps (``full/4``: the full preset every
-  4th step, the bare update in between; blocks are whole multiples of 4 steps).
+  4th step, the bare update in between; blocks are whole multiples of 4 steps), and
+  ``business_mc/1``: business with the curvature from the Monte-Carlo GGN
+  (``method="ggn_mc"``) every step.
 
 The optimizer is SGD with learning rate 0.01 and momentum 0.9 everywhere; the same loss
 function, initial parameters and batch are used by every configuration, and each timed block
@@ -87,6 +89,9 @@ def configurations(suite: str, presets: tuple[str, ...] = PRESETS) -> dict[str, 
         for name in presets
         for every in (1, 4, 16)
     }
+    if "business" in presets:  # the curvature by its one-sample Monte-Carlo GGN
+        mc = [lm.TICDiag(method="ggn_mc"), lm.HessTrace(method="ggn_mc")]
+        chosen["business_mc/1"] = ([*lm.presets.economy(), *mc], 1)
     return chosen if suite == "presets" else {**core, **chosen}
 
 
