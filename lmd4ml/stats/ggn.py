@@ -388,7 +388,7 @@ def _local_diag(
     held += [p.out for p in products.values()]
     extra = (directions - 1) * _nbytes(held) + backward_bytes(forward, params, inputs)
     chunk = chunk_size(held, memory_budget, batch_size(inputs), extra)
-    fn = ghost.tapped(closed, leaves, products)
+    fn = ghost.tapped(closed, leaves, products, pools=True)
     taps = ghost.zero_taps(products)
 
     def one(sample: tuple) -> tuple[dict, dict]:
