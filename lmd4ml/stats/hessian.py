@@ -19,6 +19,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.extend.core
 import jax.numpy as jnp
+import optax
 from jax.flatten_util import ravel_pytree
 
 from lmd4ml.stats._types import LossFn, PyTree
@@ -80,7 +81,7 @@ def n_params(params: PyTree) -> int:
       >>> n_params({"w": np.zeros((3, 2)), "b": np.zeros(2)})
       8
     """
-    return sum(leaf.size for leaf in jax.tree.leaves(params))
+    return optax.tree.size(params)
 
 
 def resolve_method(method: str, params: PyTree) -> Literal["exact", "hutchinson"]:
@@ -401,7 +402,7 @@ def max_eigenvalue(
 
 def _unless(done: jax.Array, old: tuple, new: tuple) -> tuple:
     """``old`` where ``done``, else ``new``: a loop step as straight-line code."""
-    return jax.tree.map(lambda a, b: jnp.where(done, a, b), old, new)
+    return optax.tree.where(done, old, new)
 
 
 def needs_unrolling(fn: Callable, *args: Any) -> bool:
