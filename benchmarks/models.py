@@ -5,6 +5,9 @@
   conv 128 3×3 same, each ReLU then 3×3 max-pool stride 2 'same'; dense 512, 256 with ReLU;
   dense 10) on 32×32×3 inputs, batch 64 (895,210 parameters). Initialisation as DeepOBS:
   Glorot normal conv kernels, Glorot uniform dense kernels, zero biases.
+* ``cnn_small`` (not in ``PROBLEMS``; for ``curvature.py``'s exact Hessian diagonal): conv 16
+  3×3 'same', ReLU, 2×2 max-pool, twice, then dense 10, on 16×16×3 inputs, batch 16 (5,338
+  parameters), initialised as 3c3d.
 
 For ``scale.py`` (memory and time against batch size and parameter count), in
 ``SCALE_PROBLEMS``:
@@ -133,6 +136,27 @@ def cnn_3c3d(seed: int = 0, batch_size: int = 64) -> Problem:
 
 
 PROBLEMS: dict[str, Callable[[], Problem]] = {"mlp": mlp, "3c3d": cnn_3c3d}
+
+
+def cnn_small(seed: int = 0, batch_size: int = 16) -> Problem:
+    """A CNN small enough for the exact Hessian diagonal, on random 16×16×3 images."""
+    k = jax.random.split(jax.random.key(seed), 5)
+    params = {
+        "conv1": _conv_init(k[0], 3, 3, 16),
+        "conv2": _conv_init(k[1], 3, 16, 16),
+        "fc": _dense_init(k[2], 4 * 4 * 16, 10),
+    }
+
+    def loss_fn(params: PyTree, batch: PyTree) -> jax.Array:
+        x, y = batch
+        for name in ("conv1", "conv2"):  # 16 → 8 → 4
+            x = jax.nn.relu(_conv(params[name], x, "SAME"))
+            x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        return _cross_entropy(_dense(params["fc"], x.reshape(x.shape[0], -1)), y)
+
+    x = jax.random.normal(k[3], (batch_size, 16, 16, 3), jnp.float32)
+    y = jax.random.randint(k[4], (batch_size,), 0, 10)
+    return Problem("cnn_small", loss_fn, params, (x, y))
 
 
 def mlp_10m(seed: int = 0, batch_size: int = 64, width: int = 2048) -> Problem:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from lmd4ml.stats._types import PyTree
 
@@ -49,4 +50,4 @@ def cast_like(tree: PyTree, like: PyTree) -> PyTree:
       >>> cast_like(jnp.ones(2), jnp.zeros(2, jnp.bfloat16)).dtype
       dtype(bfloat16)
     """
-    return jax.tree.map(lambda x, p: x.astype(p.dtype), tree, like)
+    return optax.tree.cast_like(tree, like)
