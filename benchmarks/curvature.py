@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=list(MODELS), default="3c3d")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the model's")
     parser.add_argument("--quantity", choices=list(QUANTITIES), default="hess_trace")
-    parser.add_argument("--method", choices=["auto", "exact", "hutchinson"], default="hutchinson")
+    parser.add_argument(
+        "--method", choices=["auto", "exact", "ggn", "ggn_mc", "hutchinson"], default="auto"
+    )
     parser.add_argument("--probes", type=int, default=32, help="Hutchinson's products")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per step")
     parser.add_argument(
