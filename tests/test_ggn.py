@@ -281,6 +281,14 @@ def dropout_params() -> dict:
     return {"w1": jax.random.normal(k[0], (4, 8), F64), "w2": jax.random.normal(k[1], (8, 3), F64)}
 
 
+def relu_loss() -> lm.Supervised:
+    """A ReLU MLP on dropout_params(), split, with integer labels."""
+    return lm.supervised(
+        lambda p, v: jax.nn.relu(v @ p["w1"]) @ p["w2"],
+        optax.softmax_cross_entropy_with_integer_labels,
+    )
+
+
 def test_dropout_sees_the_batched_pass_draws() -> None:
     """The GGN's per-sample passes replay the draws of the step's batched pass: equal to the
     Jacobians of the batched model with the step's key."""
@@ -302,10 +310,7 @@ def test_dropout_sees_the_batched_pass_draws() -> None:
 def test_padded_samples_count_for_nothing() -> None:
     params = dropout_params()
     x, y = classification((4,), seed=11)
-    loss = lm.supervised(
-        lambda p, v: jax.nn.relu(v @ p["w1"]) @ p["w2"],
-        optax.softmax_cross_entropy_with_integer_labels,
-    )
+    loss = relu_loss()
     values = []
     for batch, mask in [((x[:5], y[:5]), None), ((x, y), jnp.arange(B) < 5)]:
         step = lm.instrument(loss, optax.sgd(0.1), [lm.HessTrace(), lm.TICTrace(), lm.TICDiag()])
@@ -346,10 +351,7 @@ def test_monte_carlo_is_unbiased(out_loss: Callable) -> None:
 def test_many_outputs_use_monte_carlo_and_say_so() -> None:
     params = dropout_params()
     x, y = classification((4,), seed=15)
-    loss = lm.supervised(
-        lambda p, v: jax.nn.relu(v @ p["w1"]) @ p["w2"],
-        optax.softmax_cross_entropy_with_integer_labels,
-    )
+    loss = relu_loss()
     quantity = lm.HessTrace(max_directions=2)
     step = lm.instrument(
         loss, optax.sgd(0.1), [quantity, lm.HessTrace(method="exact", name="exact")]
@@ -428,10 +430,7 @@ def test_monitor_and_chunks_agree_with_instrument() -> None:
 def test_the_run_records_the_method_each_instrument_used(tmp_path: Any) -> None:
     params = dropout_params()
     x, y = classification((4,), seed=18)
-    loss = lm.supervised(
-        lambda p, v: jax.nn.relu(v @ p["w1"]) @ p["w2"],
-        optax.softmax_cross_entropy_with_integer_labels,
-    )
+    loss = relu_loss()
     quantities = [lm.HessTrace(), lm.TICTrace(method="ggn_mc"), lm.TICDiag(method="exact")]
     learner = lm.Learner(params, loss, [(x, y)], optax.sgd(0.1), quantities)
     lm.train(learner, runs_dir=tmp_path, progress=False)

@@ -59,6 +59,21 @@ def batches(case: models.Case) -> list:
     return [jax.tree.map(lambda x: jnp.concatenate([x, x[: N - len(x)]]), b) for b in case.batches]
 
 
+def run_masked(
+    step: lm.InstrumentedStep, state: lm.StepState, data: list, mask: jax.Array, mesh: Mesh | None
+) -> tuple[list, lm.StepState]:
+    """As :func:`run`, each batch with ``mask`` (both split over ``mesh``'s "data" axis, if
+    given); also the last state."""
+    out = []
+    for t, batch in enumerate(data):
+        batch_mask = mask
+        if mesh is not None:
+            batch, batch_mask = jax.device_put((batch, mask), NamedSharding(mesh, P("data")))
+        state, metrics = without_recompiling(t, step, state, batch, mask=batch_mask)
+        out.append((jax.device_get(metrics), jax.device_get(state.params)))
+    return out, state
+
+
 def data_mesh() -> Mesh:
     return Mesh(np.array(jax.devices()), ("data",))
 
@@ -290,13 +305,7 @@ def test_dropout_mask_and_state_match_one_device() -> None:
         if placed:
             on_mesh = lambda x: jax.device_put(x, NamedSharding(mesh, P()))  # noqa: E731
             state = step.init(jax.tree.map(on_mesh, params), key=key, model_state=on_mesh(start))
-        runs = []
-        for t, batch in enumerate(data):
-            batch_mask = mask
-            if placed:
-                batch, batch_mask = jax.device_put((batch, mask), NamedSharding(mesh, P("data")))
-            state, metrics = without_recompiling(t, step, state, batch, mask=batch_mask)
-            runs.append((jax.device_get(metrics), jax.device_get(state.params)))
+        runs, state = run_masked(step, state, data, mask, mesh if placed else None)
         out.append((runs, float(state.model_state)))
     assert_same(out[1][0], out[0][0])
     np.testing.assert_allclose(out[1][1], out[0][1], rtol=RTOL)
@@ -334,13 +343,6 @@ def test_ggn_with_dropout_and_a_mask_matches_one_device() -> None:
         step = lm.instrument(loss, optax.sgd(0.1), quantities, memory_budget=budget)
         start = jax.device_put(params, NamedSharding(mesh, P())) if placed else params
         state = step.init(start, key=jax.random.key(6))
-        runs = []
-        for t, batch in enumerate(data):
-            batch_mask = mask
-            if placed:
-                batch, batch_mask = jax.device_put((batch, mask), NamedSharding(mesh, P("data")))
-            state, metrics = without_recompiling(t, step, state, batch, mask=batch_mask)
-            runs.append((jax.device_get(metrics), jax.device_get(state.params)))
-        out.append(runs)
+        out.append(run_masked(step, state, data, mask, mesh if placed else None)[0])
     assert [q.resolved["method"] for q in quantities] == ["ggn", "ggn", "ggn_mc"]
     assert_same(out[1], out[0])
