@@ -190,10 +190,13 @@ class StepContext:
         return self._hessian_diags[estimator]
 
     @cached_property
-    def output_shape(self) -> tuple[int, ...]:
-        """One sample's model outputs' shape (needs a ``split``)."""
-        split = self._needs_split("the model's outputs")
-        return jax.eval_shape(split.forward, self.params, split.inputs).shape[1:]
+    def output_directions(self) -> int:
+        """How many directions the output loss's Hessian square root has per sample (one
+        sample's outputs' size, for the closed forms): the exact GGN's cost in backward
+        passes (needs a ``split``)."""
+        split = self.require_split("the model's outputs")
+        shape = jax.eval_shape(split.forward, self.params, split.inputs).shape[1:]
+        return split.curvature.directions(shape)
 
     @cached_property
     def piecewise_linear(self) -> bool:
@@ -204,7 +207,8 @@ class StepContext:
             return False
         return stats.ggn.piecewise_linear(self.split.forward, self.params, self.split.inputs)
 
-    def _needs_split(self, what: str) -> stats.ggn.Split:
+    def require_split(self, what: str) -> stats.ggn.Split:
+        """The ``split``, or a clear error saying that ``what`` needs ``lm.supervised``."""
         if self.split is None:
             raise ValueError(
                 f"{what} needs the loss split into a model and a loss on its outputs: make it "
@@ -225,11 +229,11 @@ class StepContext:
         """
         if seed in self._ggn_diags:
             return self._ggn_diags[seed]
-        split = self._needs_split("the GGN")
+        split = self.require_split("the GGN")
         n = self.losses.shape[0]
         curvature, targets = split.curvature, split.targets
         if seed is None:
-            directions = curvature.directions(self.output_shape)
+            directions = self.output_directions
 
             def rows(f: jax.Array, sample: PyTree, _: jax.Array) -> jax.Array:
                 return curvature.sqrt(f, targets(sample))

@@ -96,8 +96,7 @@ class _DiagQuantity(Quantity):
 
     def _ggn(self, ctx: StepContext) -> str:
         """``"ggn"``, or ``"ggn_mc"`` (said so) where the outputs are too many directions."""
-        ctx._needs_split(f"{type(self).__name__}(method={self.method!r})")
-        directions = ctx.split.curvature.directions(ctx.output_shape)
+        directions = ctx.output_directions
         if directions <= self.max_directions:
             return "ggn"
         self._warn(
@@ -111,7 +110,7 @@ class _DiagQuantity(Quantity):
         """The method this step uses, recorded in ``resolved["method"]``."""
         method = self.method
         if method in ("ggn", "ggn_mc") and ctx.split is None:
-            ctx._needs_split(f"{type(self).__name__}(method={method!r})")
+            ctx.require_split(f"{type(self).__name__}(method={method!r})")
         if method == "ggn":
             method = self._ggn(ctx)
         elif method == "auto":

@@ -89,14 +89,24 @@ def _mean_scale(f: jax.Array, per_entry: int) -> float:
     return per_entry / f.size
 
 
-def _integer_labels() -> OutputCurvature:
+def _softmax(name: str, weight: Callable[[jax.Array, Any], jax.Array]) -> OutputCurvature:
+    """A softmax cross-entropy whose Hessian at each position is w · (diag p − ppᵀ), w from
+    ``weight(f, y)`` (shape f.shape[:-1])."""
+
     def sqrt(f: jax.Array, y: Any) -> jax.Array:
-        return _softmax_sqrt(f, jnp.full(f.shape[:-1], _mean_scale(f, f.shape[-1])))
+        return _softmax_sqrt(f, weight(f, y))
 
     def sample(f: jax.Array, y: Any, key: jax.Array) -> jax.Array:
-        return _softmax_sample(f, jnp.full(f.shape[:-1], _mean_scale(f, f.shape[-1])), key)
+        return _softmax_sample(f, weight(f, y), key)
 
-    return OutputCurvature("softmax_cross_entropy_with_integer_labels", sqrt, sample, math.prod)
+    return OutputCurvature(name, sqrt, sample, math.prod)
+
+
+def _integer_labels() -> OutputCurvature:
+    def weight(f: jax.Array, y: Any) -> jax.Array:
+        return jnp.full(f.shape[:-1], _mean_scale(f, f.shape[-1]))
+
+    return _softmax("softmax_cross_entropy_with_integer_labels", weight)
 
 
 def _label_distributions() -> OutputCurvature:
@@ -104,13 +114,7 @@ def _label_distributions() -> OutputCurvature:
     def weight(f: jax.Array, y: jax.Array) -> jax.Array:
         return jnp.sum(y, axis=-1) * _mean_scale(f, f.shape[-1])
 
-    def sqrt(f: jax.Array, y: jax.Array) -> jax.Array:
-        return _softmax_sqrt(f, weight(f, y))
-
-    def sample(f: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
-        return _softmax_sample(f, weight(f, y), key)
-
-    return OutputCurvature("softmax_cross_entropy", sqrt, sample, math.prod)
+    return _softmax("softmax_cross_entropy", weight)
 
 
 def _squares(name: str, curvature: float) -> OutputCurvature:
@@ -408,8 +412,8 @@ def _local_diag(
             squares[k] = jnp.sum(jnp.square(widen(jax.vmap(grad)(cotangents[k]))), axis=0)
         for k in convs:  # Σ_c (PᵀΔ_c)², P the sample's patches, once for every direction
             patches = widen(ghost.conv_patches(factors[k], products[k]))
-            rows = jax.vmap(partial(ghost.by_position, product=products[k]))(cotangents[k])
-            grads = jnp.einsum("tp,cto->cpo", patches, widen(rows))
+            deltas = jax.vmap(partial(ghost.by_position, product=products[k]))(cotangents[k])
+            grads = jnp.einsum("tp,cto->cpo", patches, widen(deltas))
             squares[k] = ghost.conv_kernel(jnp.sum(jnp.square(grads), axis=0), products[k])
         outer = {}  # a² and Σ_c δ_c², whose outer product is Σ_c (a ⊗ δ_c)²
         for k in cheap:
