@@ -188,10 +188,7 @@ def monitor(
     When to track: ``every=k`` tracks updates 0, k, 2k, … (a counter in the state and one
     ``lax.cond``: one compiled program). An extra argument ``track`` overrides it for one call:
     a Python bool selects one of two programs while tracing (``track=False`` is the bare inner
-    update, as ``lm.instrument``'s), a scalar boolean array is decided at run time. On CPU,
-    XLA runs convolutions inside a ``lax.cond`` several times slower: for a convolutional
-    model there, prefer a static ``track`` (``benchmarks/monitor.py``: 3c3d with the norm test
-    every 4th step costs 3.1× ``lm.instrument``'s through ``every=4``).
+    update, as ``lm.instrument``'s), a scalar boolean array is decided at run time.
 
     Args:
       inner: the optimizer to wrap, any optax transformation (extra arguments other than the
@@ -323,7 +320,9 @@ def monitor(
             q_states, values, samples = tracked(*carried)
             tracked_step = state.count
         else:
-            q_states, values, samples = jax.lax.cond(track, tracked, kept, *carried)
+            # The branch is a computation of its own, left out of XLA's CPU convolution layout pass.
+            tracked_branch = stats.jaxpr.canonical_convolutions(tracked)
+            q_states, values, samples = jax.lax.cond(track, tracked_branch, kept, *carried)
             tracked_step = jnp.where(track, state.count, state.tracked_step)
         new_state = MonitorState(
             inner_state, q_states, values, state.count + 1, tracked_step, samples

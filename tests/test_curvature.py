@@ -145,30 +145,6 @@ def test_max_ev_on_a_tiny_space_stops_when_it_is_spanned() -> None:
     assert int(state.quantity_states["hess_max_ev"].iterations) <= 3
 
 
-@pytest.mark.parametrize("unroll", [1, 4, 7, 12])
-def test_unrolled_products_change_nothing(unroll: int) -> None:
-    """Fewer, as many or more straight-line products than convergence takes (7 here), or
-    than a cycle holds (krylov_dim 5): the same eigenpair and count as the loop alone."""
-    rng = np.random.default_rng(3)
-    q, _ = np.linalg.qr(rng.normal(size=(30, 30)))
-    a = jnp.asarray(q @ np.diag(np.linspace(-3.0, 2.0, 30)) @ q.T)
-    start = jnp.asarray(rng.normal(size=30))
-    run = lambda n: hessian.max_eigenvalue(  # noqa: E731
-        lambda v: a @ v, start, rtol=1e-6, krylov_dim=5, unroll=n
-    )
-    looped, unrolled = run(0), run(unroll)
-    assert int(looped.iterations) > 5  # it restarted
-    assert int(unrolled.iterations) == int(looped.iterations)
-    np.testing.assert_allclose(unrolled.value, looped.value, rtol=1e-12)
-    np.testing.assert_allclose(unrolled.vector, looped.vector, atol=1e-10)
-
-
-def test_convolutions_on_cpu_are_unrolled() -> None:
-    conv, dense = models.get("nnx_conv"), models.get("mlp")
-    assert hessian.needs_unrolling(conv.loss_fn, conv.params, conv.batches[0])
-    assert not hessian.needs_unrolling(dense.loss_fn, dense.params, dense.batches[0])
-
-
 # ------------------------------------------------------------------------------ warm start
 
 

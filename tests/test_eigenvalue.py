@@ -16,7 +16,6 @@ import lmd4ml as lm
 from lmd4ml.dashboard import figure
 from lmd4ml.dashboard.data import RunData
 from lmd4ml.quantities import Report
-from lmd4ml.quantities.eigenvalue import default_unroll
 
 
 def hessian_eigenvalues(case: models.Case, params, batch) -> np.ndarray:
@@ -26,18 +25,16 @@ def hessian_eigenvalues(case: models.Case, params, batch) -> np.ndarray:
 
 def test_converged_and_iterations_are_reported_beside_the_value(regression_case) -> None:
     """A normal run converges within max_iters; one capped at 2 products (42 parameters,
-    distinct eigenvalues) does not, and says so. Renamed, the siblings follow the name.
-    Products outside the loop (``unroll``) change nothing but where they run."""
+    distinct eigenvalues) does not, and says so. Renamed, the siblings follow the name."""
     quantities = [
         lm.HessMaxEV(krylov_dim=4),
         lm.HessMaxEV(max_iters=2, name="capped"),
-        lm.HessMaxEV(krylov_dim=4, unroll=3, name="unrolled"),
     ]
     step = lm.instrument(regression_case.loss_fn, optax.sgd(0.1), quantities)
     for t, (before, metrics, after) in enumerate(models.run_steps(step, regression_case)):
         assert set(metrics) == {
             f"{key}{suffix}"
-            for key in ("hess_max_ev", "capped", "unrolled")
+            for key in ("hess_max_ev", "capped")
             for suffix in ("", "_converged", "_iterations")
         }
         eigenvalues = hessian_eigenvalues(
@@ -55,19 +52,6 @@ def test_converged_and_iterations_are_reported_beside_the_value(regression_case)
         assert int(metrics["capped_iterations"]) == 2
         # A Ritz value lies inside the spectrum: here short of λ_max by more than rtol.
         assert eigenvalues[0] <= metrics["capped"] < top - 1e-3 * radius, t
-
-        assert int(metrics["unrolled_iterations"]) == iterations and metrics["unrolled_converged"]
-        np.testing.assert_allclose(metrics["unrolled"], metrics["hess_max_ev"], rtol=1e-12)
-
-
-def test_unroll_is_an_argument(regression_case) -> None:
-    """A field, checked at construction; None: the rule, 0 for a model that does not convolve."""
-    assert lm.HessMaxEV().unroll is None and "unroll=3" in repr(lm.HessMaxEV(unroll=3))
-    batch = regression_case.batches[0]
-    assert default_unroll(regression_case.loss_fn, regression_case.params, batch) == 0
-    for bad in (-1, 2.0, True):
-        with pytest.raises(ValueError, match="unroll must be an int >= 0 or None"):
-            lm.HessMaxEV(unroll=bad)
 
 
 # --------------------------------------------------------------------------- the protocol

@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 
 from lmd4ml import stats
 from lmd4ml.quantities.base import Quantity, Report, StepContext, reset_if_nonfinite
-from lmd4ml.stats import LossFn, PyTree
+from lmd4ml.stats import PyTree
 
 
 class LanczosState(NamedTuple):
@@ -20,21 +20,6 @@ class LanczosState(NamedTuple):
     vector: jax.Array  # unit vector, raveled like the params (jax.flatten_util.ravel_pytree)
     iterations: jax.Array  # Hessian-vector products the last computation used
     resets: jax.Array  # how many non-finite warm starts were replaced so far
-
-
-def default_unroll(loss_fn: LossFn, params: PyTree, batch: PyTree) -> int:
-    """HessMaxEV's ``unroll`` when none is given: 8 Lanczos products outside any loop for a
-    model that convolves, on CPU (:func:`lmd4ml.stats.hessian.needs_unrolling`), else 0.
-
-    Eight is enough for a warm start on DeepOBS 3c3d (7–8 products a step), each product
-    there ~10× faster than inside the loop.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> default_unroll(lambda w, x: (x @ w) ** 2, jnp.zeros(2), jnp.ones((3, 2)))
-      0
-    """
-    return 8 if stats.hessian.needs_unrolling(loss_fn, params, batch) else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +34,6 @@ class HessMaxEV(Quantity):
     met; False when it stopped at ``max_iters``) and ``hess_max_ev_iterations`` (the
     products used). A warm start that comes out NaN or infinite (a non-finite step) is
     replaced by a fresh random one, with a warning the first time.
-
-    ``unroll``: how many products run outside any loop (each always computed, even past
-    convergence); ``None``: :func:`default_unroll`, 8 for a convolutional model on CPU, where
-    XLA's convolutions run ~10× faster outside a loop, else 0.
 
     Example:
       >>> import jax.numpy as jnp, optax, lmd4ml as lm
@@ -72,7 +53,6 @@ class HessMaxEV(Quantity):
     max_iters: int = 100
     krylov_dim: int = 20
     seed: int = 0
-    unroll: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.rtol < 1:
@@ -81,11 +61,6 @@ class HessMaxEV(Quantity):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"HessMaxEV: {name} must be a positive int, got {value!r}")
-        unroll = self.unroll
-        if unroll is not None and (
-            isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 0
-        ):
-            raise ValueError(f"HessMaxEV: unroll must be an int >= 0 or None, got {unroll!r}")
 
     def init(self, params: PyTree) -> LanczosState:
         flat = ravel_pytree(stats.widen(params))[0]
@@ -94,16 +69,12 @@ class HessMaxEV(Quantity):
 
     def compute(self, ctx: StepContext, state: LanczosState) -> tuple[Report, LanczosState]:
         matvec, _ = stats.hessian.flat_matvec(ctx.hvp, ctx.params)
-        unroll = self.unroll
-        if unroll is None:
-            unroll = default_unroll(ctx.loss_fn, ctx.params, ctx.batch)
         out = stats.hessian.max_eigenvalue(
             matvec,
             state.vector,
             rtol=self.rtol,
             max_iters=self.max_iters,
             krylov_dim=self.krylov_dim,
-            unroll=unroll,
         )
         vector, resets = reset_if_nonfinite(
             out.vector,

@@ -13,18 +13,17 @@ statistic at most once per step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import jax
 import jax.extend.core
 import jax.numpy as jnp
-import optax
 from jax.flatten_util import ravel_pytree
 
 from lmd4ml.stats._types import LossFn, PyTree
-from lmd4ml.stats.jaxpr import equations
-from lmd4ml.stats.per_sample import _chunked, batch_size, chunk_size, sample_mean
+from lmd4ml.stats.jaxpr import canonical_convolutions
+from lmd4ml.stats.per_sample import _chunked, chunk_size, sample_mean
 from lmd4ml.stats.precision import cast_like, widen
 
 Hvp = Callable[[PyTree], PyTree]
@@ -69,16 +68,12 @@ def exact_diag(
     hvp: Hvp,
     params: PyTree,
     memory_budget: int = 2**26,
-    *,
-    unroll: bool | None = None,
-    max_calls: int = 32,
 ) -> PyTree:
     """diag(∇²L), exactly: the j-th entry of the product with the j-th unit vector.
 
     D products, vmapped over as many unit vectors as fit in ``memory_budget`` bytes (counting
-    one parameter-sized vector per product): affordable for a few thousand parameters. They
-    run in a loop, or with ``unroll`` in at most ``max_calls`` straight-line calls (see
-    :func:`_over_products`; ``None``: where the products convolve on CPU).
+    one parameter-sized vector per product), in a loop: affordable for a few thousand
+    parameters.
 
     Example:
       >>> import jax.numpy as jnp
@@ -97,8 +92,7 @@ def exact_diag(
         return {"diag": jax.vmap(entry)(index)}
 
     chunk = chunk_size(flat, memory_budget, size)
-    calls = _calls(unroll, max_calls, matvec, flat)
-    diag = _over_products(entries, jnp.arange(size), chunk, {"diag": "concat"}, calls)["diag"]
+    diag = _chunked(entries, jnp.arange(size), chunk, {"diag": "concat"})["diag"]
     return unravel(diag)
 
 
@@ -108,18 +102,13 @@ def hutchinson_diag(
     key: jax.Array,
     probes: int,
     memory_budget: int = 2**26,
-    *,
-    unroll: bool | None = None,
-    max_calls: int = 32,
 ) -> PyTree:
     """Hutchinson's unbiased estimate (1/K) Σₖ zₖ ⊙ ∇²L zₖ of diag(∇²L), K = ``probes``.
 
     Each zₖ has independent ±1 entries (Rademacher), so E[z ⊙ Hz] = diag(H); summed over
     the coordinates, the estimate of tr(H) has variance 2 Σ_{j≠k} H_jk² / K. Probes run
-    vmapped, as many at once as fit in ``memory_budget`` bytes, in a loop, or with
-    ``unroll`` in at most ``max_calls`` straight-line calls (see :func:`_over_products`;
-    ``None``: where the products convolve on CPU). Either way zₖ is drawn from the k-th
-    key of ``jax.random.split(key, probes)``.
+    vmapped, as many at once as fit in ``memory_budget`` bytes, in a loop; zₖ is drawn from
+    the k-th key of ``jax.random.split(key, probes)``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -141,85 +130,8 @@ def hutchinson_diag(
 
     chunk = chunk_size(flat, memory_budget, probes)
     keys = jax.random.split(key, probes)
-    calls = _calls(unroll, max_calls, matvec, flat)
-    total = _over_products(probe_sums, keys, chunk, {"sum": "sum"}, calls)["sum"]
+    total = _chunked(probe_sums, keys, chunk, {"sum": "sum"})["sum"]
     return unravel(total / probes)
-
-
-def _calls(
-    unroll: bool | None, max_calls: int, matvec: Callable[[jax.Array], jax.Array], flat: jax.Array
-) -> int:
-    """How many straight-line calls the products may take: ``max_calls`` if ``unroll`` (if it
-    is None: if ``matvec`` convolves on CPU, :func:`needs_unrolling`), else 0 (a loop)."""
-    if max_calls < 1:
-        raise ValueError(f"max_calls must be a positive number of calls, got {max_calls}")
-    if unroll is None:
-        unroll = needs_unrolling(matvec, flat)
-    return max_calls if unroll else 0
-
-
-def _over_products(
-    fn: Callable[[PyTree], dict[str, jax.Array]],
-    xs: PyTree,
-    chunk: int,
-    combine: Mapping[str, Literal["concat", "sum"]],
-    calls: int,
-) -> dict[str, jax.Array]:
-    """``fn`` over ``xs`` (leading axis n) in chunks of at most ``chunk``, outputs joined as
-    ``combine`` says: with ``calls`` 0 in a loop (:func:`~lmd4ml.stats.per_sample._chunked`),
-    else as straight-line code, each chunk started once the one before is done.
-
-    Straight-line code keeps XLA's CPU convolutions out of a loop body, where they run many
-    times slower (:func:`needs_unrolling`). It grows with every call, so the n elements go in
-    min(n, ``calls``) equal chunks, or more where ``chunk`` says so; no fewer, as a vmap over
-    many products of a convolution runs slower per product on CPU than a few at a time
-    (measured on 3c3d, B = 64: 32 probes one at a time 2.2× faster than 16 at a time).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> fn = lambda x: {"sum": jnp.sum(x), "all": 2 * x}
-      >>> out = _over_products(fn, jnp.arange(5.0), 5, {"sum": "sum", "all": "concat"}, 2)
-      >>> out["sum"].item(), out["all"].tolist()
-      (10.0, [0.0, 2.0, 4.0, 6.0, 8.0])
-    """
-    if not calls:
-        return _chunked(fn, xs, chunk, combine)
-    n = batch_size(xs)
-    parts = max(min(n, calls), -(-n // chunk))
-    size = -(-n // parts)
-    outs: list[dict[str, jax.Array]] = []
-    for start in range(0, n, size):
-        part = jax.tree.map(lambda x, start=start: x[start : start + size], xs)
-        outs.append(fn(_after(part, outs[-1]) if outs else part))
-    return {
-        k: sum(o[k] for o in outs) if how == "sum" else jnp.concatenate([o[k] for o in outs])
-        for k, how in combine.items()
-    }
-
-
-def _after(tree: PyTree, earlier: PyTree) -> PyTree:
-    """``tree``, its values unchanged, made from ``earlier`` too, so that XLA computes what
-    depends on it only once ``earlier`` exists: chunks of straight-line code then run one
-    after another instead of all at once (half the memory of 32 unordered probes on 3c3d).
-
-    A zero from ``earlier`` is added to every leaf (to a PRNG key's data): ``nan_to_num``
-    keeps it 0, and XLA does not fold 0·x for floats.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> _after(jnp.arange(3), jnp.array([jnp.inf])).tolist()
-      [0, 1, 2]
-    """
-    first = jax.tree.leaves(earlier)[0]
-    zero = 0 * jnp.nan_to_num(jnp.real(first.ravel()[0]))
-
-    def tie(x: Any) -> Any:
-        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            data = tie(jax.random.key_data(x))
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-        return x + zero.astype(x.dtype)
-
-    return jax.tree.map(tie, tree)
 
 
 class DiagEstimator(NamedTuple):
@@ -283,7 +195,6 @@ def max_eigenvalue(
     rtol: float = 1e-3,
     max_iters: int = 100,
     krylov_dim: int = 20,
-    unroll: int = 0,
 ) -> Lanczos:
     """The largest (algebraic) eigenvalue of a symmetric operator, by restarted Lanczos.
 
@@ -294,9 +205,8 @@ def max_eigenvalue(
     products are spent. Unlike power iteration it finds the largest eigenvalue even when a
     negative one is larger in magnitude. Holds ``krylov_dim`` vectors.
 
-    The first ``unroll`` products run as straight-line code, outside any loop, and are
-    always computed (those past convergence are discarded): XLA on CPU runs convolutions
-    inside a loop body several times slower (see :func:`needs_unrolling`).
+    The products run with :func:`~lmd4ml.stats.jaxpr.canonical_convolutions`, so inside the
+    loop a convolutional model's products cost what they cost alone.
 
     Example:
       >>> import jax.numpy as jnp
@@ -315,9 +225,8 @@ def max_eigenvalue(
     m = min(krylov_dim, size)
     dtype = start.dtype
 
-    def cycle(carry: tuple, prefix: int = 0) -> tuple:
-        """One Lanczos run of at most m products from carry's vector, the first ``prefix``
-        of them unrolled."""
+    def cycle(carry: tuple) -> tuple:
+        """One Lanczos run of at most m products from carry's vector."""
         _, v, used, _ = carry
 
         def step(c: tuple) -> tuple:
@@ -350,9 +259,9 @@ def max_eigenvalue(
             jnp.zeros((), bool),
             jnp.zeros((), bool),
         )
-        for _ in range(min(prefix, m)):
-            init = _unless(init[-1], init, step(init))
-        j, _, basis, _, _, theta, s, converged, _ = jax.lax.while_loop(lambda c: ~c[-1], step, init)
+        j, _, basis, _, _, theta, s, converged, _ = jax.lax.while_loop(
+            lambda c: ~c[-1], canonical_convolutions(step), init
+        )
         u = s @ basis
         return theta, u / jnp.linalg.norm(u), used + j, converged
 
@@ -361,34 +270,5 @@ def max_eigenvalue(
         return ~converged & (used < max_iters)
 
     init = (jnp.zeros((), dtype), start, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
-    first = cycle(init, min(unroll, max_iters))  # the loop below always ran a first cycle
-    theta, u, used, converged = jax.lax.while_loop(more, cycle, first)
+    theta, u, used, converged = jax.lax.while_loop(more, cycle, init)  # convolves in step only
     return Lanczos(theta, u, used, converged)
-
-
-def _unless(done: jax.Array, old: tuple, new: tuple) -> tuple:
-    """``old`` where ``done``, else ``new``: a loop step as straight-line code."""
-    return optax.tree.where(done, old, new)
-
-
-def needs_unrolling(fn: Callable, *args: Any) -> bool:
-    """Whether ``fn(*args)`` (a loss on params and batch, a Hessian-vector product) convolves
-    and runs on CPU, where XLA runs a convolution inside a loop body about 10× slower than
-    outside one (jax-ml/jax#12868; measured here: a Hessian-vector product of DeepOBS 3c3d,
-    0.35 s alone, 3.5 s inside ``fori_loop``).
-
-    ``fn`` is traced once; it may close over values of an enclosing trace.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> needs_unrolling(lambda w, x: (x @ w) ** 2, jnp.zeros(2), jnp.ones((3, 2)))
-      False
-      >>> conv = lambda w, x: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID")
-      >>> needs_unrolling(conv, jnp.ones((1, 1, 2, 2)), jnp.ones((1, 1, 3, 3))) == (
-      ...     jax.default_backend() == "cpu")
-      True
-    """
-    if jax.default_backend() != "cpu":
-        return False
-    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-    return any(e.primitive.name == "conv_general_dilated" for e, _ in equations(jaxpr))

@@ -158,7 +158,8 @@ def _chunked(
     """``fn`` over ``xs`` (leading axis n) in chunks, outputs joined as ``combine`` says.
 
     Chunks hold at most ``chunk`` elements and are as equal as can be: full chunks run in a
-    ``lax.scan``, a shorter last chunk once after it.
+    ``lax.scan`` (its body with :func:`~lmd4ml.stats.jaxpr.canonical_convolutions`), a
+    shorter last chunk once after it.
     """
     n = batch_size(xs)
     # Equal chunks keep the work in the loop: 32 samples in chunks of 17 would run as two
@@ -180,7 +181,7 @@ def _chunked(
     else:
         shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], head))
         init = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items() if combine[k] == "sum"}
-        sums, stacked = jax.lax.scan(body, init, head)
+        sums, stacked = jax.lax.scan(jaxpr_tools.canonical_convolutions(body), init, head)
         parts = {k: [v.reshape(-1, *v.shape[2:])] for k, v in stacked.items()}
     if rest:
         last = fn(jax.tree.map(lambda x: x[n_full * chunk :], xs))

@@ -1,0 +1,137 @@
+"""Convolutions inside loops and branches run in XLA's fast CPU layout.
+
+XLA's CPU compiler hands a convolution to its fast (Eigen) kernels only in one layout, and
+brings only a program's top level into it: inside a loop body or a ``lax.cond`` branch, a
+convolution's derivatives keep the layouts autodiff gave them and run as generic loops, 10-20×
+slower (3c3d's Hutchinson step went from 2 s to 51 s when its products moved into a
+``lax.scan``; jax-ml/jax#12868). Every loop and branch of the step is built with
+:func:`lmd4ml.stats.jaxpr.canonical_convolutions`. These checks read the compiled program,
+never its time.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lmd4ml as lm
+from lmd4ml.stats.jaxpr import canonical_convolutions
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="the layout pass in question is XLA's CPU one"
+)
+
+CONVOLUTION = re.compile(r"convolution\(.*?dim_labels=([^,\s]+)")
+CANONICAL = re.compile(r"b(0\d*)f_(0\d*)io->b(0\d*)f")
+
+
+def apply(params: dict, x: jax.Array) -> jax.Array:
+    """conv 3×3 (4 channels), ReLU, 2×2 max-pool, dense 3: NHWC and HWIO, as flax writes."""
+    y = jax.lax.conv_general_dilated(
+        x, params["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    y = jax.lax.reduce_window(jax.nn.relu(y), -jnp.inf, jax.lax.max, (1, 2, 2, 1),
+                              (1, 2, 2, 1), "VALID")  # fmt: skip
+    return y.reshape(y.shape[0], -1) @ params["w"]
+
+
+LOSS = lm.supervised(apply, optax.softmax_cross_entropy_with_integer_labels)
+PARAMS = {
+    "k": jax.random.normal(jax.random.key(0), (3, 3, 2, 4)) / 4,
+    "w": jax.random.normal(jax.random.key(1), (16 * 4, 3)) / 8,
+}
+BATCH = (jax.random.normal(jax.random.key(2), (6, 8, 8, 2)), jnp.arange(6) % 3)
+
+
+def layouts(compiled_text: str) -> list[str]:
+    return CONVOLUTION.findall(compiled_text)
+
+
+def assert_canonical(compiled_text: str, at_least: int) -> None:
+    found = layouts(compiled_text)
+    assert len(found) >= at_least, found
+    odd = [f for f in found if not (m := CANONICAL.fullmatch(f)) or len(set(m.groups())) != 1]
+    assert not odd, f"convolutions XLA's CPU backend runs as generic loops: {odd}"
+
+
+def test_the_rewrite_keeps_every_convolution_value() -> None:
+    """1-D to 3-D, any dimension order, feature groups, strides, dilations: the same values."""
+    rng = np.random.default_rng(0)
+    cases = [
+        ((2, 3, 9), (4, 3, 2), ("NCH", "OIH", "NCH"), 1, (1,), (1,), (1,)),
+        ((2, 9, 7, 4), (3, 2, 2, 6), ("NHWC", "HWIO", "NCHW"), 2, (2, 1), (1, 1), (1, 2)),
+        ((5, 4, 2, 3), (3, 3, 2, 4), ("HWCN", "HWIO", "NHWC"), 1, (1, 1), (2, 1), (1, 1)),
+        ((1, 4, 5, 5, 3), (2, 2, 2, 3, 2), ("NDHWC", "DHWIO", "NCDHW"), 1, (1, 1, 1), (1,) * 3,
+         (1,) * 3),
+    ]  # fmt: skip
+    for lhs_shape, rhs_shape, numbers, groups, strides, lhs_dilation, rhs_dilation in cases:
+        lhs, rhs = rng.normal(size=lhs_shape), rng.normal(size=rhs_shape)
+
+        def conv(a, b, numbers=numbers, groups=groups, strides=strides, ld=lhs_dilation,
+                 rd=rhs_dilation):  # fmt: skip
+            padding = [(1, 0)] * len(strides)
+            return jax.lax.conv_general_dilated(
+                a, b, strides, padding, ld, rd, numbers, feature_group_count=groups
+            )
+
+        np.testing.assert_allclose(
+            canonical_convolutions(conv)(lhs, rhs), conv(lhs, rhs), rtol=1e-6, atol=1e-6
+        )
+        # Its derivatives, which autodiff writes in other layouts, too.
+        grads = jax.grad(lambda a, b, f=conv: jnp.sum(f(a, b) ** 2), argnums=(0, 1))
+        for mine, theirs in zip(canonical_convolutions(grads)(lhs, rhs), grads(lhs, rhs),
+                                strict=True):  # fmt: skip
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_loop_without_the_rewrite_is_what_it_guards_against() -> None:
+    """The premise: a gradient's convolutions inside a loop, as autodiff writes them."""
+    grad = jax.grad(lambda p: LOSS(p, BATCH).mean())
+
+    def looped(rewrite):
+        body = lambda i, p: jax.tree.map(jnp.subtract, p, grad(p))  # noqa: E731
+        return jax.lax.fori_loop(0, 2, rewrite(body), PARAMS)
+
+    plain = jax.jit(lambda: looped(lambda f: f)).lower().compile().as_text()
+    assert any(not CANONICAL.fullmatch(f) for f in layouts(plain))
+    assert_canonical(jax.jit(lambda: looped(canonical_convolutions)).lower().compile().as_text(), 2)
+
+
+@pytest.mark.parametrize(
+    "quantities",
+    [
+        [lm.HessTrace(method="hutchinson", probes=6)],
+        [lm.HessTrace(method="exact")],
+        [lm.HessMaxEV()],
+        [lm.NormTest(), lm.GradHist1d()],
+        [lm.HessTrace(method="ggn"), lm.TICDiag(method="ggn_mc")],
+    ],
+    ids=["hutchinson", "exact", "lanczos", "per_sample", "ggn"],
+)
+def test_every_convolution_of_the_step_is_canonical(quantities: list) -> None:
+    """A budget of two samples' (two products') worth: the chunks go through loops."""
+    budget = 2 * sum(x.nbytes for x in jax.tree.leaves(PARAMS))
+    step = lm.instrument(LOSS, optax.sgd(0.1), quantities, memory_budget=budget)
+    state = step.init(PARAMS)
+    text = jax.jit(step).lower(state, BATCH).compile().as_text()
+    assert "while" in text  # the products or samples did go through a loop
+    assert_canonical(text, at_least=4)
+
+
+def test_the_monitor_branch_is_canonical() -> None:
+    """``every=2``: the tracked computation is a ``lax.cond`` branch."""
+    tx = lm.monitor(optax.sgd(0.1), [lm.HessTrace(method="hutchinson", probes=2)], every=2)
+    state = tx.init(PARAMS)
+    grads = jax.grad(lambda p: LOSS(p, BATCH).mean())(PARAMS)
+
+    def update(g, s, p):
+        return tx.update(g, s, p, loss_fn=LOSS, batch=BATCH)
+
+    text = jax.jit(update).lower(grads, state, PARAMS).compile().as_text()
+    assert "conditional" in text
+    assert_canonical(text, at_least=3)
