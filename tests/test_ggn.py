@@ -62,6 +62,31 @@ def classification(shape: tuple[int, ...], classes: int = 3, seed: int = 0) -> t
     return jax.random.normal(kx, (B, *shape), F64), jax.random.randint(ky, (B,), 0, classes)
 
 
+# ---------------------------------------------------------------- output-loss square roots
+
+
+@pytest.mark.parametrize(
+    ("out_loss", "logits", "targets"),
+    [
+        (optax.softmax_cross_entropy_with_integer_labels, [[0.3, -1.2, 2.0, 0.1]], [2]),
+        (optax.softmax_cross_entropy_with_integer_labels, [[40.0, 0.0, -3.0]], [0]),  # p ≈ e₀
+        (optax.softmax_cross_entropy_with_integer_labels, [[0.0, 0.0]], [1]),  # uniform, C = 2
+        (optax.softmax_cross_entropy_with_integer_labels, [[1.0, 2.0, 3.0], [0.0, 5.0, -1.0]],
+         [0, 1]),  # two positions, the loss their mean
+        (optax.softmax_cross_entropy, [[0.5, -0.5, 1.5]], [[0.2, 0.0, 0.6]]),  # weight 0.8
+    ],
+)  # fmt: skip
+def test_softmax_square_root_is_exact_with_one_row_fewer(out_loss, logits, targets) -> None:
+    """SᵀS = ∇²_f ℓ (float64 jax.hessian), C − 1 rows per position, confident or not."""
+    f, y = jnp.asarray(logits, F64), jnp.asarray(targets)
+    curvature = lm.supervised(lambda p, x: x, out_loss).curvature
+    rows = curvature.sqrt(f, y)
+    assert rows.shape == (curvature.directions(f.shape), *f.shape) == (f.size - len(f), *f.shape)
+    flat = rows.reshape(rows.shape[0], -1)
+    hessian = jax.hessian(lambda v: per_sample(out_loss)(v.reshape(f.shape), y))(f.ravel())
+    np.testing.assert_allclose(flat.T @ flat, hessian, atol=1e-14)
+
+
 # ------------------------------------------------------------ piecewise linear: the Hessian
 
 
@@ -335,7 +360,8 @@ def test_monte_carlo_is_unbiased(out_loss: Callable) -> None:
     )
     forward = lambda p, batch: jnp.tanh(batch[0] @ p["w"])  # noqa: E731
     curvature = lm.supervised(lambda p, v: forward(p, (v, None)), out_loss).curvature
-    exact = ggn.diag(forward, lambda f, s, k: curvature.sqrt(f, s[1]), params, (x, y), 3)["w"]
+    rows = lambda f, s, k: curvature.sqrt(f, s[1])  # noqa: E731
+    exact = ggn.diag(forward, rows, params, (x, y), curvature.directions((3,)))["w"]
 
     def estimate(key: jax.Array) -> jax.Array:
         keys = jax.random.key_data(jax.random.split(key, B))
@@ -352,11 +378,11 @@ def test_many_outputs_use_monte_carlo_and_say_so() -> None:
     params = dropout_params()
     x, y = classification((4,), seed=15)
     loss = relu_loss()
-    quantity = lm.HessTrace(max_directions=2)
+    quantity = lm.HessTrace(max_directions=1)
     step = lm.instrument(
         loss, optax.sgd(0.1), [quantity, lm.HessTrace(method="exact", name="exact")]
     )
-    with pytest.warns(UserWarning, match="3 output directions.*ggn_mc"):
+    with pytest.warns(UserWarning, match="2 output directions.*ggn_mc"):
         state = step.init(params)
         estimates = []
         for _ in range(3):

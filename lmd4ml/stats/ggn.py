@@ -63,16 +63,37 @@ class OutputCurvature(NamedTuple):
 
 
 def _softmax_sqrt(f: jax.Array, weight: jax.Array) -> jax.Array:
-    """Rows of a square root of weight · (diag p − p pᵀ) at every position of f (..., C),
-    p = softmax(f): s_(t,c) = √(w_t p_tc) (e_c − p_t) at position t, zero elsewhere, since
-    Σ_c p_c (e_c − p)(e_c − p)ᵀ = diag p − p pᵀ when Σ_c p_c = 1."""
+    """C − 1 rows of a square root of weight · (diag p − p pᵀ) at every position of f (..., C),
+    p = softmax(f), zero at the other positions.
+
+    With q = √p (a unit vector), diag p − ppᵀ = D (I − qqᵀ) D, D = diag q. The Householder
+    reflection R = I − 2uuᵀ/‖u‖², u = q − e_k, maps e_k to q, so its other C − 1 columns are
+    an orthonormal basis of q⊥ and sum (as rank-one terms) to I − qqᵀ: the rows are
+    √w q ⊙ R e_j, j ≠ k (one fewer than the C rows √(w p_c)(e_c − p), and so one fewer
+    backward pass per sample). k = argmin q keeps ‖u‖² = 2(1 − q_k) ≥ 2 − 2/√C away from 0.
+    """
     classes = f.shape[-1]
     p = jax.nn.softmax(f.reshape(-1, classes).astype(jnp.promote_types(f.dtype, jnp.float32)))
-    w = jnp.reshape(weight, (-1, 1, 1))
-    blocks = jnp.sqrt(w * p[:, :, None]) * (jnp.eye(classes, dtype=p.dtype) - p[:, None, :])
     n = p.shape[0]
+    if classes == 1:  # one class: the loss is constant
+        return jnp.zeros((n, *f.shape), p.dtype)
+    q = jnp.sqrt(p)
+    k = jnp.argmin(q, axis=-1)
+    u = q - jax.nn.one_hot(k, classes, dtype=q.dtype)
+    reflection = jnp.eye(classes, dtype=q.dtype) - 2 * (
+        u[:, :, None] * u[:, None, :] / jnp.sum(u * u, axis=-1)[:, None, None]
+    )
+    kept = jnp.arange(classes - 1)[None, :] + (jnp.arange(classes - 1)[None, :] >= k[:, None])
+    columns = jnp.take_along_axis(reflection, kept[:, :, None], axis=1)  # R symmetric
+    w = jnp.reshape(weight, (-1, 1, 1))
+    blocks = jnp.sqrt(w) * q[:, None, :] * columns  # (n, C − 1, C)
     rows = jnp.einsum("tu,tcd->tcud", jnp.eye(n, dtype=p.dtype), blocks)
-    return rows.reshape(n * classes, *f.shape)
+    return rows.reshape(n * (classes - 1), *f.shape)
+
+
+def _softmax_directions(shape: tuple[int, ...]) -> int:
+    """C − 1 directions at each position of outputs shaped (..., C) (one for C = 1)."""
+    return math.prod(shape[:-1]) * max(shape[-1] - 1, 1)
 
 
 def _softmax_sample(f: jax.Array, weight: jax.Array, key: jax.Array) -> jax.Array:
@@ -99,7 +120,7 @@ def _softmax(name: str, weight: Callable[[jax.Array, Any], jax.Array]) -> Output
     def sample(f: jax.Array, y: Any, key: jax.Array) -> jax.Array:
         return _softmax_sample(f, weight(f, y), key)
 
-    return OutputCurvature(name, sqrt, sample, math.prod)
+    return OutputCurvature(name, sqrt, sample, _softmax_directions)
 
 
 def _integer_labels() -> OutputCurvature:
