@@ -1,4 +1,4 @@
-"""The dashboard tried from outside: crafted callbacks naming runs it did not list.
+"""The dashboard tried from outside: crafted callbacks, tokens.
 
 Requests go through Flask's test client to ``create_app(...).server``, built as Dash's page
 sends them.
@@ -14,7 +14,9 @@ from test_dashboard import fake_run
 
 import lmd4ml as lm
 from lmd4ml.dashboard import app as dash_app
+from lmd4ml.dashboard import auth
 
+TOKEN = "t0ken-for-the-tests"
 SECRET = 123456.75  # the outside run's every value: found in no answer
 
 
@@ -143,3 +145,32 @@ def test_a_listed_run_replaced_by_a_symlink_out_is_refused(places, watched):
     assert listing.find(str(runs / "mine")) is None  # the listing still names it: refused
     assert dash_app.csv_download(listing, [str(runs / "mine")])["filename"] == "refused.txt"
     assert not watched
+
+
+def test_a_token_is_asked_of_every_request_and_set_as_a_cookie(places):
+    app = dash_app.create_app(places["runs"], token=TOKEN)
+    client = app.server.test_client()
+    paths = ["/", "/_dash-layout", "/_dash-dependencies", "/assets/x.css",
+             "/_dash-component-suites/dash/dcc/dash_core_components.js"]  # fmt: skip
+    for path in paths:
+        for query in ("", "?token=wrong-token", "?token=t0ken-for-the-tests-", "?token=é"):
+            answer = client.get(path + query)
+            assert (answer.status_code, answer.text) == (403, auth.FORBIDDEN), path + query
+    crafted = callback(app, "runs.options", {}, "list-tick.n_intervals")
+    assert client.post("/_dash-update-component", json=crafted).status_code == 403
+    client.set_cookie("lmd4ml-token-80", "wrong-token")
+    assert client.get("/").status_code == 403
+
+    page = client.get(f"/?token={TOKEN}")
+    assert page.status_code == 200 and b"lmd4ml" in page.data
+    cookie = page.headers["Set-Cookie"]
+    assert cookie.startswith(f"lmd4ml-token-80={TOKEN};")
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    # the cookie alone, as the page's own requests carry it
+    assert client.get("/_dash-layout").status_code == 200
+    options = client.post("/_dash-update-component", json=crafted).json["response"]
+    assert [o["label"] for o in options["runs"]["options"]] == ["mine (finished, 5 steps)"]
+    assert {t["meta"]["run"] for t in show(client, app, [])["cockpit"]["figure"]["data"]} == {
+        "mine"
+    }
+    assert "Set-Cookie" not in client.get("/").headers

@@ -20,6 +20,7 @@ from typing import Any
 
 from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 
+from lmd4ml.dashboard.auth import require_token
 from lmd4ml.dashboard.data import RunCache, RunData
 from lmd4ml.dashboard.figure import extend, figure, view_key
 from lmd4ml.telemetry.export import to_csv
@@ -203,10 +204,13 @@ def csv_download(listing: Listing, selected: object) -> dict:
         return {"content": out.read_text(), "filename": f"{paths[0].name}.csv"}
 
 
-def create_app(runs_dir: str | os.PathLike) -> Dash:
-    """The dashboard for ``runs_dir`` (which need not have runs yet)."""
+def create_app(runs_dir: str | os.PathLike, token: str | None = None) -> Dash:
+    """The dashboard for ``runs_dir`` (which need not have runs yet); with ``token``, every
+    request must carry it (:mod:`lmd4ml.dashboard.auth`)."""
     cache, listing = RunCache(), Listing(runs_dir)
     app = Dash(__name__, title="lmd4ml", update_title=None)
+    if token is not None:
+        require_token(app.server, token)
     app.index_string = _PAGE
     controls = [
         html.H1("lmd4ml"),
