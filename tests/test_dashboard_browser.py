@@ -238,15 +238,17 @@ def test_replay_overlay_themes_and_csv(browser, tmp_path):
     make_run("first", 8, 0.05)
     make_run("second", 12, 0.02)
     port = free_port()
+    # With a token, which the page's every request (layout, callbacks, download) must carry
+    # in the cookie that the printed URL sets.
     server = subprocess.Popen(
-        [sys.executable, "-m", "lmd4ml.dashboard", "runs", "--port", str(port)],
+        [sys.executable, "-m", "lmd4ml.dashboard", "runs", "--port", str(port),
+         "--token", "browser-test-token"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert "http://127.0.0.1" in server.stdout.readline()
-        page, errors = wait_for(
-            lambda: _try_open(browser, f"http://127.0.0.1:{port}/"), 30, "the server"
-        )
+        url = server.stdout.readline().split(": ", 1)[1].strip()
+        assert url == f"http://127.0.0.1:{port}/?token=browser-test-token"
+        page, errors = wait_for(lambda: _try_open(browser, url), 30, "the server")
         wait_for(lambda: "FINISHED" in status(page), 20, "the newest run")
         drawn = traces(page)
         assert {run for run, _, _ in drawn} == {"second"}

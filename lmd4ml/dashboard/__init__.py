@@ -3,7 +3,8 @@
 - :mod:`~lmd4ml.dashboard.data`: runs in memory, followed live; thinning and smoothing.
 - :mod:`~lmd4ml.dashboard.panels`: which panels a run gets, after Cockpit's layout.
 - :mod:`~lmd4ml.dashboard.figure`: the plotly figure and the patches that extend it.
-- :mod:`~lmd4ml.dashboard.app`: the Dash app and its callbacks.
+- :mod:`~lmd4ml.dashboard.app`: the Dash app and its callbacks (only runs it listed).
+- :mod:`~lmd4ml.dashboard.auth`: the token a server asks of every request.
 - :mod:`~lmd4ml.dashboard.launch`: starting it in its own process beside training.
 - :mod:`~lmd4ml.dashboard.cli`: the ``lmd4ml`` command.
 

@@ -1,5 +1,5 @@
-"""``python -m lmd4ml.dashboard RUNS_DIR [--port] [--host]``: ``lmd4ml dashboard`` without
-the console script (what ``lm.train(dashboard=True)`` runs)."""
+"""``python -m lmd4ml.dashboard RUNS_DIR [--port] [--host] [--token | --no-token]``:
+``lmd4ml dashboard`` without the console script (what ``lm.train(dashboard=True)`` runs)."""
 
 import sys
 

@@ -1,7 +1,9 @@
 """The Dash app: one page showing the runs of a runs directory, live while they train.
 
 Every callback's work is a plain function of its inputs (:func:`update`, :func:`run_options`,
-:func:`csv_download`, :func:`toggle_pause`), so tests call them without a browser. A
+:func:`csv_download`, :func:`toggle_pause`), so tests call them without a browser. The runs
+they read are only those the app listed in its runs directory: a chosen run comes from the
+browser, and anything else, whatever it names, is refused unread (:meth:`Listing.find`). A
 ``dcc.Interval`` polls every 2 seconds: new steps arrive as a ``Patch`` to the one figure;
 the figure is redrawn only when the choice of runs or options changes, a run is re-read
 (it ended, or its ring lapped the reader) or a trace outgrows its point budget.
@@ -13,21 +15,23 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 
+from lmd4ml.dashboard.auth import require_token
 from lmd4ml.dashboard.data import RunCache, RunData
 from lmd4ml.dashboard.figure import extend, figure, view_key
 from lmd4ml.telemetry.export import to_csv
-from lmd4ml.telemetry.store import RunStoreError, list_runs, load_run
+from lmd4ml.telemetry.store import DB_NAME, RunStoreError, inside, list_runs, load_run
 
 # Each update replots the whole figure, 0.2-0.4 s of CPU in headless Chromium on 2 cores:
 # a poll every 2 s keeps what a watching page takes from training small.
 POLL_MS = 2000
 LIST_TTL_S = 2.0
+# One answer for every run refused, so that it says nothing about what the path names.
+REFUSED = "refused: a chosen run is not one listed in this dashboard's runs directory"
 
 _PAGE = """<!DOCTYPE html>
 <html>
@@ -59,7 +63,8 @@ button { padding: 3px 10px; }
 
 
 class Listing:
-    """``list_runs(runs_dir)``, re-read at most every ``LIST_TTL_S`` (it opens every run)."""
+    """The runs in ``runs_dir`` (none whose store lies elsewhere), re-read at most every
+    ``LIST_TTL_S`` (it opens every run)."""
 
     def __init__(self, runs_dir: str | os.PathLike):
         self.runs_dir = Path(runs_dir)
@@ -70,9 +75,22 @@ class Listing:
     def __call__(self) -> list[dict]:
         with self._lock:
             if time.monotonic() - self._at >= LIST_TTL_S:
-                self._runs = list_runs(self.runs_dir)
+                self._runs = list_runs(self.runs_dir, confined=True)
                 self._at = time.monotonic()
             return self._runs
+
+    def find(self, value: object) -> Path | None:
+        """The listed run whose path is ``value``, or None.
+
+        Only the listing is looked at, never the path ``value`` names, so a refusal says
+        nothing of what lies there. A listed run is checked again for still lying inside
+        the runs directory: one replaced by a symlink since the listing is refused too.
+        """
+        for run in self():
+            if run["path"] == value:
+                path = Path(value)
+                return path if inside(path / DB_NAME, self.runs_dir) else None
+        return None
 
 
 def run_options(listing: Listing) -> list[dict]:
@@ -86,12 +104,15 @@ def run_options(listing: Listing) -> list[dict]:
     return options
 
 
-def chosen(listing: Listing, selected: Sequence[str] | None) -> list[str]:
-    """The runs to show: those chosen, or else the newest readable run."""
-    if selected:
-        return list(selected)
-    readable = [r for r in listing() if r["status"] != "damaged"]
-    return [readable[-1]["path"]] if readable else []
+def chosen(listing: Listing, selected: object) -> tuple[list[Path], bool]:
+    """The runs to show, those chosen or else the newest readable run, and whether any
+    choice was refused (``selected`` comes from the browser: anything at all)."""
+    if not selected:
+        readable = [r["path"] for r in listing() if r["status"] != "damaged"]
+        selected = readable[-1:]
+    values = selected if isinstance(selected, list) else [selected]
+    found = [listing.find(value) for value in values]
+    return [path for path in found if path is not None], None in found
 
 
 def describe(run: RunData) -> html.Span:
@@ -127,7 +148,7 @@ def _n(run: RunData) -> int:
 def update(
     cache: RunCache,
     listing: Listing,
-    selected: Sequence[str] | None,
+    selected: object,
     smoothing: float,
     logy: bool,
     dark: bool,
@@ -140,18 +161,20 @@ def update(
     a Patch when the drawn figure can take them.
     """
     with cache.lock:
-        runs, status = [], []
-        for path in chosen(listing, selected):
+        paths, refused = chosen(listing, selected)
+        runs, status = [], [html.Div(REFUSED, className="dead")] if refused else []
+        for path in paths:
             try:
                 run = cache.get(path)
             except RunStoreError as error:
-                status.append(html.Div(f"cannot show {Path(path).name}: {error}", className="dead"))
+                status.append(html.Div(f"cannot show {path.name}: {error}", className="dead"))
                 continue
             runs.append(run)
             status.append(html.Div(describe(run)))
         if not runs:
             message = f"no runs yet in {listing.runs_dir}: waiting for lm.train(runs_dir=...)"
-            return {"data": [], "layout": {}}, None, [*status, html.Div(message)]
+            waiting = [] if refused else [html.Div(message)]
+            return {"data": [], "layout": {}}, None, [*status, *waiting]
         key = view_key([str(r.path) for r in runs], smoothing, logy, dark)
         if not redraw and view is not None and view.get("key") == key:
             patched = extend(runs, view, smoothing)
@@ -168,21 +191,26 @@ def toggle_pause(clicks: int | None) -> tuple[bool, str, str]:
     return paused, ("▶ resume" if paused else "❚❚ pause"), ("❚❚ PAUSED" if paused else "")
 
 
-def csv_download(listing: Listing, selected: Sequence[str] | None) -> dict:
+def csv_download(listing: Listing, selected: object) -> dict:
     """The first shown run as CSV (one row per step), for ``dcc.Download``."""
-    paths = chosen(listing, selected)
+    paths, refused = chosen(listing, selected)
+    if refused:
+        return {"content": REFUSED + "\n", "filename": "refused.txt"}
     if not paths:
         return no_update
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.csv"
         to_csv(load_run(paths[0]), out)
-        return {"content": out.read_text(), "filename": f"{Path(paths[0]).name}.csv"}
+        return {"content": out.read_text(), "filename": f"{paths[0].name}.csv"}
 
 
-def create_app(runs_dir: str | os.PathLike) -> Dash:
-    """The dashboard for ``runs_dir`` (which need not have runs yet)."""
+def create_app(runs_dir: str | os.PathLike, token: str | None = None) -> Dash:
+    """The dashboard for ``runs_dir`` (which need not have runs yet); with ``token``, every
+    request must carry it (:mod:`lmd4ml.dashboard.auth`)."""
     cache, listing = RunCache(), Listing(runs_dir)
     app = Dash(__name__, title="lmd4ml", update_title=None)
+    if token is not None:
+        require_token(app.server, token)
     app.index_string = _PAGE
     controls = [
         html.H1("lmd4ml"),

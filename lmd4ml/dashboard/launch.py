@@ -5,6 +5,10 @@ if it fails or is killed, training goes on; Ctrl-C in the terminal stops trainin
 the page; and when training ends or dies, the server keeps showing the run. It exits by
 itself once the process that started it has exited and no page has polled it for
 ``linger`` seconds (5 minutes by default).
+
+Bound beyond loopback, it asks for a token (:mod:`lmd4ml.dashboard.auth`): one is made up
+here and handed over in the server's environment, which, unlike its command line, other
+users of the machine cannot read; the returned URL carries it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from lmd4ml.dashboard.auth import TOKEN_ENV, new_token
+from lmd4ml.dashboard.cli import is_loopback, url
 
 # Servers this process started, by (runs directory, port): a second lm.train call reuses one.
 _started: dict[tuple[str, int], tuple[str, subprocess.Popen]] = {}
@@ -40,10 +47,13 @@ def open_dashboard(
     port: int = 8050,
     host: str = "127.0.0.1",
     linger: float = 300.0,
+    token: str | None = None,
 ) -> tuple[str, subprocess.Popen]:
     """Serve the dashboard of ``runs_dir`` from a new process; return its URL and process.
 
-    A busy ``port`` is replaced by a free one. Raises ``ImportError`` if Dash is missing.
+    ``token``: the one clients must give, in the URL returned; by default a new one when
+    ``host`` is beyond loopback, and none on it. A busy ``port`` is replaced by a free one.
+    Raises ``ImportError`` if Dash is missing.
     """
     if importlib.util.find_spec("dash") is None or importlib.util.find_spec("plotly") is None:
         raise ImportError('the dashboard needs Dash and plotly: pip install "lmd4ml[dashboard]"')
@@ -54,12 +64,18 @@ def open_dashboard(
         return _started[key]
     if not _port_free(host, port):
         port = _free_port(host)
+    if token is None and not is_loopback(host):
+        token = new_token()
     command = [
         sys.executable, "-m", "lmd4ml.dashboard", str(runs_dir), "--port", str(port),
         "--host", host, "--owner", str(os.getpid()), "--linger", str(linger),
     ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    if token is not None:
+        env[TOKEN_ENV] = token
     proc = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
-    )
-    _started[key] = (f"http://{host}:{port}/", proc)
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+        env=env,
+    )  # fmt: skip
+    _started[key] = (url(host, port, token), proc)
     return _started[key]

@@ -407,11 +407,24 @@ def load_run(path: str | os.PathLike) -> Run:
     return _open(path)[0]
 
 
-def list_runs(runs_dir: str | os.PathLike) -> list[dict]:
+def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether ``path``, every symlink resolved, lies below the directory ``root``.
+
+    Example:
+      >>> inside("/srv/runs/a/../b/run.sqlite", "/srv/runs"), inside("/srv/runs/..", "/srv/runs")
+      (True, False)
+    """
+    resolved, root = pathlib.Path(path).resolve(), pathlib.Path(root).resolve()
+    return resolved != root and resolved.is_relative_to(root)
+
+
+def list_runs(runs_dir: str | os.PathLike, confined: bool = False) -> list[dict]:
     """Every run in ``runs_dir``, oldest first: its metadata plus "path", "name", "n_steps".
 
     Subdirectories without a ``run.sqlite`` are skipped; a run that cannot be read is
     listed with status "damaged" and an "error" message. A missing ``runs_dir`` has no runs.
+    ``confined`` also skips, unread, every run whose store lies outside ``runs_dir`` once
+    symlinks are resolved (what a server does, so that it hands out nothing from elsewhere).
 
     Example:
       >>> import tempfile
@@ -424,7 +437,7 @@ def list_runs(runs_dir: str | os.PathLike) -> list[dict]:
     entries = []
     for path in runs_dir.iterdir():
         db = path / DB_NAME
-        if not db.is_file():
+        if (confined and not inside(db, runs_dir)) or not db.is_file():
             continue
         place = {"path": str(path), "name": path.name}
         try:
