@@ -7,6 +7,7 @@ sends them; one test runs the real command (waitress) and talks to it over HTTP.
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import socket
@@ -16,14 +17,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+import waitress
+from dash import Patch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_dashboard import fake_run
 
 import lmd4ml as lm
 from lmd4ml.dashboard import app as dash_app
-from lmd4ml.dashboard import auth, cli, launch
+from lmd4ml.dashboard import auth, cli, inputs, launch
+from lmd4ml.dashboard.data import RunCache
 
 TOKEN = "t0ken-for-the-tests"
 SECRET = 123456.75  # the outside run's every value: found in no answer
@@ -331,3 +336,140 @@ def test_any_arguments_start_a_valid_server_or_exit_with_a_usage_error(argv, mon
     assert cli.host_name(args.host) == args.host
     assert args.token is None or auth.token_problem(args.token) is None
     assert args.token is not None or args.no_token or cli.is_loopback(args.host)
+
+
+# Crafted values of every other input: made valid, or refused on the page; never a 500.
+
+PAUSE = "..tick.disabled...pause.children...paused.children.."
+# Every callback of the page, as app.callback_map names them (the clientside one included).
+CALLBACKS = [UPDATE, "runs.options", PAUSE, "page.title", "download.data"]
+
+
+def post(client, body) -> object:
+    """The answer to a callback request ``body``: anything JSON, or bytes as they are."""
+    if isinstance(body, bytes):
+        return client.post("/_dash-update-component", data=body, content_type="application/json")
+    return client.post("/_dash-update-component", json=body)
+
+
+def test_each_value_is_made_valid_in_one_place():
+    assert [inputs.smoothing(v) for v in (0.3, 1, 10**400, -math.inf, math.nan, "0.5", [], True)
+            ] == [0.3, 0.99, 0.99, 0.0, 0.0, 0.0, 0.0, 0.0]  # fmt: skip
+    assert [inputs.log_y(v) for v in (["log"], [], None, "log", {"log": 1}, [["log"]])] == [
+        True, False, False, False, False, False
+    ]  # fmt: skip
+    assert [inputs.dark(v) for v in ("dark", "light", None, ["dark"])] == [True, *[False] * 3]
+    assert [inputs.clicks(v) for v in (5, 0, -1, None, "3", 2.0, 10**30)] == [5, 0, 0, 0, 0, 0,
+                                                                              10**30]  # fmt: skip
+    assert inputs.run_choice(None) == inputs.run_choice("") == []
+    assert inputs.run_choice("a") == ["a"] and inputs.run_choice([{}]) == [{}]
+    assert inputs.run_choice(["a"] * inputs.MAX_RUNS) is not None
+    assert inputs.run_choice(["a"] * (inputs.MAX_RUNS + 1)) is None
+    trace = {"run": "/r", "field": "loss", "kind": "lines", "n": 3, "last": 2}
+    good = {"key": "k", "versions": {"/r": 1}, "traces": [trace]}
+    assert inputs.view(good) is good and inputs.view({**good, "traces": []}) is not None
+    for bad in ([good], None, {**good, "key": 1}, {**good, "traces": {}},
+                {**good, "traces": [trace, trace]},  # the same trace twice: twice the work
+                *({**good, "traces": [{**trace, k: v}]} for k, v in [
+                    ("run", None), ("field", 3), ("kind", "pie"), ("kind", ["lines"]),
+                    ("n", -1), ("n", 1.0), ("n", True), ("last", -2), ("last", 2**63),
+                    ("last", "2")])):  # fmt: skip
+        assert inputs.view(bad) is None, bad
+
+
+def test_a_request_not_shaped_as_a_callback_gets_400_unrun(places, capsys):
+    app = dash_app.create_app(places["runs"])
+    client = app.server.test_client()
+    good = callback(app, UPDATE, {}, "runs.value")
+    assert inputs.callback_problem(good, app.callback_map) is None
+    state_less = callback(app, "runs.options", {}, "list-tick.n_intervals")
+    del state_less["state"]  # as Dash's page sends a callback without states
+    assert post(client, state_less).status_code == 200
+    crafted = [
+        b"not json", b"[" * 50_000 + b"]" * 50_000, [good], "text", None,
+        {**good, "output": "nope.figure"}, {**good, "output": ["cockpit.figure"]},
+        callback(app, "page.title", {}, "theme.value"),  # clientside: runs in the browser
+        {**good, "outputs": good["outputs"][:2]}, {**good, "outputs": good["outputs"][0]},
+        {**good, "inputs": good["inputs"][1:]}, {**good, "inputs": good["inputs"][::-1]},
+        {**good, "inputs": None}, {**good, "state": [{"id": "view", "property": "figure"}]},
+        {**good, "state": [[]]}, {**good, "changedPropIds": ["view.data"]},
+        {**good, "changedPropIds": "runs.value"}, {**good, "changedPropIds": ['{"a":1}.x']},
+        {**good, "changedPropIds": ["runs.value"] * 9},
+    ]  # fmt: skip
+    for body in crafted:
+        answer = post(client, body)
+        assert answer.status_code == 400 and answer.mimetype == "text/plain", body
+        assert answer.text.startswith("400 Bad Request: ") and answer.text.count("\n") == 1
+    huge = json.dumps({**good, "pad": "x" * inputs.MAX_REQUEST_BYTES}).encode()
+    assert post(client, huge).status_code == 413
+    assert "Traceback" not in capsys.readouterr().err  # nothing on the training terminal
+
+
+def test_crafted_values_get_an_answer_and_refusals_a_message(places, watched, capsys):
+    app = dash_app.create_app(places["runs"])
+    client = app.server.test_client()
+    base = {"runs.value": [], "smoothing.value": 0, "logy.value": [], "theme.value": "light",
+            "tick.n_intervals": 3}  # fmt: skip
+    drawn = post(client, callback(app, UPDATE, base, "runs.value")).json["response"]
+    view = drawn["view"]["data"]
+    trace = view["traces"][0]
+    crafted = [
+        {"smoothing.value": 1}, {"smoothing.value": "0.5"}, {"smoothing.value": math.nan},
+        {"smoothing.value": -math.inf}, {"smoothing.value": 10**400}, {"logy.value": None},
+        {"logy.value": "log"}, {"logy.value": [{"a": []}] * 10_000}, {"theme.value": {"x": 1}},
+        {"view.data": [1]}, {"view.data": {"key": view["key"]}},
+        {"view.data": {**view, "traces": [{**trace, "run": str(places["outside"] / "secret")}]}},
+        {"view.data": {**view, "traces": [{**trace, "field": "nope"}]}},
+        {"view.data": {**view, "traces": [{**trace, "kind": "heatmap"}]}},
+        {"view.data": {**view, "traces": [{**trace, "n": 10**30}]}},
+    ]  # fmt: skip
+    for values in crafted:
+        answer = post(client, callback(app, UPDATE, {**base, **values}, "tick.n_intervals"))
+        assert answer.status_code in (200, 204), values
+        if answer.status_code == 200:
+            assert answer.json["response"]["status"]["children"] == drawn["status"]["children"]
+    # too many runs: refused, whatever they name, before any is looked up
+    answer = show(client, app, [str(places["runs"] / "mine")] * (inputs.MAX_RUNS + 1))
+    assert inputs.TOO_MANY in json.dumps(answer["status"])
+    assert answer["cockpit"]["figure"]["data"] == []
+    for clicks in ("x", [1], -3, 1.5, None, 10**30, 7):
+        body = callback(app, PAUSE, {"pause.n_clicks": clicks}, "pause.n_clicks")
+        paused = post(client, body).json["response"]["tick"]["disabled"]
+        assert paused is (clicks == 7), clicks
+    assert download(client, app, {"a": "b"})["content"] == dash_app.REFUSED + "\n"
+    assert not watched and "Traceback" not in capsys.readouterr().err
+
+
+def test_a_view_that_does_not_fit_its_runs_is_redrawn(tmp_path):
+    fake_run(tmp_path, "r", {"loss": (), "h": (4,)}, 5, status="running")
+    cache, listing = RunCache(), dash_app.Listing(tmp_path)
+    _, view, _ = dash_app.update(cache, listing, [], 0.5, False, False, None, redraw=True)
+    cache.get(str(tmp_path / "r")).columns["h"].extend(np.arange(5, 7), np.ones((2, 4)))
+    out, _, _ = dash_app.update(cache, listing, [], 0.5, False, False, view, redraw=False)
+    assert isinstance(out, Patch)  # the view as drawn: new steps patched in
+    heatmap = next(t for t in view["traces"] if t["field"] == "h" and t["kind"] == "heatmap")
+    for change in ({"kind": "lines"}, {"run": "elsewhere"}, {"field": "nope"}):
+        crafted = inputs.view({**view, "traces": [{**heatmap, **change}]})
+        out, new, _ = dash_app.update(cache, listing, [], 0.5, False, False, crafted, False)
+        assert isinstance(out, dict) and new["traces"] != crafted["traces"], change
+
+
+def test_a_failing_callback_shows_the_client_no_traceback(places, monkeypatch):
+    def fail(*args):
+        raise RuntimeError("a bug, with /some/path in it")
+
+    monkeypatch.setattr(dash_app, "update", fail)
+    app = dash_app.create_app(places["runs"])
+    answer = post(app.server.test_client(), callback(app, UPDATE, {}, "runs.value"))
+    assert answer.status_code == 500
+    assert "Traceback" not in answer.text and "/some/path" not in answer.text
+    made = {}
+
+    def create_server(wsgi_app, **options):  # waitress's, as serve calls it
+        made.update(options)
+        raise SystemExit
+
+    monkeypatch.setattr(waitress, "create_server", create_server)
+    with pytest.raises(SystemExit):
+        cli.serve(configure(str(places["runs"]), "--port", "0"))
+    assert made["expose_tracebacks"] is False

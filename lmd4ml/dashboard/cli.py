@@ -208,7 +208,8 @@ def serve(args: argparse.Namespace) -> None:
         sock = _listen(args.host, args.port)
     except OSError as error:
         sys.exit(f"lmd4ml dashboard: cannot listen on {args.host} port {args.port}: {error}")
-    server = create_server(app.server, sockets=[sock])
+    # Said though it is waitress's default: a failing request gets a bare 500, no traceback.
+    server = create_server(app.server, sockets=[sock], expose_tracebacks=False)
     port = sock.getsockname()[1]
     print(f"lmd4ml dashboard of {args.runs_dir}: {url(args.host, port, args.token)}", flush=True)
     if args.token is None and not is_loopback(args.host):
