@@ -473,3 +473,77 @@ def test_a_failing_callback_shows_the_client_no_traceback(places, monkeypatch):
     with pytest.raises(SystemExit):
         cli.serve(configure(str(places["runs"]), "--port", "0"))
     assert made["expose_tracebacks"] is False
+
+
+# Random JSON for every input and state of every callback: a clean answer, nothing read outside.
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner,
+                                                                max_size=4),
+    max_leaves=8,
+)  # fmt: skip
+ODD = [0.5, 0.99, 1, -1, 2**63, "log", ["log"], "dark", "lines", "heatmap", "loss", "..", ""]
+
+
+@pytest.fixture
+def page(places):
+    """The app, a client, what the page sends at first (the view the server drew included),
+    and values a crafted request might try (the runs directory's and the outside's paths)."""
+    app = dash_app.create_app(places["runs"])
+    client = app.server.test_client()
+    values = {"runs.value": [], "smoothing.value": 0, "logy.value": [], "theme.value": "light",
+              "tick.n_intervals": 1, "list-tick.n_intervals": 1, "pause.n_clicks": 1,
+              "csv.n_clicks": 1}  # fmt: skip
+    values["view.data"] = show(client, app, [])["view"]["data"]
+    paths = [str(places[d] / r) for d in ("runs", "outside") for r in ("mine", "secret", "link")]
+    return app, client, values, paths
+
+
+@settings(max_examples=50, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@pytest.mark.parametrize("output", CALLBACKS)
+@given(data=st.data())
+def test_any_values_of_any_callback_get_a_clean_answer(output, page, watched, capsys, data):
+    """Some of the page's values replaced by anything (or the view's traces altered): 200
+    with the callback's outputs, or 204; 400 for the one run in the browser; never a 500."""
+    app, client, page_values, paths = page
+    assert sorted(app.callback_map) == sorted(CALLBACKS)
+    spec = app.callback_map[output]
+    names = [f"{i['id']}.{i['property']}" for i in spec["inputs"] + spec["state"]]
+    view = page_values["view.data"]
+    value = st.one_of(JSON, st.sampled_from(ODD + paths), st.lists(st.sampled_from(paths)))
+    changes = st.lists(st.sampled_from(names[: len(spec["inputs"])]), unique=True)
+    crafted = st.tuples(st.dictionaries(st.sampled_from(names), value), changes)
+    if "view.data" in names:  # at a poll, the view as drawn, its traces altered: to extend()
+        altered = st.tuples(st.sampled_from(["run", "field", "kind", "n", "last"]),
+                            st.sampled_from(ODD + paths) | JSON)  # fmt: skip
+        crafted |= altered.map(lambda kv: ({"view.data": {
+            **view, "traces": [{**t, kv[0]: kv[1]} for t in view["traces"]]}},
+            ["tick.n_intervals"]))  # fmt: skip
+    crafted, changed = data.draw(crafted)
+    body = callback(app, output, {**page_values, **crafted}, "")
+    body["changedPropIds"] = changed
+    answer = post(client, body)
+    if "callback" not in spec:
+        assert answer.status_code == 400
+    elif answer.status_code == 200:
+        response = answer.json["response"]
+        declared = {(o["id"], o["property"]) for o in inputs._outputs(output)}
+        assert {(i, p) for i, props in response.items() for p in props} <= declared
+    else:
+        assert answer.status_code == 204, answer.text
+    assert not watched and "Traceback" not in capsys.readouterr().err
+
+
+@settings(max_examples=100, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(output=st.sampled_from(CALLBACKS), parts=st.dictionaries(
+    st.sampled_from(["output", "outputs", "inputs", "state", "changedPropIds"]), JSON,
+    min_size=1))  # fmt: skip
+def test_any_request_shape_gets_a_clean_answer(page, watched, capsys, output, parts):
+    """Parts of a callback request replaced by anything: 400 unless still well shaped."""
+    app, client, values, _ = page
+    answer = post(client, {**callback(app, output, values, ""), **parts})
+    assert answer.status_code in (200, 204, 400), answer.text
+    assert not watched and "Traceback" not in capsys.readouterr().err
