@@ -475,6 +475,30 @@ def test_a_failing_callback_shows_the_client_no_traceback(places, monkeypatch):
     assert made["expose_tracebacks"] is False
 
 
+def test_on_loopback_only_requests_addressed_to_it_are_answered(places):
+    """DNS rebinding: another site's page that points a name of its own at 127.0.0.1 still
+    sends that name as its Host, and is refused; a tunnel from another port is not."""
+    runs = places["runs"]
+    local = ["localhost:8050", "127.0.0.1:8050", "[::1]:8050", "localhost", "LOCALHOST.:9000",
+             "127.0.0.2:1"]  # fmt: skip
+    other = ["evil.example:8050", "localhost.evil.example", "127.0.0.1.nip.io:8050", "[::2]:1",
+             "0.0.0.0:8050", "", "::1", "a:b:c", "[::1", "local host"]  # fmt: skip
+    for bound, token in [("127.0.0.1", None), ("::1", None), ("localhost", TOKEN)]:
+        client = dash_app.create_app(runs, token, bound).server.test_client()
+        query = f"?token={TOKEN}" if token else ""
+        for host in local:
+            assert client.get(f"/{query}", headers={"Host": host}).status_code == 200, host
+        for host in other:
+            answer = client.get(f"/{query}", headers={"Host": host})
+            assert (answer.status_code, answer.text) == (403, auth.WRONG_HOST), (bound, host)
+    assert auth.local_host("myname:8050", "myname") and auth.local_host(None, "127.0.0.1")
+    # beyond loopback, the token guards it, reached by whatever name
+    client = dash_app.create_app(runs, TOKEN, "0.0.0.0").server.test_client()
+    for host in ["trainbox.example:8050", "10.1.2.3:8050", "evil.example"]:
+        assert client.get("/", headers={"Host": host}).status_code == 403
+        assert client.get(f"/?token={TOKEN}", headers={"Host": host}).status_code == 200
+
+
 # Random JSON for every input and state of every callback: a clean answer, nothing read outside.
 
 JSON = st.recursive(

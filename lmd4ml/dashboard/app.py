@@ -26,7 +26,7 @@ import flask
 from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 
 from lmd4ml.dashboard import inputs
-from lmd4ml.dashboard.auth import require_token
+from lmd4ml.dashboard.auth import is_loopback, require_local_host, require_token
 from lmd4ml.dashboard.data import RunCache, RunData
 from lmd4ml.dashboard.figure import extend, figure, view_key
 from lmd4ml.telemetry.export import to_csv
@@ -213,12 +213,17 @@ def csv_download(listing: Listing, selected: object) -> dict:
         return {"content": out.read_text(), "filename": f"{paths[0].name}.csv"}
 
 
-def create_app(runs_dir: str | os.PathLike, token: str | None = None) -> Dash:
-    """The dashboard for ``runs_dir`` (which need not have runs yet); with ``token``, every
-    request must carry it (:mod:`lmd4ml.dashboard.auth`)."""
+def create_app(
+    runs_dir: str | os.PathLike, token: str | None = None, host: str = "127.0.0.1"
+) -> Dash:
+    """The dashboard for ``runs_dir`` (which need not have runs yet), to be served at
+    ``host``; with ``token``, every request must carry it, and on loopback every request
+    must be addressed to it there (:mod:`lmd4ml.dashboard.auth`)."""
     cache, listing = RunCache(), Listing(runs_dir)
     app = Dash(__name__, title="lmd4ml", update_title=None)
     app.server.config["MAX_CONTENT_LENGTH"] = inputs.MAX_REQUEST_BYTES
+    if is_loopback(host):
+        require_local_host(app.server, host)
     if token is not None:
         require_token(app.server, token)
     app.index_string = _PAGE

@@ -4,7 +4,8 @@ Served by waitress, bound to loopback unless ``--host`` says otherwise. Bound be
 server asks every client for a token (:mod:`lmd4ml.dashboard.auth`), made up unless
 ``--token`` (or ``$LMD4ML_DASHBOARD_TOKEN``) gives one, and printed in the URL it announces;
 ``--no-token`` serves anyone who can reach it, with a warning. ``--token`` on loopback asks
-for it there too.
+for it there too. On loopback, requests must also be addressed to it there (their ``Host``:
+no DNS rebinding).
 
 ``--owner PID`` (what ``lm.train(dashboard=True)`` passes) makes the server stop by itself
 once that process has exited and no page has polled for ``--linger`` seconds: it outlives
@@ -28,7 +29,7 @@ import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmd4ml.dashboard.auth import QUERY, TOKEN_ENV, new_token, token_problem
+from lmd4ml.dashboard.auth import QUERY, TOKEN_ENV, is_loopback, new_token, token_problem
 from lmd4ml.dashboard.data import process_alive
 
 # A DNS name: dot-separated labels of letters, digits and inner hyphens (RFC 1123).
@@ -85,21 +86,6 @@ def seconds(text: str) -> float:
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
     return value
-
-
-def is_loopback(host: str) -> bool:
-    """Whether only this machine reaches ``host``.
-
-    Example:
-      >>> is_loopback("127.0.0.1"), is_loopback("::1"), is_loopback("0.0.0.0")
-      (True, True, False)
-    """
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def url(host: str, port: int, token: str | None) -> str:
@@ -197,7 +183,7 @@ def serve(args: argparse.Namespace) -> None:
     except ImportError as error:
         sys.exit(f'lmd4ml dashboard needs Dash and waitress: pip install "lmd4ml[dashboard]" '
                  f"({error})")  # fmt: skip
-    app = create_app(args.runs_dir, args.token)
+    app = create_app(args.runs_dir, args.token, args.host)
     if args.owner is not None:
         last_seen = [time.monotonic()]
         app.server.before_request(lambda: last_seen.__setitem__(0, time.monotonic()))
