@@ -232,8 +232,9 @@ def test_open_dashboard_hands_a_token_over_beyond_loopback(tmp_path, monkeypatch
     monkeypatch.setattr(launch, "_port_free", lambda host, port: True)
     monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **kw: started.append((a, kw)))
     monkeypatch.setenv(auth.TOKEN_ENV, "from-the-users-shell")
+    monkeypatch.setattr(cli.socket, "gethostname", lambda: "trainbox")
     url, _ = launch.open_dashboard(tmp_path / "a", port=8123, host="0.0.0.0")
-    token = re.fullmatch(r"http://0\.0\.0\.0:8123/\?token=([\w-]+)", url)[1]
+    token = re.fullmatch(r"http://trainbox:8123/\?token=([\w-]+)", url)[1]
     (command,), kw = started[-1]
     assert kw["env"][auth.TOKEN_ENV] == token and token not in " ".join(command)
     url, _ = launch.open_dashboard(tmp_path / "b", port=8124)  # loopback: none asked
@@ -497,6 +498,14 @@ def test_on_loopback_only_requests_addressed_to_it_are_answered(places):
     for host in ["trainbox.example:8050", "10.1.2.3:8050", "evil.example"]:
         assert client.get("/", headers={"Host": host}).status_code == 403
         assert client.get(f"/?token={TOKEN}", headers={"Host": host}).status_code == 200
+
+
+def test_an_address_for_every_interface_is_announced_by_host_name(monkeypatch):
+    monkeypatch.setattr(cli.socket, "gethostname", lambda: "trainbox")
+    assert cli.url("0.0.0.0", 8050, "abc") == "http://trainbox:8050/?token=abc"
+    assert cli.url("::", 8050, None) == "http://trainbox:8050/"
+    assert cli.url("10.1.2.3", 80, None) == "http://10.1.2.3:80/"
+    assert cli.url("example.org", 80, None) == "http://example.org:80/"
 
 
 # Random JSON for every input and state of every callback: a clean answer, nothing read outside.

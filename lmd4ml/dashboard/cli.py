@@ -5,7 +5,8 @@ server asks every client for a token (:mod:`lmd4ml.dashboard.auth`), made up unl
 ``--token`` (or ``$LMD4ML_DASHBOARD_TOKEN``) gives one, and printed in the URL it announces;
 ``--no-token`` serves anyone who can reach it, with a warning. ``--token`` on loopback asks
 for it there too. On loopback, requests must also be addressed to it there (their ``Host``:
-no DNS rebinding).
+no DNS rebinding). Bound to every address (``--host 0.0.0.0``), the URL it announces names
+this machine by its host name.
 
 ``--owner PID`` (what ``lm.train(dashboard=True)`` passes) makes the server stop by itself
 once that process has exited and no page has polled for ``--linger`` seconds: it outlives
@@ -89,12 +90,17 @@ def seconds(text: str) -> float:
 
 
 def url(host: str, port: int, token: str | None) -> str:
-    """The address to open, with the token when there is one.
+    """The address to open, with the token when there is one. A server bound to every
+    address (0.0.0.0, ::) is named by this machine's host name, which another machine can
+    open, as 0.0.0.0 is no address to open.
 
     Example:
-      >>> url("::1", 8050, None), url("0.0.0.0", 80, "abc")
-      ('http://[::1]:8050/', 'http://0.0.0.0:80/?token=abc')
+      >>> url("::1", 8050, None), url("127.0.0.1", 80, "abc")
+      ('http://[::1]:8050/', 'http://127.0.0.1:80/?token=abc')
     """
+    with contextlib.suppress(ValueError):  # a host name: as it is
+        if ipaddress.ip_address(host).is_unspecified:
+            host = socket.gethostname()
     netloc = f"[{host}]" if ":" in host else host
     query = f"?{urllib.parse.urlencode({QUERY: token})}" if token else ""
     return f"http://{netloc}:{port}/{query}"
