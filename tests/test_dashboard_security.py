@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import site
 import socket
 import subprocess
 import sys
@@ -506,6 +507,21 @@ def test_an_address_for_every_interface_is_announced_by_host_name(monkeypatch):
     assert cli.url("::", 8050, None) == "http://trainbox:8050/"
     assert cli.url("10.1.2.3", 80, None) == "http://10.1.2.3:80/"
     assert cli.url("example.org", 80, None) == "http://example.org:80/"
+
+
+def test_the_server_imports_the_lmd4ml_that_starts_it(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(launch, "_started", {})
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **kw: started.append(kw))
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setattr(lm, "__file__", "/src/co/lmd4ml/__init__.py")  # a checkout
+    launch.open_dashboard(tmp_path, port=free_port())
+    assert started[-1]["env"]["PYTHONPATH"] == os.pathsep.join(["/src/co", "/elsewhere"])
+    # installed, the server finds it in site-packages, kept behind the standard library
+    installed = Path(site.getsitepackages()[0])
+    assert launch.python_path(installed, "/elsewhere") == "/elsewhere"
+    assert launch.python_path(installed, None) is None
+    assert launch.python_path(Path("/src/co"), None) == "/src/co"
 
 
 # Random JSON for every input and state of every callback: a clean answer, nothing read outside.
