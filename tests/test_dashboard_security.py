@@ -7,8 +7,10 @@ sends them; one test runs the real command (waitress) and talks to it over HTTP.
 import contextlib
 import io
 import json
+import math
 import os
 import re
+import site
 import socket
 import subprocess
 import sys
@@ -16,14 +18,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+import waitress
+from dash import Patch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_dashboard import fake_run
 
 import lmd4ml as lm
 from lmd4ml.dashboard import app as dash_app
-from lmd4ml.dashboard import auth, cli, launch
+from lmd4ml.dashboard import auth, cli, inputs, launch
+from lmd4ml.dashboard.data import RunCache
 
 TOKEN = "t0ken-for-the-tests"
 SECRET = 123456.75  # the outside run's every value: found in no answer
@@ -227,8 +233,9 @@ def test_open_dashboard_hands_a_token_over_beyond_loopback(tmp_path, monkeypatch
     monkeypatch.setattr(launch, "_port_free", lambda host, port: True)
     monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **kw: started.append((a, kw)))
     monkeypatch.setenv(auth.TOKEN_ENV, "from-the-users-shell")
+    monkeypatch.setattr(cli.socket, "gethostname", lambda: "trainbox")
     url, _ = launch.open_dashboard(tmp_path / "a", port=8123, host="0.0.0.0")
-    token = re.fullmatch(r"http://0\.0\.0\.0:8123/\?token=([\w-]+)", url)[1]
+    token = re.fullmatch(r"http://trainbox:8123/\?token=([\w-]+)", url)[1]
     (command,), kw = started[-1]
     assert kw["env"][auth.TOKEN_ENV] == token and token not in " ".join(command)
     url, _ = launch.open_dashboard(tmp_path / "b", port=8124)  # loopback: none asked
@@ -331,3 +338,261 @@ def test_any_arguments_start_a_valid_server_or_exit_with_a_usage_error(argv, mon
     assert cli.host_name(args.host) == args.host
     assert args.token is None or auth.token_problem(args.token) is None
     assert args.token is not None or args.no_token or cli.is_loopback(args.host)
+
+
+# Crafted values of every other input: made valid, or refused on the page; never a 500.
+
+PAUSE = "..tick.disabled...pause.children...paused.children.."
+# Every callback of the page, as app.callback_map names them (the clientside one included).
+CALLBACKS = [UPDATE, "runs.options", PAUSE, "page.title", "download.data"]
+
+
+def post(client, body) -> object:
+    """The answer to a callback request ``body``: anything JSON, or bytes as they are."""
+    if isinstance(body, bytes):
+        return client.post("/_dash-update-component", data=body, content_type="application/json")
+    return client.post("/_dash-update-component", json=body)
+
+
+def test_each_value_is_made_valid_in_one_place():
+    assert [inputs.smoothing(v) for v in (0.3, 1, 10**400, -math.inf, math.nan, "0.5", [], True)
+            ] == [0.3, 0.99, 0.99, 0.0, 0.0, 0.0, 0.0, 0.0]  # fmt: skip
+    assert [inputs.log_y(v) for v in (["log"], [], None, "log", {"log": 1}, [["log"]])] == [
+        True, False, False, False, False, False
+    ]  # fmt: skip
+    assert [inputs.dark(v) for v in ("dark", "light", None, ["dark"])] == [True, *[False] * 3]
+    assert [inputs.clicks(v) for v in (5, 0, -1, None, "3", 2.0, 10**30)] == [5, 0, 0, 0, 0, 0,
+                                                                              10**30]  # fmt: skip
+    assert inputs.run_choice(None) == inputs.run_choice("") == []
+    assert inputs.run_choice("a") == ["a"] and inputs.run_choice([{}]) == [{}]
+    assert inputs.run_choice(["a"] * inputs.MAX_RUNS) is not None
+    assert inputs.run_choice(["a"] * (inputs.MAX_RUNS + 1)) is None
+    trace = {"run": "/r", "field": "loss", "kind": "lines", "n": 3, "last": 2}
+    good = {"key": "k", "versions": {"/r": 1}, "traces": [trace]}
+    assert inputs.view(good) is good and inputs.view({**good, "traces": []}) is not None
+    for bad in ([good], None, {**good, "key": 1}, {**good, "traces": {}},
+                {**good, "traces": [trace, trace]},  # the same trace twice: twice the work
+                *({**good, "traces": [{**trace, k: v}]} for k, v in [
+                    ("run", None), ("field", 3), ("kind", "pie"), ("kind", ["lines"]),
+                    ("n", -1), ("n", 1.0), ("n", True), ("last", -2), ("last", 2**63),
+                    ("last", "2")])):  # fmt: skip
+        assert inputs.view(bad) is None, bad
+
+
+def test_a_request_not_shaped_as_a_callback_gets_400_unrun(places, capsys):
+    app = dash_app.create_app(places["runs"])
+    client = app.server.test_client()
+    good = callback(app, UPDATE, {}, "runs.value")
+    assert inputs.callback_problem(good, app.callback_map) is None
+    state_less = callback(app, "runs.options", {}, "list-tick.n_intervals")
+    del state_less["state"]  # as Dash's page sends a callback without states
+    assert post(client, state_less).status_code == 200
+    crafted = [
+        b"not json", b"[" * 50_000 + b"]" * 50_000, [good], "text", None,
+        {**good, "output": "nope.figure"}, {**good, "output": ["cockpit.figure"]},
+        callback(app, "page.title", {}, "theme.value"),  # clientside: runs in the browser
+        {**good, "outputs": good["outputs"][:2]}, {**good, "outputs": good["outputs"][0]},
+        {**good, "inputs": good["inputs"][1:]}, {**good, "inputs": good["inputs"][::-1]},
+        {**good, "inputs": None}, {**good, "state": [{"id": "view", "property": "figure"}]},
+        {**good, "state": [[]]}, {**good, "changedPropIds": ["view.data"]},
+        {**good, "changedPropIds": "runs.value"}, {**good, "changedPropIds": ['{"a":1}.x']},
+        {**good, "changedPropIds": ["runs.value"] * 9},
+    ]  # fmt: skip
+    for body in crafted:
+        answer = post(client, body)
+        assert answer.status_code == 400 and answer.mimetype == "text/plain", body
+        assert answer.text.startswith("400 Bad Request: ") and answer.text.count("\n") == 1
+    huge = json.dumps({**good, "pad": "x" * inputs.MAX_REQUEST_BYTES}).encode()
+    assert post(client, huge).status_code == 413
+    assert "Traceback" not in capsys.readouterr().err  # nothing on the training terminal
+
+
+def test_crafted_values_get_an_answer_and_refusals_a_message(places, watched, capsys):
+    app = dash_app.create_app(places["runs"])
+    client = app.server.test_client()
+    base = {"runs.value": [], "smoothing.value": 0, "logy.value": [], "theme.value": "light",
+            "tick.n_intervals": 3}  # fmt: skip
+    drawn = post(client, callback(app, UPDATE, base, "runs.value")).json["response"]
+    view = drawn["view"]["data"]
+    trace = view["traces"][0]
+    crafted = [
+        {"smoothing.value": 1}, {"smoothing.value": "0.5"}, {"smoothing.value": math.nan},
+        {"smoothing.value": -math.inf}, {"smoothing.value": 10**400}, {"logy.value": None},
+        {"logy.value": "log"}, {"logy.value": [{"a": []}] * 10_000}, {"theme.value": {"x": 1}},
+        {"view.data": [1]}, {"view.data": {"key": view["key"]}},
+        {"view.data": {**view, "traces": [{**trace, "run": str(places["outside"] / "secret")}]}},
+        {"view.data": {**view, "traces": [{**trace, "field": "nope"}]}},
+        {"view.data": {**view, "traces": [{**trace, "kind": "heatmap"}]}},
+        {"view.data": {**view, "traces": [{**trace, "n": 10**30}]}},
+    ]  # fmt: skip
+    for values in crafted:
+        answer = post(client, callback(app, UPDATE, {**base, **values}, "tick.n_intervals"))
+        assert answer.status_code in (200, 204), values
+        if answer.status_code == 200:
+            assert answer.json["response"]["status"]["children"] == drawn["status"]["children"]
+    # too many runs: refused, whatever they name, before any is looked up
+    answer = show(client, app, [str(places["runs"] / "mine")] * (inputs.MAX_RUNS + 1))
+    assert inputs.TOO_MANY in json.dumps(answer["status"])
+    assert answer["cockpit"]["figure"]["data"] == []
+    for clicks in ("x", [1], -3, 1.5, None, 10**30, 7):
+        body = callback(app, PAUSE, {"pause.n_clicks": clicks}, "pause.n_clicks")
+        paused = post(client, body).json["response"]["tick"]["disabled"]
+        assert paused is (clicks == 7), clicks
+    assert download(client, app, {"a": "b"})["content"] == dash_app.REFUSED + "\n"
+    assert not watched and "Traceback" not in capsys.readouterr().err
+
+
+def test_a_view_that_does_not_fit_its_runs_is_redrawn(tmp_path):
+    fake_run(tmp_path, "r", {"loss": (), "h": (4,)}, 5, status="running")
+    cache, listing = RunCache(), dash_app.Listing(tmp_path)
+    _, view, _ = dash_app.update(cache, listing, [], 0.5, False, False, None, redraw=True)
+    cache.get(str(tmp_path / "r")).columns["h"].extend(np.arange(5, 7), np.ones((2, 4)))
+    out, _, _ = dash_app.update(cache, listing, [], 0.5, False, False, view, redraw=False)
+    assert isinstance(out, Patch)  # the view as drawn: new steps patched in
+    heatmap = next(t for t in view["traces"] if t["field"] == "h" and t["kind"] == "heatmap")
+    for change in ({"kind": "lines"}, {"run": "elsewhere"}, {"field": "nope"}):
+        crafted = inputs.view({**view, "traces": [{**heatmap, **change}]})
+        out, new, _ = dash_app.update(cache, listing, [], 0.5, False, False, crafted, False)
+        assert isinstance(out, dict) and new["traces"] != crafted["traces"], change
+
+
+def test_a_failing_callback_shows_the_client_no_traceback(places, monkeypatch):
+    def fail(*args):
+        raise RuntimeError("a bug, with /some/path in it")
+
+    monkeypatch.setattr(dash_app, "update", fail)
+    app = dash_app.create_app(places["runs"])
+    answer = post(app.server.test_client(), callback(app, UPDATE, {}, "runs.value"))
+    assert answer.status_code == 500
+    assert "Traceback" not in answer.text and "/some/path" not in answer.text
+    made = {}
+
+    def create_server(wsgi_app, **options):  # waitress's, as serve calls it
+        made.update(options)
+        raise SystemExit
+
+    monkeypatch.setattr(waitress, "create_server", create_server)
+    with pytest.raises(SystemExit):
+        cli.serve(configure(str(places["runs"]), "--port", "0"))
+    assert made["expose_tracebacks"] is False
+
+
+def test_on_loopback_only_requests_addressed_to_it_are_answered(places):
+    """DNS rebinding: another site's page that points a name of its own at 127.0.0.1 still
+    sends that name as its Host, and is refused; a tunnel from another port is not."""
+    runs = places["runs"]
+    local = ["localhost:8050", "127.0.0.1:8050", "[::1]:8050", "localhost", "LOCALHOST.:9000",
+             "127.0.0.2:1"]  # fmt: skip
+    other = ["evil.example:8050", "localhost.evil.example", "127.0.0.1.nip.io:8050", "[::2]:1",
+             "0.0.0.0:8050", "", "::1", "a:b:c", "[::1", "local host"]  # fmt: skip
+    for bound, token in [("127.0.0.1", None), ("::1", None), ("localhost", TOKEN)]:
+        client = dash_app.create_app(runs, token, bound).server.test_client()
+        query = f"?token={TOKEN}" if token else ""
+        for host in local:
+            assert client.get(f"/{query}", headers={"Host": host}).status_code == 200, host
+        for host in other:
+            answer = client.get(f"/{query}", headers={"Host": host})
+            assert (answer.status_code, answer.text) == (403, auth.WRONG_HOST), (bound, host)
+    assert auth.local_host("myname:8050", "myname") and auth.local_host(None, "127.0.0.1")
+    # beyond loopback, the token guards it, reached by whatever name
+    client = dash_app.create_app(runs, TOKEN, "0.0.0.0").server.test_client()
+    for host in ["trainbox.example:8050", "10.1.2.3:8050", "evil.example"]:
+        assert client.get("/", headers={"Host": host}).status_code == 403
+        assert client.get(f"/?token={TOKEN}", headers={"Host": host}).status_code == 200
+
+
+def test_an_address_for_every_interface_is_announced_by_host_name(monkeypatch):
+    monkeypatch.setattr(cli.socket, "gethostname", lambda: "trainbox")
+    assert cli.url("0.0.0.0", 8050, "abc") == "http://trainbox:8050/?token=abc"
+    assert cli.url("::", 8050, None) == "http://trainbox:8050/"
+    assert cli.url("10.1.2.3", 80, None) == "http://10.1.2.3:80/"
+    assert cli.url("example.org", 80, None) == "http://example.org:80/"
+
+
+def test_the_server_imports_the_lmd4ml_that_starts_it(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(launch, "_started", {})
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **kw: started.append(kw))
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setattr(lm, "__file__", "/src/co/lmd4ml/__init__.py")  # a checkout
+    launch.open_dashboard(tmp_path, port=free_port())
+    assert started[-1]["env"]["PYTHONPATH"] == os.pathsep.join(["/src/co", "/elsewhere"])
+    # installed, the server finds it in site-packages, kept behind the standard library
+    installed = Path(site.getsitepackages()[0])
+    assert launch.python_path(installed, "/elsewhere") == "/elsewhere"
+    assert launch.python_path(installed, None) is None
+    assert launch.python_path(Path("/src/co"), None) == "/src/co"
+
+
+# Random JSON for every input and state of every callback: a clean answer, nothing read outside.
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner,
+                                                                max_size=4),
+    max_leaves=8,
+)  # fmt: skip
+ODD = [0.5, 0.99, 1, -1, 2**63, "log", ["log"], "dark", "lines", "heatmap", "loss", "..", ""]
+
+
+@pytest.fixture
+def page(places):
+    """The app, a client, what the page sends at first (the view the server drew included),
+    and values a crafted request might try (the runs directory's and the outside's paths)."""
+    app = dash_app.create_app(places["runs"])
+    client = app.server.test_client()
+    values = {"runs.value": [], "smoothing.value": 0, "logy.value": [], "theme.value": "light",
+              "tick.n_intervals": 1, "list-tick.n_intervals": 1, "pause.n_clicks": 1,
+              "csv.n_clicks": 1}  # fmt: skip
+    values["view.data"] = show(client, app, [])["view"]["data"]
+    paths = [str(places[d] / r) for d in ("runs", "outside") for r in ("mine", "secret", "link")]
+    return app, client, values, paths
+
+
+@settings(max_examples=50, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@pytest.mark.parametrize("output", CALLBACKS)
+@given(data=st.data())
+def test_any_values_of_any_callback_get_a_clean_answer(output, page, watched, capsys, data):
+    """Some of the page's values replaced by anything (or the view's traces altered): 200
+    with the callback's outputs, or 204; 400 for the one run in the browser; never a 500."""
+    app, client, page_values, paths = page
+    assert sorted(app.callback_map) == sorted(CALLBACKS)
+    spec = app.callback_map[output]
+    names = [f"{i['id']}.{i['property']}" for i in spec["inputs"] + spec["state"]]
+    view = page_values["view.data"]
+    value = st.one_of(JSON, st.sampled_from(ODD + paths), st.lists(st.sampled_from(paths)))
+    changes = st.lists(st.sampled_from(names[: len(spec["inputs"])]), unique=True)
+    crafted = st.tuples(st.dictionaries(st.sampled_from(names), value), changes)
+    if "view.data" in names:  # at a poll, the view as drawn, its traces altered: to extend()
+        altered = st.tuples(st.sampled_from(["run", "field", "kind", "n", "last"]),
+                            st.sampled_from(ODD + paths) | JSON)  # fmt: skip
+        crafted |= altered.map(lambda kv: ({"view.data": {
+            **view, "traces": [{**t, kv[0]: kv[1]} for t in view["traces"]]}},
+            ["tick.n_intervals"]))  # fmt: skip
+    crafted, changed = data.draw(crafted)
+    body = callback(app, output, {**page_values, **crafted}, "")
+    body["changedPropIds"] = changed
+    answer = post(client, body)
+    if "callback" not in spec:
+        assert answer.status_code == 400
+    elif answer.status_code == 200:
+        response = answer.json["response"]
+        declared = {(o["id"], o["property"]) for o in inputs._outputs(output)}
+        assert {(i, p) for i, props in response.items() for p in props} <= declared
+    else:
+        assert answer.status_code == 204, answer.text
+    assert not watched and "Traceback" not in capsys.readouterr().err
+
+
+@settings(max_examples=100, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(output=st.sampled_from(CALLBACKS), parts=st.dictionaries(
+    st.sampled_from(["output", "outputs", "inputs", "state", "changedPropIds"]), JSON,
+    min_size=1))  # fmt: skip
+def test_any_request_shape_gets_a_clean_answer(page, watched, capsys, output, parts):
+    """Parts of a callback request replaced by anything: 400 unless still well shaped."""
+    app, client, values, _ = page
+    answer = post(client, {**callback(app, output, values, ""), **parts})
+    assert answer.status_code in (200, 204, 400), answer.text
+    assert not watched and "Traceback" not in capsys.readouterr().err

@@ -1,12 +1,15 @@
 """The Dash app: one page showing the runs of a runs directory, live while they train.
 
 Every callback's work is a plain function of its inputs (:func:`update`, :func:`run_options`,
-:func:`csv_download`, :func:`toggle_pause`), so tests call them without a browser. The runs
-they read are only those the app listed in its runs directory: a chosen run comes from the
-browser, and anything else, whatever it names, is refused unread (:meth:`Listing.find`). A
-``dcc.Interval`` polls every 2 seconds: new steps arrive as a ``Patch`` to the one figure;
-the figure is redrawn only when the choice of runs or options changes, a run is re-read
-(it ended, or its ring lapped the reader) or a trace outgrows its point budget.
+:func:`csv_download`, :func:`toggle_pause`), so tests call them without a browser. What the
+browser sends is checked first (:mod:`lmd4ml.dashboard.inputs`): a request not shaped as one
+of the page's callbacks gets a 400, and the values a callback gets are made valid or refused.
+The runs they read are only those the app listed in its runs directory: a chosen run comes
+from the browser, and anything else, whatever it names, is refused unread
+(:meth:`Listing.find`). A ``dcc.Interval`` polls every 2 seconds: new steps arrive as a
+``Patch`` to the one figure; the figure is redrawn only when the choice of runs or options
+changes, a run is re-read (it ended, or its ring lapped the reader) or a trace outgrows its
+point budget.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flask
 from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 
-from lmd4ml.dashboard.auth import require_token
+from lmd4ml.dashboard import inputs
+from lmd4ml.dashboard.auth import is_loopback, require_local_host, require_token
 from lmd4ml.dashboard.data import RunCache, RunData
 from lmd4ml.dashboard.figure import extend, figure, view_key
 from lmd4ml.telemetry.export import to_csv
@@ -104,15 +110,18 @@ def run_options(listing: Listing) -> list[dict]:
     return options
 
 
-def chosen(listing: Listing, selected: object) -> tuple[list[Path], bool]:
-    """The runs to show, those chosen or else the newest readable run, and whether any
-    choice was refused (``selected`` comes from the browser: anything at all)."""
-    if not selected:
+def chosen(listing: Listing, selected: object) -> tuple[list[Path], str | None]:
+    """The runs to show, those chosen or else the newest readable run, and why a choice was
+    refused, if one was (``selected`` comes from the browser: anything at all)."""
+    values = inputs.run_choice(selected)
+    if values is None:
+        return [], inputs.TOO_MANY
+    if not values:
         readable = [r["path"] for r in listing() if r["status"] != "damaged"]
-        selected = readable[-1:]
-    values = selected if isinstance(selected, list) else [selected]
+        values = readable[-1:]
     found = [listing.find(value) for value in values]
-    return [path for path in found if path is not None], None in found
+    paths = list(dict.fromkeys(path for path in found if path is not None))  # once each
+    return paths, (REFUSED if None in found else None)
 
 
 def describe(run: RunData) -> html.Span:
@@ -162,7 +171,7 @@ def update(
     """
     with cache.lock:
         paths, refused = chosen(listing, selected)
-        runs, status = [], [html.Div(REFUSED, className="dead")] if refused else []
+        runs, status = [], [html.Div(refused, className="dead")] if refused else []
         for path in paths:
             try:
                 run = cache.get(path)
@@ -195,7 +204,7 @@ def csv_download(listing: Listing, selected: object) -> dict:
     """The first shown run as CSV (one row per step), for ``dcc.Download``."""
     paths, refused = chosen(listing, selected)
     if refused:
-        return {"content": REFUSED + "\n", "filename": "refused.txt"}
+        return {"content": refused + "\n", "filename": "refused.txt"}
     if not paths:
         return no_update
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,11 +213,17 @@ def csv_download(listing: Listing, selected: object) -> dict:
         return {"content": out.read_text(), "filename": f"{paths[0].name}.csv"}
 
 
-def create_app(runs_dir: str | os.PathLike, token: str | None = None) -> Dash:
-    """The dashboard for ``runs_dir`` (which need not have runs yet); with ``token``, every
-    request must carry it (:mod:`lmd4ml.dashboard.auth`)."""
+def create_app(
+    runs_dir: str | os.PathLike, token: str | None = None, host: str = "127.0.0.1"
+) -> Dash:
+    """The dashboard for ``runs_dir`` (which need not have runs yet), to be served at
+    ``host``; with ``token``, every request must carry it, and on loopback every request
+    must be addressed to it there (:mod:`lmd4ml.dashboard.auth`)."""
     cache, listing = RunCache(), Listing(runs_dir)
     app = Dash(__name__, title="lmd4ml", update_title=None)
+    app.server.config["MAX_CONTENT_LENGTH"] = inputs.MAX_REQUEST_BYTES
+    if is_loopback(host):
+        require_local_host(app.server, host)
     if token is not None:
         require_token(app.server, token)
     app.index_string = _PAGE
@@ -221,8 +236,8 @@ def create_app(runs_dir: str | os.PathLike, token: str | None = None) -> Dash:
         dcc.Checklist(id="logy", options=[{"label": " log y", "value": "log"}], value=[]),
         html.Span("smoothing"),
         html.Div(
-            dcc.Slider(id="smoothing", min=0, max=0.99, step=0.01, value=0,
-                       marks={0: "0", 0.5: "0.5", 0.99: "0.99"}),
+            dcc.Slider(id="smoothing", min=0, max=inputs.SMOOTHING_MAX, step=0.01, value=0,
+                       marks={0: "0", 0.5: "0.5", inputs.SMOOTHING_MAX: "0.99"}),
             className="smooth",
         ),
         dcc.RadioItems(id="theme", options=["light", "dark"], value="light", inline=True),
@@ -258,8 +273,8 @@ def create_app(runs_dir: str | os.PathLike, token: str | None = None) -> Dash:
     def _update(_, selected, smoothing, logy, theme, view):
         redraw = ctx.triggered_id not in ("tick", None)
         return update(
-            cache, listing, selected, smoothing or 0.0, "log" in logy, theme == "dark", view,
-            redraw,
+            cache, listing, selected, inputs.smoothing(smoothing), inputs.log_y(logy),
+            inputs.dark(theme), inputs.view(view), redraw,
         )  # fmt: skip
 
     @app.callback(Output("runs", "options"), Input("list-tick", "n_intervals"))
@@ -273,7 +288,7 @@ def create_app(runs_dir: str | os.PathLike, token: str | None = None) -> Dash:
         Input("pause", "n_clicks"),
     )
     def _pause(clicks):
-        return toggle_pause(clicks)
+        return toggle_pause(inputs.clicks(clicks))
 
     # On the body, so that the dropdown's menu (rendered outside the page) follows the theme.
     app.clientside_callback(
@@ -291,4 +306,25 @@ def create_app(runs_dir: str | os.PathLike, token: str | None = None) -> Dash:
     def _csv(_, selected):
         return csv_download(listing, selected)
 
+    app.server.before_request(_callback_check(app))
     return app
+
+
+def _callback_check(app: Dash) -> Callable[[], flask.Response | None]:
+    """A hook answering 400 to a callback request not shaped as one of ``app``'s callbacks
+    (:func:`lmd4ml.dashboard.inputs.callback_problem`), before Dash reads it."""
+    route = app.config.routes_pathname_prefix + "_dash-update-component"
+
+    def check() -> flask.Response | None:
+        if flask.request.method != "POST" or flask.request.path != route:
+            return None
+        try:
+            body = flask.request.get_json(silent=True)  # None if not JSON
+        except RecursionError:  # nested deeper than Python parses
+            body = None
+        problem = inputs.callback_problem(body, app.callback_map)
+        if problem is None:
+            return None
+        return flask.Response(f"400 Bad Request: {problem}\n", 400, mimetype="text/plain")
+
+    return check

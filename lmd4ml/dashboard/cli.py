@@ -4,7 +4,9 @@ Served by waitress, bound to loopback unless ``--host`` says otherwise. Bound be
 server asks every client for a token (:mod:`lmd4ml.dashboard.auth`), made up unless
 ``--token`` (or ``$LMD4ML_DASHBOARD_TOKEN``) gives one, and printed in the URL it announces;
 ``--no-token`` serves anyone who can reach it, with a warning. ``--token`` on loopback asks
-for it there too.
+for it there too. On loopback, requests must also be addressed to it there (their ``Host``:
+no DNS rebinding). Bound to every address (``--host 0.0.0.0``), the URL it announces names
+this machine by its host name.
 
 ``--owner PID`` (what ``lm.train(dashboard=True)`` passes) makes the server stop by itself
 once that process has exited and no page has polled for ``--linger`` seconds: it outlives
@@ -28,7 +30,7 @@ import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmd4ml.dashboard.auth import QUERY, TOKEN_ENV, new_token, token_problem
+from lmd4ml.dashboard.auth import QUERY, TOKEN_ENV, is_loopback, new_token, token_problem
 from lmd4ml.dashboard.data import process_alive
 
 # A DNS name: dot-separated labels of letters, digits and inner hyphens (RFC 1123).
@@ -87,28 +89,18 @@ def seconds(text: str) -> float:
     return value
 
 
-def is_loopback(host: str) -> bool:
-    """Whether only this machine reaches ``host``.
-
-    Example:
-      >>> is_loopback("127.0.0.1"), is_loopback("::1"), is_loopback("0.0.0.0")
-      (True, True, False)
-    """
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def url(host: str, port: int, token: str | None) -> str:
-    """The address to open, with the token when there is one.
+    """The address to open, with the token when there is one. A server bound to every
+    address (0.0.0.0, ::) is named by this machine's host name, which another machine can
+    open, as 0.0.0.0 is no address to open.
 
     Example:
-      >>> url("::1", 8050, None), url("0.0.0.0", 80, "abc")
-      ('http://[::1]:8050/', 'http://0.0.0.0:80/?token=abc')
+      >>> url("::1", 8050, None), url("127.0.0.1", 80, "abc")
+      ('http://[::1]:8050/', 'http://127.0.0.1:80/?token=abc')
     """
+    with contextlib.suppress(ValueError):  # a host name: as it is
+        if ipaddress.ip_address(host).is_unspecified:
+            host = socket.gethostname()
     netloc = f"[{host}]" if ":" in host else host
     query = f"?{urllib.parse.urlencode({QUERY: token})}" if token else ""
     return f"http://{netloc}:{port}/{query}"
@@ -197,7 +189,7 @@ def serve(args: argparse.Namespace) -> None:
     except ImportError as error:
         sys.exit(f'lmd4ml dashboard needs Dash and waitress: pip install "lmd4ml[dashboard]" '
                  f"({error})")  # fmt: skip
-    app = create_app(args.runs_dir, args.token)
+    app = create_app(args.runs_dir, args.token, args.host)
     if args.owner is not None:
         last_seen = [time.monotonic()]
         app.server.before_request(lambda: last_seen.__setitem__(0, time.monotonic()))
@@ -208,7 +200,8 @@ def serve(args: argparse.Namespace) -> None:
         sock = _listen(args.host, args.port)
     except OSError as error:
         sys.exit(f"lmd4ml dashboard: cannot listen on {args.host} port {args.port}: {error}")
-    server = create_server(app.server, sockets=[sock])
+    # Said though it is waitress's default: a failing request gets a bare 500, no traceback.
+    server = create_server(app.server, sockets=[sock], expose_tracebacks=False)
     port = sock.getsockname()[1]
     print(f"lmd4ml dashboard of {args.runs_dir}: {url(args.host, port, args.token)}", flush=True)
     if args.token is None and not is_loopback(args.host):

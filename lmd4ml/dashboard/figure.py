@@ -273,15 +273,19 @@ def extend(
 ) -> tuple[Patch | None, dict] | None:
     """A Patch adding each trace's new steps (None when there are none: the page need not
     replot), and the view after it; None if the figure must be redrawn instead (a run was
-    re-read, or a trace would outgrow its budget)."""
+    re-read, a trace would outgrow its budget, or ``view`` does not fit ``runs``: it comes
+    back from the page, :func:`lmd4ml.dashboard.inputs.view` checked only its shape)."""
     by_path = {str(r.path): r for r in runs}
     if view.get("versions") != {p: r.version for p, r in by_path.items()}:
         return None
     patch = Patch()
     traces = []
     for i, trace in enumerate(view["traces"]):
-        run = by_path[trace["run"]]
-        column = run.columns[trace["field"]]
+        run = by_path.get(trace["run"])
+        column = None if run is None else run.columns.get(trace["field"])
+        # A line is drawn from a series of scalars: smoothing could not take another.
+        if column is None or (trace["kind"] == "lines" and column.values.ndim != 1):
+            return None
         start = int(np.searchsorted(column.steps, trace["last"], side="right"))
         new = column.n - start
         trace = dict(trace)

@@ -9,17 +9,23 @@ itself once the process that started it has exited and no page has polled it for
 Bound beyond loopback, it asks for a token (:mod:`lmd4ml.dashboard.auth`): one is made up
 here and handed over in the server's environment, which, unlike its command line, other
 users of the machine cannot read; the returned URL carries it.
+
+The server imports the lmd4ml this process runs: its directory goes first on the server's
+``PYTHONPATH``, so that a checkout used without installing starts its own dashboard, not
+another installed copy (or none).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import site
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import lmd4ml
 from lmd4ml.dashboard.auth import TOKEN_ENV, new_token
 from lmd4ml.dashboard.cli import is_loopback, url
 
@@ -40,6 +46,20 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def python_path(root: Path, current: str | None) -> str | None:
+    """The server's ``PYTHONPATH``: ``root``, the directory this lmd4ml is imported from,
+    ahead of ``current``; ``current`` alone if ``root`` is a site-packages directory, which
+    the server searches anyway (ahead of the standard library, its packages could shadow it).
+
+    Example:
+      >>> python_path(Path("/src/lmd4ml-checkout"), None)
+      '/src/lmd4ml-checkout'
+    """
+    if str(root) in [*site.getsitepackages(), site.getusersitepackages()]:
+        return current
+    return os.pathsep.join([str(root), *([current] if current else [])])
 
 
 def open_dashboard(
@@ -73,6 +93,9 @@ def open_dashboard(
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     if token is not None:
         env[TOKEN_ENV] = token
+    path = python_path(Path(lmd4ml.__file__).parents[1], env.get("PYTHONPATH"))
+    if path is not None:
+        env["PYTHONPATH"] = path
     proc = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
         env=env,
