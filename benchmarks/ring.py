@@ -5,8 +5,8 @@ distance, update_size, norm_test) and grad_hist_1d's int32[100], with values as 
 already on the host (what a train loop hands over after ``jax.device_get``).
 
 * ``write``: median over R blocks of N ``RingWriter.write`` calls of the block's time per record.
-* ``drain``: a reader copying out a full ring (``capacity`` records) in one ``read``; median
-  over R reads, as records per second.
+* ``drain``: a reader copying out a full ring (``capacity`` records) in one ``read``, each
+  record's BLAKE2b checksum verified; median over R reads, as records per second.
 * ``poll``: one ``read`` that finds a single new record, the cost of a dashboard's idle poll.
 
 Writer and reader share this process, so the numbers are the calls' own cost, without the

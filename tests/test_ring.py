@@ -1,5 +1,6 @@
 """The shared-memory ring: round trips, torn-free reads under a full-speed writer, lapping,
-cleanup (close, SIGKILL) and attach errors, with writers and readers in separate processes."""
+records damaged behind the count rejected, cleanup (close, SIGKILL) and attach errors, with
+writers and readers in separate processes."""
 
 import multiprocessing as mp
 import os
@@ -248,3 +249,100 @@ def test_attach_errors(name):
     path.write_bytes(MAGIC + np.uint32(99).tobytes() + bytes(4084))
     with pytest.raises(ValueError, match="format version 99"):
         RingReader(name)
+
+
+# ------------------------------------------------------------- records damaged behind the count
+
+SMALL = {"x": ((), np.float64), "h": ((3,), np.int32)}
+
+
+def _small_record(i: int) -> dict:
+    return {"x": np.float64(i) / 7, "h": np.array([i, -i, 2 * i], np.int32)}
+
+
+def _segment(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ring's slots (uint8, capacity × record size) and count, writable, as another
+    process mapping the segment sees them (header offsets: capacity 16, record size 24,
+    data 32, count 64)."""
+    raw = np.memmap(Path("/dev/shm", name), np.uint8, "r+")
+    capacity, size, offset = (int(raw[o : o + 8].view("<u8")[0]) for o in (16, 24, 32))
+    return raw[offset : offset + capacity * size].reshape(capacity, size), raw[64:72].view("<u8")
+
+
+def _assert_written(batch) -> None:
+    """Every record a read returned is exactly the one written with its index."""
+    assert batch.steps.tolist() == [10 * i for i in range(batch.start, batch.next)]
+    for key in SMALL:
+        expected = [_small_record(i)[key] for i in range(batch.start, batch.next)]
+        np.testing.assert_array_equal(batch.values[key], np.reshape(expected, (-1, *SMALL[key][0])))
+
+
+def _flip_byte(slots, count, old):
+    slots[3 % 4, 40] ^= 1  # record 3's x
+    return 3
+
+
+def _torn(at):
+    def corrupt(slots, count, old):
+        slots[5 % 4, at:] = old[5 % 4, at:]  # record 5's first bytes, record 1's after them
+        return 5
+
+    return corrupt
+
+
+def _old_record_intact(slots, count, old):
+    slots[5 % 4] = old[5 % 4]  # record 1 whole, checksum included, where 5 belongs
+    return 5
+
+
+def _old_record_renumbered(slots, count, old):
+    slots[5 % 4] = old[5 % 4]
+    slots[5 % 4, 16:24] = np.array([5], "<u8").view(np.uint8)  # its index patched to 5
+    return 5
+
+
+def _count_before_record(slots, count, old):
+    count[0] = 7  # record 6 announced while its slot still holds record 2
+    return 6
+
+
+def _lapped(slots, count, old):
+    slots[2 % 4, 40] ^= 1  # the oldest record, whose slot the next write takes
+    return 2
+
+
+@pytest.mark.parametrize(
+    "corrupt, expected",
+    [
+        (_flip_byte, (2, 3)),
+        (_torn(8), (2, 5)),  # half a checksum
+        (_torn(24), (2, 5)),  # the new checksum and index, the old payload
+        (_torn(44), (2, 5)),  # mid-field
+        (_old_record_intact, (2, 5)),
+        (_old_record_renumbered, (2, 5)),
+        (_count_before_record, (3, 6)),
+        (_lapped, (3, 6)),
+    ],
+)
+def test_records_damaged_behind_the_count_are_rejected(name, corrupt, expected):
+    """Whatever the order in which another CPU sees a write's bytes, a reader never takes a
+    record that is not whole: a later record's start over an older one's end, the checksum
+    and index of a record without its payload, an intact older record where a newer one
+    belongs. It stops before such a record (to read it again) unless it was lapped."""
+    with RingWriter(name, SMALL, capacity=4) as writer, RingReader(name) as reader:
+        for i in range(4):
+            writer.write(10 * i, _small_record(i))
+        slots, count = _segment(name)
+        old = slots.copy()  # records 0-3
+        for i in range(4, 6):
+            writer.write(10 * i, _small_record(i))
+        damaged = corrupt(slots, count, old)
+        batch = reader.read(2)
+        assert damaged not in range(batch.start, batch.next)
+        assert (batch.start, batch.next) == expected
+        assert batch.missed == batch.start - 2
+        _assert_written(batch)
+        if damaged == 6:  # the record arrives: the next read, from where this one ended, has it
+            count[0] = 6
+            writer.write(60, _small_record(6))
+            assert reader.read(batch.next).steps.tolist() == [60]
