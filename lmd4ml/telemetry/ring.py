@@ -1,10 +1,10 @@
 """A shared-memory ring of metric records: one training process writes, dashboards read live.
 
-The segment holds a header (magic, format version, capacity, record size, the layout as JSON
-and the writer's count of records written) and then ``capacity`` fixed-size slots. A slot is a
-checksum, the record's global index (uint64), the step (int64), a presence flag per field and
-every field's bytes at the offsets the layout gives, so a reader attaches knowing only the
-segment name.
+The segment holds a header (magic, format version, capacity, record size, the layout as JSON,
+a checksum of these, and the writer's count of records written) and then ``capacity``
+fixed-size slots. A slot is a checksum, the record's global index (uint64), the step (int64),
+a presence flag per field and every field's bytes at the offsets the layout gives, so a reader
+attaches knowing only the segment name.
 
 Torn records are excluded by the checksum: for the record with global index i the writer
 builds the slot's bytes in private memory (i, step, flags, fields), puts in front of them
@@ -66,8 +66,9 @@ _COUNT_OFFSET = 64  # the writer's count gets a cache line of its own
 _LAYOUT_OFFSET = 128
 _HEADER = np.dtype(
     [("magic", "S8"), ("version", "<u4"), ("layout_size", "<u4"), ("capacity", "<u8"),
-     ("record_size", "<u8"), ("data_offset", "<u8")]
+     ("record_size", "<u8"), ("data_offset", "<u8"), ("checksum", "u1", (16,))]
 )  # fmt: skip
+_DESCRIBED = slice(8, 40)  # what the header's checksum covers, with the layout: version…offset
 _RESERVED = ("checksum", "seq", "step", "present")
 _CHECKSUM_BYTES = 16
 
@@ -139,7 +140,8 @@ def record_dtype(fields: Fields) -> np.dtype:
 
 
 def _checksum(body: bytes | memoryview) -> bytes:
-    """The digest a slot starts with, over the rest of the slot: index, step, flags, fields."""
+    """The 128-bit BLAKE2b digest a slot starts with, of the rest of the slot (index, step,
+    flags, fields); the header's, of its fields and the layout."""
     return blake2b(body, digest_size=_CHECKSUM_BYTES).digest()
 
 
@@ -173,21 +175,35 @@ def _layout(dtype: np.dtype) -> list[dict[str, Any]]:
 def _parse_header(
     name: str, buf: mmap.mmap
 ) -> tuple[dict[str, tuple[tuple[int, ...], np.dtype]], np.dtype, int, int]:
-    """The fields, record dtype, capacity and data offset a ring's header describes."""
+    """The fields, record dtype, capacity and data offset a ring's header describes.
+
+    Whatever the bytes (a damaged segment, another program's, a newer format), the answer is
+    a ``ValueError`` that says what is wrong; the header's checksum makes any damage to it
+    or to the layout one.
+    """
     if buf[:8] != MAGIC:
         raise ValueError(f"shared memory {name!r} is not an lmd4ml ring")
     header = np.ndarray((), _HEADER, buf).copy()  # a copy holds no export of buf
     if header["version"] != VERSION:
+        upgrade = ": upgrade lmd4ml to read it" if header["version"] > VERSION else ""
         raise ValueError(
-            f"ring {name!r} has format version {header['version']}, this lmd4ml reads {VERSION}"
+            f"ring {name!r} has format version {header['version']}, this lmd4ml reads "
+            f"version {VERSION}{upgrade}"
         )
     layout_size, capacity, data_offset = (
         int(header[k]) for k in ("layout_size", "capacity", "data_offset")
     )
-    layout = json.loads(buf[_LAYOUT_OFFSET : _LAYOUT_OFFSET + layout_size])
-    fields = {f["name"]: (tuple(f["shape"]), np.dtype(f["dtype"])) for f in layout}
-    dtype = record_dtype(fields)
-    if dtype.itemsize != header["record_size"] or _layout(dtype) != layout:
+    text = buf[_LAYOUT_OFFSET : _LAYOUT_OFFSET + layout_size]
+    if _checksum(buf[_DESCRIBED] + text) != header["checksum"].tobytes():
+        raise ValueError(f"ring {name!r} has a damaged header")
+    try:
+        layout = json.loads(text)
+        fields = {f["name"]: (tuple(f["shape"]), np.dtype(f["dtype"])) for f in layout}
+        dtype = record_dtype(fields)
+        same = dtype.itemsize == header["record_size"] and _layout(dtype) == layout
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):  # any JSON at all
+        same = False
+    if not same:
         raise ValueError(f"ring {name!r} has a layout this lmd4ml does not produce")
     if len(buf) < data_offset + capacity * dtype.itemsize:
         raise ValueError(f"ring {name!r} is shorter than its header says")
@@ -272,7 +288,8 @@ class RingWriter:
         self._castable: set[tuple[str, np.dtype]] = set()
         self._capacity, self._written = capacity, 0
         header = np.ndarray((), _HEADER, buf)
-        header[()] = (b"", VERSION, len(layout), capacity, dtype.itemsize, data_offset)
+        header[()] = (b"", VERSION, len(layout), capacity, dtype.itemsize, data_offset, 0)
+        header["checksum"] = np.frombuffer(_checksum(buf[_DESCRIBED] + layout), np.uint8)
         header["magic"] = MAGIC  # last: a reader never takes a half-written header for valid
         # Last, so that garbage collection releases the views above before closing the mapping.
         self._buf = buf
