@@ -1,12 +1,13 @@
 """What the shared-memory ring costs: the writer per record, a reader per record drained.
 
 The layout is that of the six seed quantities: five float32 scalars (loss, grad_norm,
-distance, update_size, norm_test) and grad_hist_1d's int32[100], with values as numpy arrays
-already on the host (what a train loop hands over after ``jax.device_get``).
+distance, update_size, norm_test) and grad_hist_1d's int64[100] (its exact counts on the
+host), with values as numpy arrays already on the host (what a train loop hands over after
+``lm.stats.to_host``).
 
 * ``write``: median over R blocks of N ``RingWriter.write`` calls of the block's time per record.
-* ``drain``: a reader copying out a full ring (``capacity`` records) in one ``read``; median
-  over R reads, as records per second.
+* ``drain``: a reader copying out a full ring (``capacity`` records) in one ``read``, each
+  record's BLAKE2b checksum verified; median over R reads, as records per second.
 * ``poll``: one ``read`` that finds a single new record, the cost of a dashboard's idle poll.
 
 Writer and reader share this process, so the numbers are the calls' own cost, without the
@@ -29,7 +30,7 @@ import numpy as np
 from lmd4ml.telemetry.ring import RingReader, RingWriter, record_dtype, ring_name
 
 SCALARS = ("loss", "grad_norm", "distance", "update_size", "norm_test")
-FIELDS = {**{k: ((), np.float32) for k in SCALARS}, "grad_hist_1d": ((100,), np.int32)}
+FIELDS = {**{k: ((), np.float32) for k in SCALARS}, "grad_hist_1d": ((100,), np.int64)}
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     values = {k: np.float32(rng.standard_normal()) for k in SCALARS}
-    values["grad_hist_1d"] = rng.integers(0, 1000, 100, dtype=np.int32)
+    values["grad_hist_1d"] = rng.integers(0, 1000, 100, dtype=np.int64)
     name = ring_name(f"bench{os.getpid()}")
     with RingWriter(name, FIELDS, args.capacity) as writer, RingReader(name) as reader:
         step = 0
@@ -67,7 +68,7 @@ def main() -> None:
             assert len(batch.steps) == 1
 
     size = record_dtype(FIELDS).itemsize
-    print(f"layout: 5 float32 scalars + int32[100], {size} B/record; capacity {args.capacity}")
+    print(f"layout: 5 float32 scalars + int64[100], {size} B/record; capacity {args.capacity}")
     print(f"write: {statistics.median(write_us):.2f} µs/record (median of {args.repeats} blocks)")
     rate = args.capacity / statistics.median(drain_s)
     print(f"drain: {rate / 1e6:.2f} M records/s ({args.capacity} records per read)")

@@ -234,7 +234,7 @@ def warn_if_nonfinite(
 
 def _record(learner: Learner, step: int, metrics: Metrics) -> Metrics:
     """Bring one tracked step's metrics to the host, append them to the history, return them."""
-    values = jax.tree.map(np.asarray, jax.device_get(metrics))
+    values = stats.to_host(metrics)
     learner.history["step"].append(step)
     for key, value in values.items():
         learner.history[key].append(value)
@@ -337,6 +337,7 @@ def _open_telemetry(
     shapes = jax.eval_shape(
         lambda s, b, m: learner.step(s, b, track=True, mask=m)[1], learner.state, batch, mask
     )
+    shapes = stats.host_shapes(shapes)
     run_dir = new_run_dir(runs_dir, run_name)
     return Telemetry(run_dir, run_metadata(learner, config), shapes)
 

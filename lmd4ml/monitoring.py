@@ -473,7 +473,7 @@ class Recorder:
         if self._pending is None:
             return
         pending, samples = self._pending
-        values = jax.tree.map(np.asarray, jax.device_get(pending))
+        values = stats.to_host(pending)
         self._pending = None
         check_samples(samples)
         step = int(values.pop("step"))

@@ -20,6 +20,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lmd4ml import stats
+
 F64 = jnp.float64
 BATCH = 9  # odd, so that chunk sizes 2 and 4 leave a remainder
 N_CLASSES = 3
@@ -42,7 +44,7 @@ def run_steps(step: Any, case: Case) -> list[tuple[Any, dict, Any]]:
     out = []
     for batch in case.batches:
         new_state, metrics = step(state, batch)
-        out.append((state, jax.device_get(metrics), new_state))
+        out.append((state, stats.to_host(metrics), new_state))
         state = new_state
     return out
 

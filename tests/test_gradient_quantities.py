@@ -59,7 +59,7 @@ def run(case: models.Case, optimizer: optax.GradientTransformation, qs: list, bu
     out = []
     for batch in case.batches:
         new_state, metrics = step(state, batch)
-        out.append((state, jax.device_get(metrics), jax.device_get(new_state)))
+        out.append((state, lm.stats.to_host(metrics), jax.device_get(new_state)))
         state = new_state
     return out
 
@@ -227,7 +227,7 @@ def test_values_below_the_range_land_in_the_first_bin() -> None:
     ranges = ((-0.43, 0.43), (-0.43, 0.43))
     qs = [lm.GradHist1d(nbins=7, maxval=0.43), lm.GradHist2d((7, 7), ranges)]
     step = lm.instrument(lambda w, x: x @ w, optax.sgd(0.0), qs)
-    _, metrics = step(step.init(jnp.asarray(w)), jnp.asarray(grads))
+    metrics = lm.stats.to_host(step(step.init(jnp.asarray(w)), jnp.asarray(grads))[1])
     np.testing.assert_array_equal(metrics["grad_hist_1d"], reference.grad_hist_1d(grads, 7, 0.43))
     np.testing.assert_array_equal(
         metrics["grad_hist_2d"], reference.grad_hist_2d(grads, w, (7, 7), ranges)

@@ -72,7 +72,7 @@ def replay(batches: list, tracked: Callable[[int], bool]) -> list[tuple[int, dic
     for t, batch in enumerate(batches):
         state, metrics = step(state, batch, track=tracked(t))
         if metrics:
-            out.append((t, jax.device_get(metrics)))
+            out.append((t, lm.stats.to_host(metrics)))
     return out
 
 

@@ -122,7 +122,7 @@ def test_bfloat16_params_accumulate_in_float32(hessian_method: str) -> None:
     expected = expected_values(loss_fn, w, batch, new_state.params)
     # The exact product of each Rademacher probe with this Hessian is a small integer too.
     np.testing.assert_array_equal(reference.flatten(new_state.params), expected["theta_next"])
-    for key, value in jax.device_get(metrics).items():
+    for key, value in lm.stats.to_host(metrics).items():
         if key.startswith("grad_hist"):
             np.testing.assert_array_equal(value, expected[key], err_msg=key)
             continue

@@ -29,7 +29,7 @@ def metrics_of(case: models.Case, quantities: list[lm.Quantity]) -> list[dict]:
     state, out = step.init(case.params), []
     for batch in case.batches:
         state, metrics = step(state, batch)
-        out.append(jax.tree.map(np.asarray, metrics))
+        out.append(lm.stats.to_host(metrics))
     return out
 
 

@@ -48,7 +48,7 @@ def test_carried_state_is_reset_and_said_once(regression_case: models.Case) -> N
         warnings.simplefilter("always")
         for batch in batches:
             new_state, metrics = step(state, batch)
-            out.append((state, jax.device_get(metrics), new_state))
+            out.append((state, lm.stats.to_host(metrics), new_state))
             state = new_state
         jax.effects_barrier()  # the warnings come from host callbacks of the steps
     said = reset_warnings(caught)
@@ -144,7 +144,7 @@ def test_one_real_sample_keeps_the_state_and_says_nothing(regression_case: model
         warnings.simplefilter("always")
         for batch, mask in zip(batches, [full, one, full], strict=True):
             new_state, metrics = step(state, batch, mask=mask)
-            out.append((state, jax.device_get(metrics), new_state))
+            out.append((state, lm.stats.to_host(metrics), new_state))
             state = new_state
         jax.effects_barrier()
     assert reset_warnings(caught) == []

@@ -6,7 +6,6 @@ Each instrument is checked on its own elsewhere; here all thirteen share one com
 
 from __future__ import annotations
 
-import jax
 import models
 import numpy as np
 import optax
@@ -58,7 +57,7 @@ def test_full_preset_in_one_step_matches_brute_force(mlp_case: models.Case) -> N
     theta0 = reference.flatten(mlp_case.params)
     for n, batch in enumerate(mlp_case.batches[:2]):
         new_state, metrics = step(state, batch)
-        metrics = jax.device_get(metrics)
+        metrics = lm.stats.to_host(metrics)
         assert set(metrics) == FULL | {"hess_max_ev_converged", "hess_max_ev_iterations"}
         assert metrics["hess_max_ev_converged"] and metrics["hess_max_ev_iterations"] <= 100
         theta, theta_next = reference.flatten(state.params), reference.flatten(new_state.params)

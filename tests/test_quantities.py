@@ -11,8 +11,9 @@ import pytest
 import reference
 
 import lmd4ml as lm
-from lmd4ml.stats.histogram import BLOCK
+from lmd4ml.stats.histogram import BLOCK, Counts
 from lmd4ml.stats.per_sample import _chunked
+from lmd4ml.telemetry.store import RunWriter, load_run
 
 RTOL = 1e-10
 NBINS = 31  # odd: 0, where many elements of ReLU nets sit, is mid-bin, not on a bin edge
@@ -217,3 +218,87 @@ def test_grad_hist_1d_drops_nan_gradient_of_one_sample(mlp_case: models.Case) ->
     np.testing.assert_array_equal(hist, reference.grad_hist_1d(ps.grads, NBINS, maxval))
     assert hist.sum() == np.count_nonzero(~np.isnan(ps.grads))
     assert np.isnan(metrics["loss"])
+
+
+# ------------------------------------------------------------------ counts that cannot wrap
+# Users train with jax_enable_x64 off, where int64 is silently int32: these run that way, and
+# reach 2³¹, 2³² and 2⁵³ through the accumulator itself rather than by counting that far.
+
+
+def as_ints(counts: Counts) -> list[int]:
+    """hi·2³² + lo in Python's integers, which do not wrap."""
+    return [(int(h) << 32) + int(lo) for h, lo in zip(counts.hi, counts.lo, strict=True)]
+
+
+def test_counts_add_subtract_and_multiply_exactly_with_x64_off() -> None:
+    """At the word boundary (lo = 2³² − 5 plus 10 carries into hi), at 2⁵³ − 1 + 1, and on
+    random words, sums, differences and products are Python's."""
+    rng = np.random.default_rng(0)
+    hi = np.r_[0, 0, 0, 2**21 - 1, rng.integers(0, 2**21, 500)].astype(np.uint32)
+    lo = np.r_[2**32 - 5, 2**31, 2**32 - 1, 2**32 - 1, rng.integers(0, 2**32, 500)]
+    lo = lo.astype(np.uint32)
+    add = np.r_[10, 2**31 - 1, 2**31 - 1, 1, rng.integers(0, 2**31, 500)].astype(np.int32)
+    k = np.r_[2**31 - 1, 3, 2**11 - 1, 1, rng.integers(0, 2**11, 500)].astype(np.int32)
+
+    def ops(hi, lo, add, k):
+        c = Counts(hi, lo)
+        return c + Counts.of(add), c + Counts.of(add) - Counts.of(add), c.times(k)
+
+    with jax.enable_x64(False):
+        total, back, product = jax.jit(ops)(hi, lo, add, k)
+    assert total.lo.dtype == jnp.uint32
+    start = as_ints(Counts(hi, lo))
+    assert as_ints(total)[:4] == [2**32 + 5, 2**32 - 1, 2**32 + 2**31 - 2, 2**53]
+    assert as_ints(total) == [s + int(a) for s, a in zip(start, add, strict=True)]
+    assert as_ints(back) == start
+    assert as_ints(product) == [s * int(n) for s, n in zip(start, k, strict=True)]
+    assert np.asarray(total).dtype == np.int64 and np.asarray(total)[3] == 2**53
+
+
+def test_block_counts_carry_through_a_scan_and_a_psum_with_x64_off() -> None:
+    """As the histogram adds its int32 block counts in a ``lax.scan`` and sums devices with a
+    psum: 4096 blocks of 2³¹ − 1 in one bin lift 2⁵³ − 1 − 4096·(2³¹ − 1) to 2⁵³ − 1, and 4
+    (vmapped) devices holding up to 2⁵¹ each, in lo words ≥ 2³¹ that a plain psum would
+    wrap, sum exactly."""
+    start = 2**53 - 1 - 4096 * (2**31 - 1)
+    rng = np.random.default_rng(1)
+    lo = rng.integers(2**31, 2**32, (4, 3)).astype(np.uint32)
+    hi = rng.integers(0, 2**19, (4, 3)).astype(np.uint32)
+    with jax.enable_x64(False):
+
+        def add(c: Counts, block: jax.Array) -> tuple[Counts, None]:
+            return c + Counts.of(block), None
+
+        c = Counts(jnp.uint32(start >> 32), jnp.uint32(start & 0xFFFFFFFF))
+        scanned = jax.jit(lambda c: jax.lax.scan(add, c, jnp.full(4096, 2**31 - 1))[0])(c)
+        summed = jax.vmap(lambda c: c.psum("devices"), axis_name="devices")(Counts(hi, lo))
+    assert int(np.asarray(scanned)) == 2**53 - 1
+    per_device = [as_ints(Counts(h, lo_)) for h, lo_ in zip(hi, lo, strict=True)]
+    expected = [sum(column) for column in zip(*per_device, strict=True)]
+    got = [as_ints(Counts(h, lo_)) for h, lo_ in zip(summed.hi, summed.lo, strict=True)]
+    assert got == [expected] * 4
+
+
+def test_grad_hist_reaches_the_host_and_the_store_exact_with_x64_off(tmp_path) -> None:
+    """A masked step with x64 off compiles once and counts like numpy; what the host keeps
+    is int64, and the run store gives back counts beyond 2³² and at 2⁵³ unchanged."""
+    values = np.array([[0.3, 0.0, -2.0], [0.0, 0.0, 0.1], [5.0, 5.0, 5.0]], np.float32)
+    mask = jnp.array([True, True, False])
+    with jax.enable_x64(False):
+        step = lm.instrument(
+            identity_grads_loss, optax.sgd(0.1), [lm.GradHist1d(nbins=4, maxval=1.0)]
+        )
+        state = step.init(jnp.zeros(3, jnp.float32))
+        for _ in range(2):
+            state, metrics = step(state, jnp.asarray(values), mask=mask)
+        host = lm.stats.to_host(metrics)
+        shapes = lm.stats.host_shapes(jax.eval_shape(lambda: metrics))
+    assert step.trace_count == {frozenset({"grad_hist_1d"}): 1}
+    assert host["grad_hist_1d"].dtype == np.int64
+    np.testing.assert_array_equal(host["grad_hist_1d"], reference.grad_hist_1d(values[:2], 4, 1))
+    assert shapes["grad_hist_1d"] == jax.ShapeDtypeStruct((4,), np.int64)
+    big = Counts(np.array([0, 1, 2**21, 2**20], np.uint32), np.array([7, 5, 0, 2**31], np.uint32))
+    with RunWriter(tmp_path / "run", {}, {"grad_hist_1d": ((4,), np.int64)}) as writer:
+        writer.append(0, lm.stats.to_host({"grad_hist_1d": big}))
+    _, stored = load_run(tmp_path / "run")["grad_hist_1d"]
+    assert stored[0].tolist() == [7, 2**32 + 5, 2**53, 2**52 + 2**31]

@@ -1,6 +1,8 @@
 """The shared-memory ring: round trips, torn-free reads under a full-speed writer, lapping,
-cleanup (close, SIGKILL) and attach errors, with writers and readers in separate processes."""
+records damaged behind the count rejected, cleanup (close, SIGKILL), attach errors, and
+damaged or foreign segments fuzzed, with writers and readers in separate processes."""
 
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -13,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lmd4ml.telemetry.ring import MAGIC, RingReader, RingWriter, ring_name
+from lmd4ml.telemetry.ring import MAGIC, VERSION, RingReader, RingWriter, ring_name
+from lmd4ml.telemetry.ring import _checksum as ring_checksum
 
 SPAWN = mp.get_context("spawn")
 TIMEOUT = 60
@@ -248,3 +253,187 @@ def test_attach_errors(name):
     path.write_bytes(MAGIC + np.uint32(99).tobytes() + bytes(4084))
     with pytest.raises(ValueError, match="format version 99"):
         RingReader(name)
+
+
+# ------------------------------------------------------------- records damaged behind the count
+
+SMALL = {"x": ((), np.float64), "h": ((3,), np.int32)}
+
+
+def _small_record(i: int) -> dict:
+    return {"x": np.float64(i) / 7, "h": np.array([i, -i, 2 * i], np.int32)}
+
+
+def _segment(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ring's slots (uint8, capacity × record size) and count, writable, as another
+    process mapping the segment sees them (header offsets: capacity 16, record size 24,
+    data 32, count 64)."""
+    raw = np.memmap(Path("/dev/shm", name), np.uint8, "r+")
+    capacity, size, offset = (int(raw[o : o + 8].view("<u8")[0]) for o in (16, 24, 32))
+    return raw[offset : offset + capacity * size].reshape(capacity, size), raw[64:72].view("<u8")
+
+
+def _assert_written(batch) -> None:
+    """Every record a read returned is exactly the one written with its index."""
+    assert batch.steps.tolist() == [10 * i for i in range(batch.start, batch.next)]
+    for key in SMALL:
+        expected = [_small_record(i)[key] for i in range(batch.start, batch.next)]
+        np.testing.assert_array_equal(batch.values[key], np.reshape(expected, (-1, *SMALL[key][0])))
+
+
+def _flip_byte(slots, count, old):
+    slots[3 % 4, 40] ^= 1  # record 3's x
+    return 3
+
+
+def _torn(at):
+    def corrupt(slots, count, old):
+        slots[5 % 4, at:] = old[5 % 4, at:]  # record 5's first bytes, record 1's after them
+        return 5
+
+    return corrupt
+
+
+def _old_record_intact(slots, count, old):
+    slots[5 % 4] = old[5 % 4]  # record 1 whole, checksum included, where 5 belongs
+    return 5
+
+
+def _old_record_renumbered(slots, count, old):
+    slots[5 % 4] = old[5 % 4]
+    slots[5 % 4, 16:24] = np.array([5], "<u8").view(np.uint8)  # its index patched to 5
+    return 5
+
+
+def _count_before_record(slots, count, old):
+    count[0] = 7  # record 6 announced while its slot still holds record 2
+    return 6
+
+
+def _lapped(slots, count, old):
+    slots[2 % 4, 40] ^= 1  # the oldest record, whose slot the next write takes
+    return 2
+
+
+@pytest.mark.parametrize(
+    "corrupt, expected",
+    [
+        (_flip_byte, (2, 3)),
+        (_torn(8), (2, 5)),  # half a checksum
+        (_torn(24), (2, 5)),  # the new checksum and index, the old payload
+        (_torn(44), (2, 5)),  # mid-field
+        (_old_record_intact, (2, 5)),
+        (_old_record_renumbered, (2, 5)),
+        (_count_before_record, (3, 6)),
+        (_lapped, (3, 6)),
+    ],
+)
+def test_records_damaged_behind_the_count_are_rejected(name, corrupt, expected):
+    """Whatever the order in which another CPU sees a write's bytes, a reader never takes a
+    record that is not whole: a later record's start over an older one's end, the checksum
+    and index of a record without its payload, an intact older record where a newer one
+    belongs. It stops before such a record (to read it again) unless it was lapped."""
+    with RingWriter(name, SMALL, capacity=4) as writer, RingReader(name) as reader:
+        for i in range(4):
+            writer.write(10 * i, _small_record(i))
+        slots, count = _segment(name)
+        old = slots.copy()  # records 0-3
+        for i in range(4, 6):
+            writer.write(10 * i, _small_record(i))
+        damaged = corrupt(slots, count, old)
+        batch = reader.read(2)
+        assert damaged not in range(batch.start, batch.next)
+        assert (batch.start, batch.next) == expected
+        assert batch.missed == batch.start - 2
+        _assert_written(batch)
+        if damaged == 6:  # the record arrives: the next read, from where this one ended, has it
+            count[0] = 6
+            writer.write(60, _small_record(6))
+            assert reader.read(batch.next).steps.tolist() == [60]
+
+
+# ------------------------------------------------------------------------------------- fuzzing
+
+FUZZ = settings(max_examples=40, derandomize=True, deadline=None)
+
+
+def _attach_and_read(content: bytes) -> object:
+    """What a reader makes of a segment holding ``content``: a batch, or a ``ValueError``
+    that names the segment (any other exception fails the test)."""
+    name = ring_name(f"z{uuid.uuid4().hex[:12]}")
+    path = Path("/dev/shm", name)
+    path.write_bytes(content)
+    try:
+        with RingReader(name) as reader:
+            return reader.read()
+    except ValueError as error:
+        assert name in str(error), error
+        return error
+    finally:
+        path.unlink()
+
+
+def _ring_bytes(records: int = 6) -> bytes:
+    """A segment's bytes after ``records`` writes to a ring of 4 of :data:`SMALL`."""
+    name = ring_name(f"f{uuid.uuid4().hex[:12]}")
+    with RingWriter(name, SMALL, capacity=4) as writer:
+        for i in range(records):
+            writer.write(10 * i, _small_record(i))
+        return Path("/dev/shm", name).read_bytes()
+
+
+RING = _ring_bytes()
+
+
+@FUZZ
+@given(st.binary(max_size=1024), st.booleans())
+def test_fuzz_random_bytes_are_refused(content, magic):
+    assert isinstance(_attach_and_read((MAGIC if magic else b"") + content), ValueError)
+
+
+@FUZZ
+@given(st.integers(0, len(RING) - 1))
+def test_fuzz_truncated_segment_is_refused(size):
+    assert isinstance(_attach_and_read(RING[:size]), ValueError)
+
+
+@FUZZ
+@given(st.integers(VERSION + 1, 2**32 - 1))
+def test_fuzz_newer_version_is_named(version):
+    error = _attach_and_read(RING[:8] + np.uint32(version).tobytes() + RING[12:])
+    assert f"format version {version}, this lmd4ml reads version {VERSION}: upgrade" in str(error)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, len(RING) - 1), st.integers(1, 255)), max_size=6))
+def test_fuzz_damaged_ring_is_refused_or_read_right(flips):
+    """Bytes flipped anywhere (header, layout, count, records): refused with a clear error,
+    or read with the damaged records left out and every other exactly as written."""
+    content = np.frombuffer(RING, np.uint8).copy()
+    for at, bits in flips:
+        content[at] ^= bits
+    if not isinstance(batch := _attach_and_read(content.tobytes()), ValueError):
+        _assert_written(batch)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=12,
+)
+FIELD = st.fixed_dictionaries(
+    {"name": st.text(max_size=4), "shape": st.lists(st.integers(-2, 2**40), max_size=3),
+     "dtype": st.sampled_from(["<f4", "<i8", "|b1", "|O", "|V8", "float", "nonsense"]),
+     "offset": st.integers(-8, 2**40)}
+)  # fmt: skip
+
+
+@FUZZ
+@given(JSON | st.lists(FIELD, max_size=3))
+def test_fuzz_layout_is_refused(layout):
+    """Any JSON as the layout, under a header whose checksum matches it (fields of odd names,
+    shapes and dtypes, or none, or no list at all): a clear error, never another exception."""
+    text = json.dumps(layout).encode()
+    described = RING[8:12] + np.uint32(len(text)).tobytes() + RING[16:40]
+    header = RING[:8] + described + ring_checksum(described + text) + RING[56:128]
+    assert isinstance(_attach_and_read(header + text + RING[128 + len(text) :]), ValueError)

@@ -129,7 +129,8 @@ class StepContext:
 
         With a ``mask``, a ``"sum"`` statistic leaves the padded samples out: their
         gradients are zero, so their share is their number times ``stat.fn`` of one zero
-        gradient, taken off (a histogram's count of zeros, say).
+        gradient, taken off (a histogram's count of zeros, say; exactly, for
+        :class:`~lmd4ml.stats.Counts`).
         """
         if stat.name in self._declared:
             value = self._declared_pass[stat.name]
@@ -138,8 +139,11 @@ class StepContext:
         if self.mask is None or stat.combine != "sum":
             return value
         zero = jax.tree.map(lambda x: jnp.zeros((1, *x.shape), x.dtype), stats.widen(self.params))
-        padded = jnp.sum(~self.mask).astype(value.dtype)
-        return value - padded * stat.fn(zero, self.params).astype(value.dtype)
+        one = stat.fn(zero, self.params)
+        padded = jnp.sum(~self.mask)
+        if isinstance(value, stats.Counts):
+            return value - one.times(padded)
+        return value - padded.astype(value.dtype) * one.astype(value.dtype)
 
     @cached_property
     def sq_norms(self) -> jax.Array:

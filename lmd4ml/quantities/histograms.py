@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from functools import partial
+import operator
+from functools import partial, reduce
 
 import jax
 
@@ -13,9 +14,10 @@ from lmd4ml.quantities.base import Quantity, StepContext
 from lmd4ml.stats import PerSample, PyTree
 
 
-def _hist_1d(grads: PyTree, params: PyTree, nbins: int, maxval: float) -> jax.Array:
+def _hist_1d(grads: PyTree, params: PyTree, nbins: int, maxval: float) -> stats.Counts:
     del params
-    return sum(stats.histogram(g, nbins, -maxval, maxval) for g in jax.tree.leaves(grads))
+    leaves = jax.tree.leaves(grads)
+    return reduce(operator.add, (stats.histogram(g, nbins, -maxval, maxval) for g in leaves))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +25,9 @@ class GradHist1d(Quantity):
     """Counts of every element of every per-sample gradient ∇ℓᵢ in ``nbins`` equal bins.
 
     Bins cover [−maxval, maxval]; elements outside are clamped into the edge bins and NaN
-    elements are left out. Counts are int32 and sum to B·P for a finite gradient.
+    elements are left out. Counts sum to B·P for a finite gradient and are exact at any size
+    with ``jax_enable_x64`` off: :class:`~lmd4ml.stats.Counts` in the step's metrics
+    (``np.asarray`` makes them int64), int64 in the history, the run store and the dashboard.
 
     Example:
       >>> import lmd4ml as lm
@@ -46,7 +50,7 @@ class GradHist1d(Quantity):
         fn = partial(_hist_1d, nbins=self.nbins, maxval=float(self.maxval))
         return (PerSample(f"grad_hist_1d[{self.nbins},{self.maxval}]", fn, "sum"),)
 
-    def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
+    def compute(self, ctx: StepContext, state: PyTree) -> tuple[stats.Counts, PyTree]:
         return ctx.per_sample(self.per_sample[0]), state
 
     def axes(self) -> dict[str, list[float]]:
@@ -71,11 +75,9 @@ def _hist_2d(
     params: PyTree,
     bins: tuple[int, int],
     range: tuple[tuple[float, float], tuple[float, float]],
-) -> jax.Array:
-    return sum(
-        stats.histogram2d(g, p, bins, range)
-        for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params), strict=True)
-    )
+) -> stats.Counts:
+    pairs = zip(jax.tree.leaves(grads), jax.tree.leaves(params), strict=True)
+    return reduce(operator.add, (stats.histogram2d(g, p, bins, range) for g, p in pairs))
 
 
 def _is_interval(pair: object) -> bool:
@@ -93,7 +95,8 @@ class GradHist2d(Quantity):
     Every element (∇ℓᵢ)_j of every per-sample gradient is paired with its parameter θₜ,j;
     ``bins`` = (gradient bins, parameter bins) of equal width over ``range`` =
     ((g_lo, g_hi), (θ_lo, θ_hi)). Values outside clamp into the edge bins; pairs with a NaN
-    are left out. Counts are int32 of shape ``bins`` and sum to B·D for a finite gradient.
+    are left out. Counts have shape ``bins``, sum to B·D for a finite gradient and are exact
+    as :class:`GradHist1d`'s are.
 
     Example:
       >>> import lmd4ml as lm
@@ -134,7 +137,7 @@ class GradHist2d(Quantity):
         fn = partial(_hist_2d, bins=bins, range=ranges)
         return (PerSample(f"grad_hist_2d[{bins},{ranges}]", fn, "sum"),)
 
-    def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
+    def compute(self, ctx: StepContext, state: PyTree) -> tuple[stats.Counts, PyTree]:
         return ctx.per_sample(self.per_sample[0]), state
 
     def axes(self) -> dict[str, list[float]]:

@@ -3,7 +3,7 @@
 - :mod:`~lmd4ml.stats.per_sample`: per-sample reductions in bounded chunks, directional
   derivatives ∇ℓᵢ · v.
 - :mod:`~lmd4ml.stats.ghost`: per-sample gradients of dense parameters as factors (ghost norms).
-- :mod:`~lmd4ml.stats.histogram`: exact histograms by scatter-add.
+- :mod:`~lmd4ml.stats.histogram`: exact histograms by scatter-add, in counts that cannot wrap.
 - :mod:`~lmd4ml.stats.hessian`: Hessian-vector products, Hessian diagonal, top eigenvalue.
 - :mod:`~lmd4ml.stats.sharding`: the per-sample pass on a batch split over devices.
 - :mod:`~lmd4ml.stats.precision`: statistics in float32 or wider under mixed precision.
@@ -15,7 +15,7 @@
 from lmd4ml.stats import coupling, hessian, jaxpr, precision, randomness, sharding
 from lmd4ml.stats._types import LossFn, PyTree
 from lmd4ml.stats.ghost import factored_leaves
-from lmd4ml.stats.histogram import bin_index, histogram, histogram2d
+from lmd4ml.stats.histogram import Counts, bin_index, histogram, histogram2d, host_shapes, to_host
 from lmd4ml.stats.per_sample import (
     SQ_GRADS,
     SQ_NORMS,
@@ -33,6 +33,7 @@ from lmd4ml.stats.sharding import DataAxis, data_axis
 __all__ = [
     "SQ_GRADS",
     "SQ_NORMS",
+    "Counts",
     "DataAxis",
     "LossFn",
     "PerSample",
@@ -48,6 +49,7 @@ __all__ = [
     "hessian",
     "histogram",
     "histogram2d",
+    "host_shapes",
     "jaxpr",
     "leading_size",
     "per_sample_pass",
@@ -55,6 +57,7 @@ __all__ = [
     "randomness",
     "sample_mean",
     "sharding",
+    "to_host",
     "wide_dtype",
     "widen",
 ]

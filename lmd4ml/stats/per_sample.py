@@ -27,8 +27,9 @@ class PerSample(NamedTuple):
     """A statistic of the per-sample gradients ∇ℓᵢ, computed chunk by chunk.
 
     ``fn(grads, params)`` receives the per-sample gradients of one chunk (a pytree like
-    ``params`` with a leading axis of the chunk's length) and returns an array. ``combine``
-    says how chunks join: ``"concat"`` along axis 0 (one entry per sample) or ``"sum"``.
+    ``params`` with a leading axis of the chunk's length) and returns an array, or
+    :class:`~lmd4ml.stats.histogram.Counts` (summed exactly). ``combine`` says how chunks
+    join: ``"concat"`` along axis 0 (one entry per sample) or ``"sum"``.
     Statistics are matched by ``name``, so two quantities asking for the same one share it.
 
     Example:
@@ -180,7 +181,11 @@ def _chunked(
         parts = {k: [v] for k, v in first.items() if combine[k] == "concat"}
     else:
         shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], head))
-        init = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items() if combine[k] == "sum"}
+        init = {
+            k: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), v)  # Counts are two arrays
+            for k, v in shapes.items()
+            if combine[k] == "sum"
+        }
         sums, stacked = jax.lax.scan(jaxpr_tools.canonical_convolutions(body), init, head)
         parts = {k: [v.reshape(-1, *v.shape[2:])] for k, v in stacked.items()}
     if rest:

@@ -6,8 +6,9 @@ quantity its single-device value on such a batch, but the chunked per-sample pas
 sample axis into chunks, and the partitioner answers that by gathering the batch onto every
 device. :func:`over_samples` runs the pass under ``jax.shard_map`` instead: each device goes
 through its own samples in chunks of its own memory budget, per-sample outputs stay split
-like the batch and sums are added across devices with one ``psum``. Mesh axes the batch is not
-split over (a parameter-sharding axis, say) stay with the partitioner.
+like the batch and sums are added across devices with one ``psum`` (exactly, for
+:class:`~lmd4ml.stats.histogram.Counts`). Mesh axes the batch is not split over (a
+parameter-sharding axis, say) stay with the partitioner.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmd4ml.stats._types import PyTree
+from lmd4ml.stats.histogram import Counts
 
 
 class DataAxis(NamedTuple):
@@ -110,11 +112,12 @@ def over_samples(
     devices as ``combine`` says: ``"concat"`` along the sample axis, ``"sum"`` added."""
     split, whole = PartitionSpec(data.names), PartitionSpec()
 
+    def add(v: jax.Array | Counts) -> jax.Array | Counts:
+        return v.psum(data.names) if isinstance(v, Counts) else jax.lax.psum(v, data.names)
+
     def local(params: PyTree, batch: PyTree) -> dict[str, jax.Array]:
         out = fn(params, batch)
-        return {
-            k: v if combine[k] == "concat" else jax.lax.psum(v, data.names) for k, v in out.items()
-        }
+        return {k: v if combine[k] == "concat" else add(v) for k, v in out.items()}
 
     return jax.shard_map(
         local,

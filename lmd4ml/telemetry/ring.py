@@ -1,21 +1,36 @@
 """A shared-memory ring of metric records: one training process writes, dashboards read live.
 
-The segment holds a header (magic, format version, capacity, record size, the layout as JSON
-and the writer's count of records written) and then ``capacity`` fixed-size slots. A slot is a
-sequence number, the step (int64) and every field's bytes at the offsets the layout gives, so a
-reader attaches knowing only the segment name.
+The segment holds a header (magic, format version, capacity, record size, the layout as JSON,
+a checksum of these, and the writer's count of records written) and then ``capacity``
+fixed-size slots. A slot is a checksum, the record's global index (uint64), the step (int64),
+a presence flag per field and every field's bytes at the offsets the layout gives, so a reader
+attaches knowing only the segment name.
 
-Torn records are excluded by a seqlock per slot: for the record with global index i the writer
-sets the slot's sequence number to 2i + 1, writes the data, sets it to 2i + 2 and only then
-raises the count to i + 1. A reader copies the sequence numbers, then the slots, then the
-sequence numbers again, and keeps a record only when both copies read 2i + 2. Records are
-overwritten oldest first, so the rejected ones are always the oldest of a read: what a reader
-gets is contiguous, and what it lost to the writer lapping it is reported as ``missed``.
+Torn records are excluded by the checksum: for the record with global index i the writer
+builds the slot's bytes in private memory (i, step, flags, fields), puts in front of them
+their 128-bit BLAKE2b digest, copies the whole slot into the ring and only then raises the
+count to i + 1. A reader copies the slots it wants into private memory and keeps the copy of
+slot i mod capacity as record i only when the digest of the copy's bytes equals the copy's
+checksum and the copy's index is i.
 
-Memory ordering: the writer's and readers' numpy copies are plain loads and stores in separate C
-calls (which the compiler cannot reorder across), and the protocol relies on the hardware
-keeping stores in program order and loads in program order, as x86-64 (TSO) does. On weakly
-ordered CPUs (ARM) a reader could, rarely, accept a record mixing two writes.
+Why this holds on any memory model (x86's TSO, ARM's or POWER's weak ordering), with no
+fences, which Python cannot issue: the reader decides from its private copy alone, so the
+order in which the writer's stores become visible to it does not matter. Each byte of the
+copy is one that some write stored there (or the slot's initial zero). Either every byte is
+from the write of record i, and the copy is that record; or the copy mixes writes, holds a
+slot not yet written, or holds another record j intact. A mix, or zeros, matches its checksum
+only if BLAKE2b collides on it (probability 2⁻¹²⁸); an intact record j carries index j ≠ i,
+and an index patched to i alone no longer matches the digest, which covers it. The index in
+the digest is what rejects an intact old record read under a newer count. The count is one
+aligned 8-byte word, which x86-64 and AArch64 load and store whole; it only tells a reader
+where to look.
+
+What a reader does with a rejected record: if the writer has moved on to its slot (its index
+is at most the count, read again after the copy, minus ``capacity``) it was lapped, and the
+read starts after the newest such record, counting what it skipped as ``missed``; otherwise
+the record is not yet visible (weakly ordered hardware can show the count before the slot),
+and the read ends before it, so that the next read, starting there, tries it again. What a
+reader gets is therefore contiguous and in order.
 
 Cleanup: the segment has mode 0600 and ``RingWriter.close`` unlinks it. For a writer that dies
 without closing (SIGKILL included) a watchdog process, started by the writer, unlinks it when
@@ -46,14 +61,16 @@ from typing import Any, NamedTuple
 import numpy as np
 
 MAGIC = b"LMD4RING"
-VERSION = 1
+VERSION = 2  # 1 was a seqlock per slot, correct under x86 ordering only
 _COUNT_OFFSET = 64  # the writer's count gets a cache line of its own
 _LAYOUT_OFFSET = 128
 _HEADER = np.dtype(
     [("magic", "S8"), ("version", "<u4"), ("layout_size", "<u4"), ("capacity", "<u8"),
-     ("record_size", "<u8"), ("data_offset", "<u8")]
+     ("record_size", "<u8"), ("data_offset", "<u8"), ("checksum", "u1", (16,))]
 )  # fmt: skip
-_RESERVED = ("seq", "step", "present")
+_DESCRIBED = slice(8, 40)  # what the header's checksum covers, with the layout: version…offset
+_RESERVED = ("checksum", "seq", "step", "present")
+_CHECKSUM_BYTES = 16
 
 # Run with -I -S so that it starts in milliseconds and imports nothing of the user's.
 _WATCHDOG = """
@@ -69,7 +86,8 @@ Fields = Mapping[str, tuple[tuple[int, ...], Any]]
 
 
 class Batch(NamedTuple):
-    """The records one ``RingReader.read`` returns; ``next`` is the ``since`` of the next read."""
+    """The records one ``RingReader.read`` returns, global indices [start, next); ``next`` is
+    the ``since`` of the next read, and ``missed`` counts those from ``since`` that were lapped."""
 
     start: int
     next: int
@@ -95,17 +113,17 @@ def ring_name(run_id: str) -> str:
 
 
 def record_dtype(fields: Fields) -> np.dtype:
-    """The slot layout: seq (uint64), step (int64), a presence flag per field, then each field
-    at its dtype's alignment.
+    """The slot layout: checksum (16 bytes), seq (the record's global index, uint64), step
+    (int64), a presence flag per field, then each field at its dtype's alignment.
 
     Example:
       >>> dt = record_dtype({"loss": ((), "float32"), "hist": ((3,), "int32")})
-      >>> [(name, dt.fields[name][1]) for name in dt.names], dt.itemsize
-      ([('seq', 0), ('step', 8), ('present', 16), ('loss', 20), ('hist', 24)], 40)
+      >>> {name: dt.fields[name][1] for name in dt.names}, dt.itemsize
+      ({'checksum': 0, 'seq': 16, 'step': 24, 'present': 32, 'loss': 36, 'hist': 40}, 56)
     """
-    names, offsets = ["seq", "step", "present"], [0, 8, 16]
-    formats = ["<u8", "<i8", ("?", (len(fields),))]
-    end = 16 + len(fields)
+    names, offsets = list(_RESERVED), [0, 16, 24, 32]
+    formats = [("u1", (_CHECKSUM_BYTES,)), "<u8", "<i8", ("?", (len(fields),))]
+    end = 32 + len(fields)
     for name, (shape, dtype) in fields.items():
         if name in _RESERVED:
             raise ValueError(f"field name {name!r} is reserved by the ring")
@@ -121,6 +139,31 @@ def record_dtype(fields: Fields) -> np.dtype:
     return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": itemsize})
 
 
+def _checksum(body: bytes | memoryview) -> bytes:
+    """The 128-bit BLAKE2b digest a slot starts with, of the rest of the slot (index, step,
+    flags, fields); the header's, of its fields and the layout."""
+    return blake2b(body, digest_size=_CHECKSUM_BYTES).digest()
+
+
+def _intact(slots: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Which rows of ``slots`` (a private copy, uint8 (n, record size)) hold, whole, the
+    record whose global index ``index`` gives: their checksum matches and they carry it.
+
+    Example:
+      >>> dt = record_dtype({"x": ((), "float32")})
+      >>> slot = np.zeros(1, dt).view(np.uint8).reshape(1, -1)
+      >>> slot[0, :16] = np.frombuffer(_checksum(slot[0, 16:].tobytes()), np.uint8)
+      >>> _intact(slot, np.array([0])).tolist(), _intact(slot, np.array([4])).tolist()
+      ([True], [False])
+    """
+    flat, size = memoryview(np.ascontiguousarray(slots).reshape(-1)), slots.shape[1]
+    starts = range(0, len(flat), size)
+    digests = b"".join([_checksum(flat[k + _CHECKSUM_BYTES : k + size]) for k in starts])
+    expected = np.frombuffer(digests, np.uint8).reshape(-1, _CHECKSUM_BYTES)
+    seq = slots[:, 16:24].copy().view("<u8")[:, 0]
+    return (expected == slots[:, :_CHECKSUM_BYTES]).all(axis=1) & (seq == index)
+
+
 def _layout(dtype: np.dtype) -> list[dict[str, Any]]:
     return [
         {"name": n, "shape": list(dtype[n].shape), "dtype": dtype[n].base.str,
@@ -132,21 +175,35 @@ def _layout(dtype: np.dtype) -> list[dict[str, Any]]:
 def _parse_header(
     name: str, buf: mmap.mmap
 ) -> tuple[dict[str, tuple[tuple[int, ...], np.dtype]], np.dtype, int, int]:
-    """The fields, record dtype, capacity and data offset a ring's header describes."""
+    """The fields, record dtype, capacity and data offset a ring's header describes.
+
+    Whatever the bytes (a damaged segment, another program's, a newer format), the answer is
+    a ``ValueError`` that says what is wrong; the header's checksum makes any damage to it
+    or to the layout one.
+    """
     if buf[:8] != MAGIC:
         raise ValueError(f"shared memory {name!r} is not an lmd4ml ring")
     header = np.ndarray((), _HEADER, buf).copy()  # a copy holds no export of buf
     if header["version"] != VERSION:
+        upgrade = ": upgrade lmd4ml to read it" if header["version"] > VERSION else ""
         raise ValueError(
-            f"ring {name!r} has format version {header['version']}, this lmd4ml reads {VERSION}"
+            f"ring {name!r} has format version {header['version']}, this lmd4ml reads "
+            f"version {VERSION}{upgrade}"
         )
     layout_size, capacity, data_offset = (
         int(header[k]) for k in ("layout_size", "capacity", "data_offset")
     )
-    layout = json.loads(buf[_LAYOUT_OFFSET : _LAYOUT_OFFSET + layout_size])
-    fields = {f["name"]: (tuple(f["shape"]), np.dtype(f["dtype"])) for f in layout}
-    dtype = record_dtype(fields)
-    if dtype.itemsize != header["record_size"] or _layout(dtype) != layout:
+    text = buf[_LAYOUT_OFFSET : _LAYOUT_OFFSET + layout_size]
+    if _checksum(buf[_DESCRIBED] + text) != header["checksum"].tobytes():
+        raise ValueError(f"ring {name!r} has a damaged header")
+    try:
+        layout = json.loads(text)
+        fields = {f["name"]: (tuple(f["shape"]), np.dtype(f["dtype"])) for f in layout}
+        dtype = record_dtype(fields)
+        same = dtype.itemsize == header["record_size"] and _layout(dtype) == layout
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):  # any JSON at all
+        same = False
+    if not same:
         raise ValueError(f"ring {name!r} has a layout this lmd4ml does not produce")
     if len(buf) < data_offset + capacity * dtype.itemsize:
         raise ValueError(f"ring {name!r} is shorter than its header says")
@@ -218,15 +275,21 @@ class RingWriter:
         )
         buf[_LAYOUT_OFFSET:data_offset] = layout.ljust(data_offset - _LAYOUT_OFFSET, b" ")
         self._count = np.ndarray((1,), "<u8", buf, _COUNT_OFFSET)
-        records = np.ndarray((capacity,), dtype, buf, data_offset)
-        self._seq, self._steps, self._present = records["seq"], records["step"], records["present"]
-        self._columns = {n: records[n] for n in fields}
+        self._slots = np.ndarray((capacity, dtype.itemsize), np.uint8, buf, data_offset)
+        # Each record is built here, in private memory, then copied to its slot whole.
+        record = np.zeros(1, dtype)
+        self._record = record.view(np.uint8)
+        self._view = memoryview(self._record)
+        self._seq, self._steps = record["seq"], record["step"]
+        self._flags = memoryview(record["present"].view(np.uint8)[0])
+        self._columns = {n: record[n] for n in fields}
         self._dtypes = {n: dtype[n].base for n in fields}
         self._shapes = {n: dtype[n].shape for n in fields}
         self._castable: set[tuple[str, np.dtype]] = set()
         self._capacity, self._written = capacity, 0
         header = np.ndarray((), _HEADER, buf)
-        header[()] = (b"", VERSION, len(layout), capacity, dtype.itemsize, data_offset)
+        header[()] = (b"", VERSION, len(layout), capacity, dtype.itemsize, data_offset, 0)
+        header["checksum"] = np.frombuffer(_checksum(buf[_DESCRIBED] + layout), np.uint8)
         header["magic"] = MAGIC  # last: a reader never takes a half-written header for valid
         # Last, so that garbage collection releases the views above before closing the mapping.
         self._buf = buf
@@ -236,10 +299,12 @@ class RingWriter:
 
         Fields left out are marked absent (and zeroed) in the record.
         """
-        arrays = []
-        for name, shape in self._shapes.items():
+        # The record is private until copied out below, so it is filled while the values are
+        # checked: a bad value leaves nothing to undo.
+        for k, (name, shape) in enumerate(self._shapes.items()):
+            column = self._columns[name]
             if name not in values:
-                arrays.append(None)
+                self._flags[k] = column[0] = 0
                 continue
             value = np.asarray(values[name])
             if value.shape != shape:
@@ -249,17 +314,15 @@ class RingWriter:
                 if not np.can_cast(value.dtype, dtype, "same_kind"):
                     raise ValueError(f"field {name!r}: cannot cast {value.dtype} to {dtype}")
                 self._castable.add((name, value.dtype))
-            arrays.append(value)
+            self._flags[k] = 1
+            column[0] = value
         if not values.keys() <= self._shapes.keys():
             raise ValueError(f"unknown fields {sorted(set(values) - set(self._shapes))}")
         i = self._written
-        slot = i % self._capacity
-        self._seq[slot] = 2 * i + 1
-        self._steps[slot] = step
-        self._present[slot] = [value is not None for value in arrays]
-        for column, value in zip(self._columns.values(), arrays, strict=True):
-            column[slot] = 0 if value is None else value
-        self._seq[slot] = 2 * i + 2
+        self._seq[0] = i
+        self._steps[0] = step
+        self._view[:_CHECKSUM_BYTES] = _checksum(self._view[_CHECKSUM_BYTES:])
+        self._slots[i % self._capacity] = self._record
         self._count[0] = self._written = i + 1
 
     def close(self) -> None:
@@ -267,7 +330,7 @@ class RingWriter:
         if self._watchdog.stdin.closed:
             return
         # Release every view of the buffer, or closing the mapping fails.
-        self._seq = self._steps = self._present = self._count = self._columns = None
+        self._slots = self._count = None
         self._buf.close()
         _unlink(self.name)
         self._watchdog.stdin.write(b"closed")
@@ -302,34 +365,34 @@ class RingReader:
         except ValueError:
             buf.close()
             raise
-        self.name, self._capacity = name, capacity
+        self.name, self._capacity, self._dtype = name, capacity, dtype
         self._count = np.ndarray((1,), "<u8", buf, _COUNT_OFFSET)
-        self._records = np.ndarray((capacity,), dtype, buf, data_offset)
+        self._slots = np.ndarray((capacity, dtype.itemsize), np.uint8, buf, data_offset)
         self._buf = buf  # last, as in RingWriter
 
     def read(self, since: int = 0) -> Batch:
-        """Every record with global index ≥ ``since`` still in the ring, oldest first."""
+        """The records with global index ≥ ``since`` still in the ring, oldest first, up to
+        the first one not yet visible whole (read it again from ``next``)."""
         written = int(self._count[0])
         if not 0 <= since <= written:
             raise ValueError(f"since={since} is outside the {written} records written")
         first = max(since, written - self._capacity)
         index = np.arange(first, written, dtype=np.uint64)
-        slots = index % np.uint64(self._capacity)
-        seq = self._records["seq"]
-        before = seq[slots]
-        records = self._records[slots]
-        after = seq[slots]
-        torn = np.flatnonzero((before != 2 * index + 2) | (after != 2 * index + 2))
-        start = first + (int(torn[-1]) + 1 if torn.size else 0)
-        records = records[start - first :]
+        copy = self._slots[index % np.uint64(self._capacity)]  # private: checked, then used
+        rejected = index[~_intact(copy, index)]
+        # Lapped: the writer has moved on to their slot (the count is read again, after the copy).
+        lapped = rejected + np.uint64(self._capacity) <= self._count[0]
+        start = int(rejected[lapped][-1]) + 1 if lapped.any() else first
+        end = int(rejected[~lapped][0]) if (~lapped).any() else written
+        records = copy[start - first : end - first].view(self._dtype)[:, 0]
         values = {n: np.ascontiguousarray(records[n]) for n in self.fields}
         present = dict(zip(self.fields, np.ascontiguousarray(records["present"].T), strict=True))
         steps = np.ascontiguousarray(records["step"])
-        return Batch(start, written, start - since, steps, values, present)
+        return Batch(start, end, start - since, steps, values, present)
 
     def close(self) -> None:
         """Detach; the segment stays for the writer and other readers. Idempotent."""
-        self._count = self._records = None
+        self._count = self._slots = None
         self._buf.close()
 
     def __enter__(self) -> RingReader:

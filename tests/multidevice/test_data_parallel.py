@@ -70,7 +70,7 @@ def run_masked(
         if mesh is not None:
             batch, batch_mask = jax.device_put((batch, mask), NamedSharding(mesh, P("data")))
         state, metrics = without_recompiling(t, step, state, batch, mask=batch_mask)
-        out.append((jax.device_get(metrics), jax.device_get(state.params)))
+        out.append((lm.stats.to_host(metrics), jax.device_get(state.params)))
     return out, state
 
 
@@ -131,7 +131,7 @@ def run(step: lm.InstrumentedStep, state: lm.StepState, data: list, mesh: Mesh |
         if mesh is not None:
             batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
         state, metrics = without_recompiling(t, step, state, batch)
-        out.append((jax.device_get(metrics), jax.device_get(state.params)))
+        out.append((lm.stats.to_host(metrics), jax.device_get(state.params)))
     return out
 
 
@@ -248,7 +248,7 @@ def test_monitor_told_the_batch_sharding_matches_one_device() -> None:
             batch = batch if told is None else jax.device_put(batch, split)
             params, opt_state = without_recompiling(t, step, params, opt_state, batch)
             values = {k: v for k, v in lm.metrics(opt_state).items() if k != "step"}
-            results[told].append(jax.device_get((values, params)))
+            results[told].append((lm.stats.to_host(values), jax.device_get(params)))
     assert_same(results[split], results[None])
 
 
