@@ -391,6 +391,11 @@ def train(
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
     if last_batch not in ("pad", "drop"):
         raise ValueError(f"last_batch must be 'pad' or 'drop', got {last_batch!r}")
+    if schedules is not None and not isinstance(schedules, Mapping):
+        raise TypeError(
+            "schedules must be a mapping from quantity key to schedule, e.g. "
+            f"{{'hess_max_ev': 16}}; got {type(schedules).__name__}"
+        )
     shaper = BatchShaper(learner, last_batch)
     due = _due_keys(learner, track_every, schedules or {})
     total = len(learner.batches) * epochs if hasattr(learner.batches, "__len__") else None

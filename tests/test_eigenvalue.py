@@ -66,7 +66,7 @@ def test_unroll_is_an_argument(regression_case) -> None:
     batch = regression_case.batches[0]
     assert default_unroll(regression_case.loss_fn, regression_case.params, batch) == 0
     for bad in (-1, 2.0, True):
-        with pytest.raises(ValueError, match="unroll must be an int >= 0 or None"):
+        with pytest.raises(ValueError, match=r"unroll \(or None\) must be an integer >= 0"):
             lm.HessMaxEV(unroll=bad)
 
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from lmd4ml import stats
+from lmd4ml import checks, stats
 from lmd4ml.quantities.base import Quantity, Report, StepContext, reset_if_nonfinite
 from lmd4ml.stats import LossFn, PyTree
 
@@ -75,17 +75,13 @@ class HessMaxEV(Quantity):
     unroll: int | None = None
 
     def __post_init__(self) -> None:
-        if not 0 < self.rtol < 1:
-            raise ValueError(f"HessMaxEV: rtol must be in (0, 1), got {self.rtol!r}")
+        checks.check_real("HessMaxEV: rtol", self.rtol, "a number in (0, 1)", lambda r: 0 < r < 1)
+        # Counts of Hessian-vector products: int32 loop counters in the compiled step.
         for name in ("max_iters", "krylov_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"HessMaxEV: {name} must be a positive int, got {value!r}")
-        unroll = self.unroll
-        if unroll is not None and (
-            isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 0
-        ):
-            raise ValueError(f"HessMaxEV: unroll must be an int >= 0 or None, got {unroll!r}")
+            checks.check_int(f"HessMaxEV: {name}", getattr(self, name), 1, checks.INT32_MAX)
+        if self.unroll is not None:
+            checks.check_int("HessMaxEV: unroll (or None)", self.unroll, 0, checks.INT32_MAX)
+        checks.check_seed("HessMaxEV", self.seed)
 
     def init(self, params: PyTree) -> LanczosState:
         flat = ravel_pytree(stats.widen(params))[0]
