@@ -86,15 +86,12 @@ def call(
         kwargs["model_state"] = extras.model_state
     try:
         out = loss_fn(params, batch, **kwargs)
-    except TypeError as error:
-        if kwargs and any(f"'{k}'" in str(error) for k in kwargs):
+    except Exception as error:
+        if isinstance(error, TypeError) and any(f"'{k}'" in str(error) for k in kwargs):
             raise TypeError(
                 f"the loss is called as {_protocol(extras, has_aux)}, and it does not take "
                 f"{', '.join(f'{k}=' for k in kwargs)}: {error}"
             ) from error
-        _raise_if_no_sample_axis(error, batch)
-        raise
-    except Exception as error:
         _raise_if_no_sample_axis(error, batch)
         raise
     paired = has_aux or extras.model_state is not None
