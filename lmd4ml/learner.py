@@ -97,6 +97,12 @@ class Learner:
             params, self._module, step_loss = model, None, loss_fn
         if not isinstance(batches, Iterable):
             raise TypeError(f"batches must be an iterable of batches, got {type(batches).__name__}")
+        if isinstance(batches, Mapping):  # one batch as a dict: iterating it gives its keys
+            raise TypeError(
+                "batches must be an iterable of batches (a list, a generator, a data loader), "
+                f"got one {type(batches).__name__}, which iterates over its keys; for a single "
+                "batch, pass [batch]"
+            )
         self.batches = batches
         self.step: InstrumentedStep = instrument(
             step_loss, optimizer, quantities, memory_budget=memory_budget, donate=donate
@@ -149,6 +155,7 @@ class BatchShaper:
         self.warned = False
 
     def __call__(self, batch: PyTree) -> tuple[PyTree | None, jax.Array | None]:
+        protocol.check_batch(batch)  # before its size is read: no samples, a string leaf
         n = stats.batch_size(batch)
         if self.size is None:
             self.size, self.full = n, jnp.ones(n, bool)
@@ -392,6 +399,11 @@ def train(
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
     if last_batch not in ("pad", "drop"):
         raise ValueError(f"last_batch must be 'pad' or 'drop', got {last_batch!r}")
+    if schedules is not None and not isinstance(schedules, Mapping):
+        raise TypeError(
+            "schedules must be a mapping from quantity key to schedule, e.g. "
+            f"{{'hess_max_ev': 16}}; got {type(schedules).__name__}"
+        )
     shaper = BatchShaper(learner, last_batch)
     due = _due_keys(learner, track_every, schedules or {})
     total = len(learner.batches) * epochs if hasattr(learner.batches, "__len__") else None

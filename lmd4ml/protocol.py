@@ -86,12 +86,13 @@ def call(
         kwargs["model_state"] = extras.model_state
     try:
         out = loss_fn(params, batch, **kwargs)
-    except TypeError as error:
-        if kwargs and any(f"'{k}'" in str(error) for k in kwargs):
+    except Exception as error:
+        if isinstance(error, TypeError) and any(f"'{k}'" in str(error) for k in kwargs):
             raise TypeError(
                 f"the loss is called as {_protocol(extras, has_aux)}, and it does not take "
                 f"{', '.join(f'{k}=' for k in kwargs)}: {error}"
             ) from error
+        _raise_if_no_sample_axis(error, batch)
         raise
     paired = has_aux or extras.model_state is not None
     if not paired:
@@ -116,6 +117,33 @@ def call(
     if new_state is not None:
         new_state = _as_given(extras.model_state, new_state)
     return _losses(losses, extras, has_aux), (new_state, aux)
+
+
+def _raise_if_no_sample_axis(error: Exception, batch: PyTree) -> None:
+    """Raise ``ValueError`` from the loss's ``error`` if ``batch`` has no common sample axis
+    (arrays of different leading sizes, a 0-d array, no arrays at all): the likely cause.
+
+    Example:
+      >>> _raise_if_no_sample_axis(TypeError("incompatible shapes"), (np.ones((8, 3)),
+      ...                                                             np.ones(7)))
+      Traceback (most recent call last):
+      ...
+      ValueError: loss_fn failed on a batch whose arrays do not share a leading (sample) ...
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    if not leaves:
+        raise ValueError(
+            f"loss_fn failed on a batch with no arrays: {str(error).rstrip('.')}; {BATCH_RULE}"
+        ) from error
+    shapes = [(jax.tree_util.keystr(path), np.shape(leaf)) for path, leaf in leaves]
+    if len({shape[:1] for _, shape in shapes}) == 1 and all(shape for _, shape in shapes):
+        return
+    listed = ", ".join(f"{path}: {shape}" for path, shape in shapes[:8])
+    more = f" and {len(shapes) - 8} more" if len(shapes) > 8 else ""
+    raise ValueError(
+        f"loss_fn failed on a batch whose arrays do not share a leading (sample) axis "
+        f"(shapes {listed}{more}): {str(error).rstrip('.')}; {BATCH_RULE}"
+    ) from error
 
 
 def _describe(out: Any) -> str:
@@ -170,23 +198,47 @@ def check_losses(losses: jax.ShapeDtypeStruct, batch: PyTree) -> None:
         )
 
 
+BATCH_RULE = (
+    "a batch is a pytree (dicts, tuples, lists; None for nothing) of numeric or boolean "
+    "arrays whose leading axis holds the samples"
+)
+
+
 def check_batch(batch: PyTree) -> None:
-    """Raise a clear error for a PRNG key where a batch is expected.
+    """Raise a clear error, before anything is traced, for a batch that no step can take: a
+    leaf that is no numeric or boolean array (a string, an object array, a PRNG key) or no
+    samples at all (a leading axis of length 0).
 
     Example:
       >>> check_batch(jax.random.key(0))
       Traceback (most recent call last):
       ...
-      TypeError: the batch holds a PRNG key (leaf  of dtype key<fry>); pass the key as ...
+      TypeError: the batch holds a PRNG key (the batch itself has dtype key<fry>); pass ...
+      >>> check_batch({"x": np.zeros((0, 3)), "y": np.zeros(0)})  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: the batch has 0 samples (its arrays' leading axes are empty): ...
     """
     for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
-        if jnp.issubdtype(getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key):
+        where = f"leaf {jax.tree_util.keystr(path)}" if path else "the batch itself"
+        if isinstance(leaf, bool | int | float | complex):
+            continue
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not hasattr(leaf, "shape"):
+            raise TypeError(f"{where} is a {type(leaf).__name__}; {BATCH_RULE}")
+        if jnp.issubdtype(dtype, jax.dtypes.prng_key):
             raise TypeError(
-                f"the batch holds a PRNG key (leaf {jax.tree_util.keystr(path)} of dtype "
-                f"{leaf.dtype}); pass the key as init(params, key=key) (lm.Learner(..., "
-                "key=key), tx.update(..., key=key) for lm.monitor) and the batch as the "
-                "step's second argument"
+                f"the batch holds a PRNG key ({where} has dtype {dtype}); pass the key as "
+                "init(params, key=key) (lm.Learner(..., key=key), tx.update(..., key=key) "
+                "for lm.monitor) and the batch as the step's second argument"
             )
+        if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.number)):
+            raise TypeError(f"{where} has dtype {dtype}; {BATCH_RULE}")
+    if stats.leading_size(batch) == 0:
+        raise ValueError(
+            "the batch has 0 samples (its arrays' leading axes are empty): a step needs at "
+            "least one sample; skip empty batches"
+        )
 
 
 def check_key(key: Any) -> None:
@@ -301,7 +353,8 @@ def bind_split(
 
 def check_mask(mask: Any, batch: PyTree) -> jax.Array | None:
     """``mask`` as a boolean vector, one entry per sample of ``batch``; a clear error for
-    anything else.
+    anything else. Integers count as booleans (nonzero: a real sample); floats do not, as a
+    weight of 0.5 or NaN has no meaning here.
 
     Example:
       >>> check_mask([1, 1, 0], jnp.zeros((3, 2))).tolist()
@@ -313,6 +366,13 @@ def check_mask(mask: Any, batch: PyTree) -> jax.Array | None:
     """
     if mask is None:
         return None
+    if not hasattr(mask, "dtype"):
+        mask = np.asarray(mask)
+    if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.integer)):
+        raise TypeError(
+            f"mask must be boolean (True: a real sample) or integer (nonzero: a real sample), "
+            f"got dtype {mask.dtype}"
+        )
     mask = jnp.asarray(mask)
     n = stats.leading_size(batch)
     if mask.ndim != 1 or (n is not None and mask.shape[0] != n):
@@ -320,8 +380,6 @@ def check_mask(mask: Any, batch: PyTree) -> jax.Array | None:
             f"mask must have one entry per sample, shape ({n if n is not None else 'B'},); "
             f"got shape {mask.shape}"
         )
-    if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.number)):
-        raise TypeError(f"mask must be boolean (True: a real sample), got dtype {mask.dtype}")
     return mask.astype(bool)
 
 

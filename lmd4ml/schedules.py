@@ -15,19 +15,21 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
+
+from lmd4ml import checks
 
 Schedule = int | Callable[[int], bool]
 
 
 def every(k: int, start: int = 0) -> Callable[[int], bool]:
     """Track at steps ``start``, ``start + k``, ``start + 2k``, …"""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"every: k must be an integer >= 1, got {k!r}")
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise ValueError(f"every: start must be an integer >= 0, got {start!r}")
+    checks.check_int("every: k", k, 1)
+    checks.check_int("every: start", start, 0)
+    k, start = int(k), int(start)
     return lambda step: step >= start and (step - start) % k == 0
 
 
@@ -40,10 +42,21 @@ def logarithmic(
     steps, where training changes fastest, are tracked densely and later ones sparsely. With
     ``init`` step 0 is tracked too.
     """
-    if not steps >= 1:
-        raise ValueError(f"logarithmic: steps must be >= 1, got {steps!r}")
+    for name, exponent in (("start", start), ("end", end)):
+        checks.check_real(f"logarithmic: {name}", exponent, "a finite number (an exponent)")
+    checks.check_int("logarithmic: steps", steps, 1)
+    checks.check_real("logarithmic: base", base, "a finite number > 1", lambda b: b > 1)
     if not end >= start:
         raise ValueError(f"logarithmic: end must be >= start, got start={start}, end={end}")
+    # The last point, base**end, becomes a step number, an int64: 2**62 leaves room for
+    # the rounding of the float64 power.
+    if end * math.log(base) >= 62 * math.log(2):
+        raise ValueError(
+            f"logarithmic: base**end must be below 2**62 (the last step it tracks), got "
+            f"{base}**{end}"
+        )
+    if not isinstance(init, bool):
+        raise ValueError(f"logarithmic: init must be True or False, got {init!r}")
     points = np.logspace(start, end, steps, base=base).astype(np.int64)
     due = frozenset(points.tolist()) | ({0} if init else set())
     return due.__contains__
@@ -58,7 +71,7 @@ def as_schedule(schedule: Schedule, what: str = "a schedule") -> Callable[[int],
     """
     if callable(schedule):
         return schedule
-    if isinstance(schedule, bool) or not isinstance(schedule, int) or schedule < 1:
+    if not checks.is_integer(schedule) or schedule < 1:
         raise ValueError(
             f"{what} must be an integer >= 1 (every k-th step) or a callable step -> bool, "
             f"got {schedule!r}"

@@ -286,11 +286,11 @@ def test_one_diagonal_per_estimator_per_step(
     ("make", "message"),
     [
         (lambda: lm.HessTrace(method="diag"), "method must be one of"),
-        (lambda: lm.TICDiag(probes=0), "probes must be a positive int"),
-        (lambda: lm.TICTrace(probes=2.5), "probes must be a positive int"),
-        (lambda: lm.HessMaxEV(rtol=0.0), "rtol must be in"),
-        (lambda: lm.HessMaxEV(max_iters=0), "max_iters must be a positive int"),
-        (lambda: lm.HessMaxEV(krylov_dim=-1), "krylov_dim must be a positive int"),
+        (lambda: lm.TICDiag(probes=0), "probes must be an integer >= 1"),
+        (lambda: lm.TICTrace(probes=2.5), "probes must be an integer >= 1"),
+        (lambda: lm.HessMaxEV(rtol=0.0), "rtol must be a number in"),
+        (lambda: lm.HessMaxEV(max_iters=0), "max_iters must be an integer >= 1"),
+        (lambda: lm.HessMaxEV(krylov_dim=-1), "krylov_dim must be an integer >= 1"),
     ],
 )
 def test_bad_arguments_are_rejected(make: Any, message: str) -> None:

@@ -115,13 +115,13 @@ def test_per_sample_statistics_need_a_sample_axis_on_every_batch_leaf() -> None:
 
 @pytest.mark.parametrize("nbins", [0, -3, 2.5, "10", None])
 def test_grad_hist_nbins_must_be_a_positive_integer(nbins: Any) -> None:
-    with pytest.raises(ValueError, match=rf"nbins must be an integer >= 1, got {nbins!r}"):
+    with pytest.raises(ValueError, match=rf"nbins must be an integer >= 1.*, got {nbins!r}"):
         lm.GradHist1d(nbins=nbins)
 
 
 @pytest.mark.parametrize("maxval", [0, 0.0, -0.05, float("nan")])
 def test_grad_hist_maxval_must_be_positive(maxval: float) -> None:
-    with pytest.raises(ValueError, match=rf"maxval must be > 0, got {maxval!r}"):
+    with pytest.raises(ValueError, match=rf"maxval must be a finite number > 0.*, got {maxval!r}"):
         lm.GradHist1d(maxval=maxval)
 
 

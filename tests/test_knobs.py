@@ -37,8 +37,8 @@ def test_defaults_and_bad_values() -> None:
     assert (lm.MeanGSNR().eps, lm.EarlyStopping().eps, lm.Alpha().var_floor) == (1e-5, 1e-5, 1e-10)
     for make in (lm.MeanGSNR, lm.EarlyStopping):
         for bad in (-1e-3, True, "1e-5"):
-            with pytest.raises(ValueError, match="eps must be a number >= 0"):
+            with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
                 make(eps=bad)
     for bad in (0.0, -1.0, None):
-        with pytest.raises(ValueError, match="var_floor must be a number > 0"):
+        with pytest.raises(ValueError, match=r"var_floor must be a number >= 1\.175e-38"):
             lm.Alpha(var_floor=bad)

@@ -39,7 +39,7 @@ def test_bad_schedules_say_what_was_expected(bad) -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="start must be an integer >= 0"):
         schedules.every(2, start=-1)
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         schedules.logarithmic(0, 2, steps=0)
     with pytest.raises(ValueError, match="end must be >= start"):
         schedules.logarithmic(3, 2)

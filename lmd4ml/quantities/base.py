@@ -493,6 +493,21 @@ def quantity(
     check_key(key, "lm.quantity: key", "max_loss")
     if not callable(fn):
         raise TypeError(f"quantity {key!r}: fn must be callable, got {type(fn).__name__}")
+    if init is not None and not callable(init):
+        raise TypeError(
+            f"quantity {key!r}: init must be callable (params -> state) or None, got "
+            f"{type(init).__name__}"
+        )
+    stats_ok = (
+        isinstance(per_sample, Sequence)
+        and not isinstance(per_sample, str | PerSample)
+        and all(isinstance(s, PerSample) for s in per_sample)
+    )
+    if not stats_ok:
+        raise TypeError(
+            f"quantity {key!r}: per_sample must be a sequence of lm.PerSample statistics "
+            f"(e.g. [lm.stats.SQ_NORMS]), got {per_sample!r}"
+        )
     return _FunctionQuantity(fn, init, tuple(per_sample), bool(uses_samples), name=key)
 
 

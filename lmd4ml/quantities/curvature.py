@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lmd4ml import stats
+from lmd4ml import checks, stats
 from lmd4ml.quantities.base import Quantity, StepContext
+from lmd4ml.quantities.noise import check_eps
 from lmd4ml.stats import PyTree
 from lmd4ml.stats.hessian import DiagEstimator
 
@@ -70,16 +71,14 @@ class _DiagQuantity(Quantity):
     """Whose diagonal ``"auto"`` is after: the Hessian's (HessTrace) or the GGN's (TIC)."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(
-                f"{type(self).__name__}: method must be one of {METHODS}, got {self.method!r}"
-            )
-        for name in ("probes", "exact_max_params", "max_directions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"{type(self).__name__}: {name} must be a positive int, got {value!r}"
-                )
+        owner = type(self).__name__
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise ValueError(f"{owner}: method must be one of {METHODS}, got {self.method!r}")
+        # Hutchinson's probes are an array axis; the others are only compared with sizes.
+        checks.check_int(f"{owner}: probes", self.probes, 1, checks.INT32_MAX)
+        for name in ("exact_max_params", "max_directions"):
+            checks.check_int(f"{owner}: {name}", getattr(self, name), 1)
+        checks.check_seed(owner, self.seed)
 
     @property
     def uses_samples(self) -> bool:  # type: ignore[override]
@@ -179,6 +178,11 @@ class HessTrace(_DiagQuantity):
     key = "hess_trace"
     per_layer: bool = False
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.per_layer, bool):
+            raise ValueError(f"HessTrace: per_layer must be True or False, got {self.per_layer!r}")
+
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[Any, PyTree]:
         diag, state = self._diag(ctx, state)
         total = optax.tree.sum(diag)
@@ -219,6 +223,10 @@ class TICDiag(_DiagQuantity):
     curvature_of = "the GGN"
     eps: float = 1e-7
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_eps("TICDiag", self.eps, "each h_j")
+
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         diag, state = self._diag(ctx, state)
         ratios = jax.tree.map(lambda m, h: m / (h + self.eps), ctx.second_moment, diag)
@@ -243,6 +251,10 @@ class TICTrace(_DiagQuantity):
     per_sample = (stats.SQ_NORMS,)
     curvature_of = "the GGN"
     eps: float = 1e-7
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_eps("TICTrace", self.eps, "tr(h)")
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         diag, state = self._diag(ctx, state)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from lmd4ml import stats
+from lmd4ml import checks, stats
 from lmd4ml.quantities.base import Quantity, Report, StepContext, reset_if_nonfinite
 from lmd4ml.stats import PyTree
 
@@ -55,12 +55,11 @@ class HessMaxEV(Quantity):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 < self.rtol < 1:
-            raise ValueError(f"HessMaxEV: rtol must be in (0, 1), got {self.rtol!r}")
+        checks.check_real("HessMaxEV: rtol", self.rtol, "a number in (0, 1)", lambda r: 0 < r < 1)
+        # Counts of Hessian-vector products: int32 loop counters in the compiled step.
         for name in ("max_iters", "krylov_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"HessMaxEV: {name} must be a positive int, got {value!r}")
+            checks.check_int(f"HessMaxEV: {name}", getattr(self, name), 1, checks.INT32_MAX)
+        checks.check_seed("HessMaxEV", self.seed)
 
     def init(self, params: PyTree) -> LanczosState:
         flat = ravel_pytree(stats.widen(params))[0]

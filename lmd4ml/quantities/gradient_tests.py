@@ -31,6 +31,21 @@ def check_variance_batch(name: str, batch_size: int) -> None:
         )
 
 
+def relative(values: jax.Array, grad_sq_norm: jax.Array) -> jax.Array:
+    """Per-sample ``values`` quadratic in the gradients (‖∇ℓᵢ‖², pᵢ = ∇ℓᵢ·g) over ‖g‖².
+
+    Scaling the loss by s scales both by s², so the ratios are free of the loss's scale.
+    The tests square and sum only these, never pᵢ² or ‖g‖⁴: those scale by s⁴ and leave
+    float32's range (1e±38) for s beyond about 1e±9 when ‖g‖ is about 1.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> relative(jnp.array([2e24, 6e24], jnp.float32), jnp.float32(4e24)).tolist()
+      [0.5, 1.5]
+    """
+    return values / grad_sq_norm
+
+
 @dataclasses.dataclass(frozen=True)
 class NormTest(Quantity):
     """Norm test 1/(B(B−1)) · (Σᵢ‖∇ℓᵢ‖² / ‖g‖² − B), the square of Cockpit's norm-test θ.
@@ -72,8 +87,10 @@ class InnerTest(Quantity):
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         b = ctx.batch_size
-        g4 = jnp.square(ctx.grad_sq_norm)
-        variance = (jnp.sum(jnp.square(ctx.projections)) - b * g4) / ((b - 1) * b * g4)
+        # (Σᵢpᵢ² − B‖g‖⁴)/‖g‖⁴ as Σᵢqᵢ² − B, qᵢ = pᵢ/‖g‖²: free of the loss's scale, where
+        # ‖g‖⁴ leaves float32's range (:func:`relative`).
+        q = relative(ctx.projections, ctx.grad_sq_norm)
+        variance = (jnp.sum(jnp.square(q)) - b) / ((b - 1) * b)
         # Non-negative by Cauchy–Schwarz; rounding can push an exact 0 below it.
         return jnp.sqrt(jnp.maximum(variance, 0.0)), state
 
@@ -100,7 +117,10 @@ class OrthoTest(Quantity):
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         b = ctx.batch_size
-        g2 = ctx.grad_sq_norm
-        orthogonal = jnp.sum(ctx.sq_norms / g2 - jnp.square(ctx.projections) / jnp.square(g2))
+        # ‖∇ℓᵢ‖²/‖g‖² − pᵢ²/‖g‖⁴ as rᵢ − qᵢ², both ratios free of the loss's scale, where
+        # pᵢ² and ‖g‖⁴ leave float32's range (:func:`relative`).
+        r = relative(ctx.sq_norms, ctx.grad_sq_norm)
+        q = relative(ctx.projections, ctx.grad_sq_norm)
+        orthogonal = jnp.sum(r - jnp.square(q))
         # Each term is ‖∇ℓᵢ − (pᵢ/‖g‖²)g‖²/‖g‖² ≥ 0; rounding can push an exact 0 below it.
         return jnp.sqrt(jnp.maximum(orthogonal / (b * (b - 1)), 0.0)), state

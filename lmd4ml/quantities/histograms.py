@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import operator
 from functools import partial, reduce
 
 import jax
 
-from lmd4ml import stats
+from lmd4ml import checks, stats
 from lmd4ml.quantities.base import Quantity, StepContext
 from lmd4ml.stats import PerSample, PyTree
 
@@ -18,6 +17,27 @@ def _hist_1d(grads: PyTree, params: PyTree, nbins: int, maxval: float) -> stats.
     del params
     leaves = jax.tree.leaves(grads)
     return reduce(operator.add, (stats.histogram(g, nbins, -maxval, maxval) for g in leaves))
+
+
+def check_bins_in_float32(what: str, lo: float, hi: float, n: int) -> None:
+    """Raise ``ValueError`` unless ``n`` bins on [lo, hi] can be found in float32, where
+    gradients are binned: edges (lo·(n − k) + hi·k)/n finite (|lo|·n and |hi|·n at most
+    float32's largest number) and a width (hi − lo)/n that is a normal number. ``what``
+    names the argument that set them.
+
+    Example:
+      >>> check_bins_in_float32("GradHist1d: maxval", -1e37, 1e37, 100)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: GradHist1d: maxval must keep 100 bins on [-1e+37, 1e+37] within float32, ...
+    """
+    reach, width = max(abs(lo), abs(hi)) * n, (hi - lo) / n
+    if not (reach <= checks.FLOAT32_MAX and width >= checks.FLOAT32_TINY):
+        raise ValueError(
+            f"{what} must keep {n} bins on [{lo}, {hi}] within float32, where gradients are "
+            f"binned (edges times bins at most {checks.FLOAT32_MAX:.3g}, a bin width at least "
+            f"{checks.FLOAT32_TINY:.3g}); got edges times bins {reach:.3g}, width {width:.3g}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +60,10 @@ class GradHist1d(Quantity):
     key = "grad_hist_1d"
 
     def __post_init__(self):
-        if not isinstance(self.nbins, numbers.Integral) or self.nbins < 1:
-            raise ValueError(f"GradHist1d: nbins must be an integer >= 1, got {self.nbins!r}")
-        if not self.maxval > 0:
-            raise ValueError(f"GradHist1d: maxval must be > 0, got {self.maxval!r}")
+        checks.check_int("GradHist1d: nbins", self.nbins, 1, checks.INT32_MAX)
+        rule = "a finite number > 0 (bins cover [-maxval, maxval])"
+        checks.check_real("GradHist1d: maxval", self.maxval, rule, lambda m: m > 0)
+        check_bins_in_float32("GradHist1d: maxval", -self.maxval, self.maxval, self.nbins)
 
     @property
     def per_sample(self) -> tuple[PerSample, ...]:  # type: ignore[override]
@@ -81,11 +101,11 @@ def _hist_2d(
 
 
 def _is_interval(pair: object) -> bool:
-    try:
-        lo, hi = pair  # type: ignore[misc]
-        return float(lo) < float(hi)
-    except (TypeError, ValueError):
+    """Whether ``pair`` is (lo, hi), two finite numbers with lo < hi."""
+    if not isinstance(pair, tuple | list) or len(pair) != 2:
         return False
+    lo, hi = pair
+    return checks.is_real(lo) and checks.is_real(hi) and lo < hi
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +132,7 @@ class GradHist2d(Quantity):
         bins_ok = (
             isinstance(self.bins, tuple | list)
             and len(self.bins) == 2
-            and all(isinstance(n, numbers.Integral) and n >= 1 for n in self.bins)
+            and all(checks.is_integer(n) and 1 <= n <= checks.INT32_MAX for n in self.bins)
         )
         if not bins_ok:
             raise ValueError(
@@ -126,9 +146,11 @@ class GradHist2d(Quantity):
         )
         if not range_ok:
             raise ValueError(
-                "GradHist2d: range must be two (lo, hi) pairs with lo < hi, "
+                "GradHist2d: range must be two (lo, hi) pairs with lo < hi, finite numbers, "
                 f"((gradient lo, hi), (parameter lo, hi)); got {self.range!r}"
             )
+        for (lo, hi), n in zip(self.range, self.bins, strict=True):
+            check_bins_in_float32("GradHist2d: range", lo, hi, n)
 
     @property
     def per_sample(self) -> tuple[PerSample, ...]:  # type: ignore[override]

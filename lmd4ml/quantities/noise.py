@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lmd4ml import stats
+from lmd4ml import checks, stats
 from lmd4ml.quantities.base import Quantity, StepContext, reset_if_nonfinite
 from lmd4ml.quantities.gradient_tests import check_variance_batch
 from lmd4ml.stats import PyTree
@@ -29,19 +29,18 @@ def _sq_grads(ctx: StepContext) -> PyTree:
     return jax.tree.map(jnp.square, ctx.grads)
 
 
-def check_eps(owner: str, eps: object) -> None:
-    """Raise ``ValueError`` unless ``eps`` is a number ≥ 0 (the ε added to a variance).
+def check_eps(owner: str, eps: object, added_to: str = "each variance") -> None:
+    """Raise ``ValueError`` unless ``eps`` is a finite number ≥ 0 (the ε added to a variance,
+    or to what ``added_to`` says).
 
     Example:
       >>> check_eps("MeanGSNR", -1.0)
       Traceback (most recent call last):
       ...
-      ValueError: MeanGSNR: eps must be a number >= 0 (added to each variance), got -1.0
+      ValueError: MeanGSNR: eps must be a finite number >= 0 (added to each variance), got -1.0
     """
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
-        raise ValueError(
-            f"{owner}: eps must be a number >= 0 (added to each variance), got {eps!r}"
-        )
+    rule = f"a finite number >= 0 (added to {added_to})"
+    checks.check_real(f"{owner}: eps", eps, rule, lambda e: e >= 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,11 +131,12 @@ class CABS(Quantity):
     per_sample = (stats.SQ_NORMS,)
 
     def __post_init__(self):
-        if self.lr is not None and not (isinstance(self.lr, int | float) and self.lr > 0):
-            raise ValueError(
-                f"CABS: lr must be a positive number (the SGD learning rate) or None for the "
-                f"effective step ‖update‖/‖g‖; got {self.lr!r}"
+        if self.lr is not None:
+            rule = (
+                "a positive number (the SGD learning rate) or None for the effective step "
+                "‖update‖/‖g‖"
             )
+            checks.check_real("CABS: lr", self.lr, rule, lambda lr: lr > 0)
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         if self.lr is None:
@@ -177,11 +177,9 @@ class NoiseScale(Quantity):
     per_sample = (stats.SQ_NORMS,)
 
     def __post_init__(self):
-        if not (isinstance(self.decay, int | float) and 0 <= self.decay < 1):
-            raise ValueError(
-                f"NoiseScale: decay must be a number in [0, 1) (0: no averaging); "
-                f"got {self.decay!r}"
-            )
+        # Below 1 in float32 too: a decay that rounds to 1 leaves 1 − decayⁿ = 0 to divide by.
+        rule = "a number in [0, 1) (0: no averaging), below 1 in float32 (at most 1 - 2**-24)"
+        checks.check_real("NoiseScale: decay", self.decay, rule, lambda d: 0 <= d <= 1 - 2**-24)
 
     def check(self, batch_size: int) -> None:
         check_variance_batch("NoiseScale", batch_size)

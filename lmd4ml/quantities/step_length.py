@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lmd4ml import stats
+from lmd4ml import checks, stats
 from lmd4ml.quantities.base import Quantity, StepContext, reset_if_nonfinite
 from lmd4ml.quantities.gradient_tests import check_variance_batch
 from lmd4ml.stats import PyTree
@@ -172,11 +172,14 @@ class Alpha(Quantity):
                 f"Alpha: end must be one of {', '.join(map(repr, ALPHA_ENDS))} (where the "
                 f"step's end point is observed); got {self.end!r}"
             )
-        floor = self.var_floor
-        if isinstance(floor, bool) or not isinstance(floor, int | float) or not floor > 0:
-            raise ValueError(
-                f"Alpha: var_floor must be a number > 0 (replacing a zero variance); got {floor!r}"
-            )
+        # A floor that float32 flushes to 0 would replace a zero variance with 0.
+        rule = (
+            f"a number >= {checks.FLOAT32_TINY:.4g} (float32's smallest normal; it replaces "
+            "a zero variance)"
+        )
+        checks.check_real(
+            "Alpha: var_floor", self.var_floor, rule, lambda v: v >= checks.FLOAT32_TINY
+        )
 
     def check(self, batch_size: int) -> None:
         check_variance_batch("Alpha", batch_size)
