@@ -1,7 +1,9 @@
-"""The run store: round trips, live reading, durability under SIGKILL, damaged files."""
+"""The run store: round trips, live reading, durability under SIGKILL, a full disk, a file
+deleted or replaced while written, damaged files."""
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -13,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from lmd4ml.telemetry import store
 from lmd4ml.telemetry.store import (
     RunStoreError,
     RunWriter,
@@ -139,6 +142,14 @@ def test_new_run_dir(tmp_path):
         new_run_dir(tmp_path, "../escape")
 
 
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.setattr(store.time, "strftime", lambda _: "20261201-120000")
+    suffixes = iter(["abcd", "abcd", "ef01"])  # the second run draws the first's suffix
+    monkeypatch.setattr(store.secrets, "token_hex", lambda _: next(suffixes))
+    first, second = new_run_dir(tmp_path), new_run_dir(tmp_path)
+    assert (first.name, second.name) == ("20261201-120000-abcd", "20261201-120000-ef01")
+
+
 def test_list_runs(tmp_path, finished_run):
     for name in ["b", "a", "c"]:  # started in this order, not the alphabetical one
         with RunWriter(new_run_dir(tmp_path, name), {"name_of": name}, FIELDS) as writer:
@@ -236,6 +247,73 @@ def test_sigkill_keeps_a_prefix(tmp_path):
     np.testing.assert_array_equal(hist_steps, steps)
     np.testing.assert_array_equal(loss, steps)
     np.testing.assert_array_equal(hist, np.repeat(steps[:, None], 100, axis=1))
+
+
+def disk_full_after(monkeypatch, pages: int) -> None:
+    """SQLite's own "database or disk is full" (SQLITE_FULL) once a run file would grow
+    ``pages`` pages beyond its size when opened, as on a disk that filled up."""
+    connect = store._connect
+
+    def limited(path: pathlib.Path) -> sqlite3.Connection:
+        conn = connect(path)
+        if pathlib.Path(path).name == store.DB_NAME:
+            (size,) = conn.execute("PRAGMA page_count").fetchone()
+            conn.execute(f"PRAGMA max_page_count = {size + pages}")
+        return conn
+
+    monkeypatch.setattr(store, "_connect", limited)
+
+
+def test_a_full_disk_keeps_the_committed_steps(tmp_path, monkeypatch):
+    disk_full_after(monkeypatch, 2)
+    writer = RunWriter(tmp_path / "run", {}, FIELDS, commit_every=0)
+    with pytest.raises(sqlite3.OperationalError, match="database or disk is full") as full:
+        for step in range(1000):
+            writer.append(step, _values(step))
+    assert full.value.__context__ is None  # not hidden behind a failed ROLLBACK
+    assert writer.abandon(f"recording stopped at step {step} (disk full)")
+    run = load_run(tmp_path / "run")
+    assert run.steps().tolist() == list(range(step))  # every step committed before
+    assert run.metadata["status"] == "incomplete"
+    assert run.metadata["error"] == f"recording stopped at step {step} (disk full)"
+    assert run.metadata["end_time"] >= run.metadata["start_time"]
+    assert list_runs(tmp_path)[0]["error"] == run.metadata["error"]
+    assert not writer.abandon("again")  # closed: nothing more happens
+    writer.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_file_deleted_or_replaced_while_written_is_left_alone(tmp_path, finished_run, how):
+    writer = RunWriter(tmp_path / "run", {}, FIELDS, commit_every=3600)
+    writer.append(0, _values(0))
+    writer.flush()
+    path = tmp_path / "run" / "run.sqlite"
+    if how == "deleted":
+        shutil.rmtree(tmp_path / "run")
+    else:
+        shutil.copy(f"{finished_run}/run.sqlite", tmp_path / "other.sqlite")
+        os.replace(tmp_path / "other.sqlite", path)
+    replacement = path.read_bytes() if how == "replaced" else None
+    writer.append(1, _values(1))
+    with pytest.raises(RunStoreError, match="deleted or replaced while the run was writing it"):
+        writer.flush()
+    assert not writer.abandon("lost")
+    if how == "deleted":
+        assert not (tmp_path / "run").exists()
+    else:  # the run now there is not touched
+        assert path.read_bytes() == replacement
+        assert load_run(path).metadata["status"] == "finished"
+        assert len(load_run(path).steps()) == 2000
+
+
+def test_a_failed_start_leaves_no_file_behind(tmp_path, monkeypatch):
+    def full(*args):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "_initialise", full)
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        RunWriter(tmp_path, {}, FIELDS)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _damage(path, how: str) -> None:

@@ -11,7 +11,8 @@ commit.
 Layout of the file (format ``lmd4ml-run``, version 1):
 
 * ``meta(key, value)``: JSON values for ``format``, ``version``, ``start_time``,
-  ``end_time`` (Unix seconds), ``status`` and ``metadata`` (the caller's dict);
+  ``end_time`` (Unix seconds), ``status``, ``metadata`` (the caller's dict) and, for a run
+  whose recording stopped early, ``error`` (why);
 * ``fields(idx, name, shape, dtype)``: the layout, in the writer's order;
 * ``steps(step)``: every appended step;
 * ``v<idx>(step, value)``: one table per field, the value's raw bytes (C order, the
@@ -55,7 +56,9 @@ VERSION = 1
 DB_NAME = "run.sqlite"
 _RUN_KEYS = ("format", "version", "start_time", "end_time", "status")
 # How a run can end; "running" is its status until then (or forever, if it was killed).
-STATUSES = ("finished", "failed", "interrupted")
+# "incomplete": its file failed (disk full, deleted) and recording stopped before the run
+# ended; its "error" says why and from which step.
+STATUSES = ("finished", "failed", "interrupted", "incomplete")
 
 # name -> (index in the file, shape, dtype)
 Layout = dict[str, tuple[int, tuple[int, ...], np.dtype]]
@@ -63,7 +66,7 @@ Layout = dict[str, tuple[int, tuple[int, ...], np.dtype]]
 # Keys the store itself puts in a run's metadata (and list_runs adds); the caller's dict
 # may not use them, so that nothing it passes is silently replaced.
 RESERVED_KEYS = frozenset(
-    {"format", "version", "start_time", "end_time", "status", "path", "name", "n_steps"}
+    {"format", "version", "start_time", "end_time", "status", "error", "path", "name", "n_steps"}
 )
 
 _SCHEMA = (
@@ -125,9 +128,18 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     try:
         yield conn
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite rolls back by itself on some errors (a full disk): a second ROLLBACK would
+        # raise "no transaction is active" in place of the error that matters.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _identity(path: pathlib.Path) -> tuple[int, int]:
+    """Device and inode: which file ``path`` names now."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
 
 
 def _initialise(conn: sqlite3.Connection, layout: Layout, metadata: Mapping[str, Any]) -> None:
@@ -156,6 +168,11 @@ class RunWriter:
     them per step, as arrays (or scalars, JAX arrays) cast to that dtype. Steps must
     increase. Appends are buffered and committed once ``commit_every`` seconds have passed
     since the last commit, and on ``flush`` and ``close``. One thread at a time.
+
+    A commit raises what keeps it from the file (``sqlite3.OperationalError`` for a full
+    disk, ``RunStoreError`` once the file was deleted or replaced: SQLite would go on
+    writing into the unlinked one) and keeps the steps buffered; ``abandon`` then ends the
+    run as ``"incomplete"``, keeping every step committed before.
 
     Used as a context manager it closes the run as ``"failed"`` when the block raises and
     ``"finished"`` otherwise.
@@ -196,16 +213,23 @@ class RunWriter:
         # The file is built under another name and renamed into place, so that a reader
         # never finds a half-initialised run.
         staging = self.path.with_name(f".{DB_NAME}.{secrets.token_hex(4)}")
-        conn = _connect(staging)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            with _transaction(conn):
-                _initialise(conn, self.layout, metadata)
-        finally:
-            conn.close()
-        os.replace(staging, self.path)
+            conn = _connect(staging)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                with _transaction(conn):
+                    _initialise(conn, self.layout, metadata)
+            finally:
+                conn.close()
+            os.replace(staging, self.path)
+        except BaseException:
+            # A start that failed (a full disk) leaves no half-built file behind.
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                staging.with_name(staging.name + suffix).unlink(missing_ok=True)
+            raise
         self._conn: sqlite3.Connection | None = _connect(self.path)
         self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._identity = _identity(self.path)
         self._last_commit = time.monotonic()
 
     def append(self, step: int, values: Mapping[str, Any]) -> None:
@@ -241,6 +265,8 @@ class RunWriter:
         """Commit every buffered step."""
         if self._conn is None:
             raise ValueError(f"RunWriter: {self.path} is closed")
+        if not self._file_is_ours():
+            raise RunStoreError(f"{self.path}: deleted or replaced while the run was writing it")
         if self._steps:
             with _transaction(self._conn) as conn:
                 conn.executemany("INSERT INTO steps VALUES (?)", self._steps)
@@ -252,6 +278,24 @@ class RunWriter:
                 rows.clear()
         self._last_commit = time.monotonic()
 
+    def _file_is_ours(self) -> bool:
+        """Whether ``path`` still names the file this writer opened."""
+        try:
+            return _identity(self.path) == self._identity
+        except FileNotFoundError:
+            return False
+
+    def _end(self, status: str, error: str | None = None) -> None:
+        assert self._conn is not None
+        ending = {"status": status, "end_time": time.time()}
+        if error is not None:
+            ending["error"] = error
+        with _transaction(self._conn) as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [(key, _dumps(value)) for key, value in ending.items()],
+            )
+
     def close(self, status: str = "finished") -> None:
         """Commit what is buffered, record ``status`` and the end time; later calls do nothing."""
         if status not in STATUSES:
@@ -260,11 +304,31 @@ class RunWriter:
             return
         try:
             self.flush()
-            with _transaction(self._conn) as conn:
-                conn.executemany(
-                    "UPDATE meta SET value = ? WHERE key = ?",
-                    [(_dumps(status), "status"), (_dumps(time.time()), "end_time")],
-                )
+            self._end(status)
+        finally:
+            self._conn.close()
+            self._conn = None
+
+    def abandon(self, error: str) -> bool:
+        """End the run after its file failed: drop the steps not committed, record status
+        ``"incomplete"`` and ``error`` where the file still takes them (a full disk may not,
+        a deleted or replaced file is left alone), and close. Whether it recorded them;
+        never raises."""
+        if self._conn is None:
+            return False
+        self._steps.clear()
+        for rows in self._buffer.values():
+            rows.clear()
+        try:
+            if self._file_is_ours():
+                self._end("incomplete", error)
+                return True
+            # The write-ahead log beside the path is still this writer's: emptied into the file
+            # it opened, or readers of a file put at the path would read it as that one's.
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return False
+        except (OSError, sqlite3.Error):
+            return False  # what was committed before is the run
         finally:
             self._conn.close()
             self._conn = None
@@ -389,7 +453,7 @@ def _open(path: str | os.PathLike) -> tuple[Run, int]:
         (n_steps,) = conn.execute("SELECT count(*) FROM steps").fetchone()
         metadata = {
             **meta["metadata"],
-            **{key: meta[key] for key in _RUN_KEYS},
+            **{key: meta[key] for key in (*_RUN_KEYS, "error") if key in meta},
         }
     return Run(db, metadata, layout), n_steps
 
