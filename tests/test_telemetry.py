@@ -1,21 +1,28 @@
-"""Telemetry end to end: what lm.train writes, and what survives a failure or a kill."""
+"""Telemetry end to end: what lm.train writes, and what survives a failure, a full disk, a
+store deleted under it, SIGTERM, Ctrl-C or a kill."""
 
+import errno
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_store import disk_full_after
 
 import lmd4ml as lm
 from lmd4ml.telemetry import store as run_store
+from lmd4ml.telemetry import writer
 from lmd4ml.telemetry.ring import RingReader, RingWriter, ring_name
 from lmd4ml.telemetry.writer import live_ring
 
@@ -153,3 +160,97 @@ def test_sigkill_keeps_the_run_and_leaves_no_shared_memory(tmp_path):
     while shm_left(ring) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not shm_left(ring)
+
+
+def telemetry_warnings(caught: list) -> list[str]:
+    return [str(w.message) for w in caught if "lmd4ml telemetry" in str(w.message)]
+
+
+def train_noting_the_ring(run_dir: Path, rings: list, **kwargs) -> dict:
+    """``lm.train`` of :func:`learner` into ``run_dir``, noting its ring's name after epoch 1."""
+
+    def note(epoch, history):
+        if epoch == 1:
+            rings.append(live_ring(run_dir))
+
+    return lm.train(
+        learner(),
+        runs_dir=run_dir.parent,
+        run_name=run_dir.name,
+        on_epoch=note,
+        progress=False,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("how", ["sqlite_full", "enospc"])
+def test_a_full_disk_stops_recording_with_one_warning_and_training_goes_on(
+    tmp_path, monkeypatch, how
+):
+    if how == "sqlite_full":  # SQLite's own error, committing every step until the file is full
+        disk_full_after(monkeypatch, 0)
+        monkeypatch.setattr(
+            writer, "RunWriter", functools.partial(run_store.RunWriter, commit_every=0)
+        )
+        cause = "OperationalError: database or disk is full"
+    else:  # the OS refuses every write of the store (its first commit is the last flush)
+
+        def no_space(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(run_store.RunWriter, "flush", no_space)
+        cause = f"OSError: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}"
+    rings = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = train_noting_the_ring(tmp_path / "full", rings, epochs=40)
+    (message,) = telemetry_warnings(caught)
+    assert "run store failed at" in message and cause in message and "training goes on" in message
+    assert history["step"].tolist() == list(range(160))
+    run = lm.load_run(tmp_path / "full")
+    steps, losses = run["loss"]
+    np.testing.assert_array_equal(steps, np.arange(len(steps)))
+    np.testing.assert_array_equal(losses, history["loss"][: len(steps)])
+    assert (0 < len(steps) < 160) if how == "sqlite_full" else len(steps) == 0
+    assert run.metadata["status"] == "incomplete"
+    assert (
+        run.metadata["error"].startswith("recording stopped at") and cause in run.metadata["error"]
+    )
+    assert not shm_left(rings[0]) and live_ring(tmp_path / "full") is None
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_store_deleted_or_replaced_under_a_live_run(tmp_path, how):
+    with run_store.RunWriter(tmp_path / "other", {}, {"x": ((), "float32")}) as other:
+        other.append(0, {"x": 1.0})
+    replacement = (tmp_path / "other" / "run.sqlite").read_bytes()
+    run_dir = tmp_path / "runs" / "live"
+    rings = []
+
+    def tamper(epoch, history):
+        if epoch == 1:
+            rings.append(live_ring(run_dir))
+            if how == "deleted":
+                shutil.rmtree(run_dir)
+            else:
+                os.replace(tmp_path / "other" / "run.sqlite", run_dir / "run.sqlite")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = lm.train(
+            learner(),
+            epochs=3,
+            runs_dir=run_dir.parent,
+            run_name="live",
+            on_epoch=tamper,
+            progress=False,
+        )
+    (message,) = telemetry_warnings(caught)
+    assert "deleted or replaced while the run was writing it" in message
+    assert history["step"].tolist() == list(range(12))
+    if how == "deleted":
+        assert not run_dir.exists()
+    else:  # the file put there is read as it is, and left as it was
+        assert (run_dir / "run.sqlite").read_bytes() == replacement
+        assert lm.load_run(run_dir).keys == ["x"]
+    assert not shm_left(rings[0])
