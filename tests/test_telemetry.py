@@ -254,3 +254,108 @@ def test_a_store_deleted_or_replaced_under_a_live_run(tmp_path, how):
         assert (run_dir / "run.sqlite").read_bytes() == replacement
         assert lm.load_run(run_dir).keys == ["x"]
     assert not shm_left(rings[0])
+
+
+STOPPED = textwrap.dedent(
+    """
+    import signal, sys, jax.numpy as jnp, optax, lmd4ml as lm
+    # Ctrl-C raises KeyboardInterrupt as at a terminal, even in a child started in the background.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    data = [(jnp.ones((8, 2)) * (i + 1) / 4, jnp.zeros(8)) for i in range(4)]
+    learner = lm.Learner(jnp.zeros(2), lambda w, b: (b[0] @ w - b[1] - 1) ** 2, data,
+                         optax.sgd(0.01), [lm.Loss(), lm.NormTest()])
+    report = lambda epoch, history: print(learner.steps_done, flush=True)
+    lm.train(learner, epochs=10**6, runs_dir=sys.argv[1], on_epoch=report, progress=False)
+    """
+)
+
+
+def test_sigterm_and_ctrl_c_stop_two_runs_of_one_directory_cleanly(tmp_path):
+    """Two trainings started together in one runs directory, one stopped by SIGTERM, the
+    other by Ctrl-C (SIGINT): each closes its own run as interrupted with every step it
+    reported, warns once, releases its shared memory and exits as the signal asks."""
+    signals = (signal.SIGTERM, signal.SIGINT)
+    # The children import the lmd4ml under test, wherever the working directory is.
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(lm.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    procs = {
+        sig: subprocess.Popen(
+            [sys.executable, "-c", STOPPED, str(tmp_path)],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        for sig in signals
+    }
+    try:
+        reported = {}
+        for sig, proc in procs.items():
+            reported[sig] = next(n for line in proc.stdout if (n := int(line)) >= 40)
+        lives = {p.parent: json.loads(p.read_text()) for p in tmp_path.glob("*/live.json")}
+        run_of = {
+            sig: next(run for run, live in lives.items() if live["pid"] == proc.pid)
+            for sig, proc in procs.items()
+        }
+        for sig, proc in procs.items():
+            os.kill(proc.pid, sig)
+        errors = {sig: proc.communicate(timeout=60)[1] for sig, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    assert procs[signal.SIGTERM].returncode == 128 + signal.SIGTERM
+    assert procs[signal.SIGINT].returncode == -signal.SIGINT  # how Python ends on Ctrl-C
+    assert "KeyboardInterrupt" in errors[signal.SIGINT]
+    assert "Traceback" not in errors[signal.SIGTERM]
+    assert len({run_of[sig] for sig in signals}) == 2
+    for sig, name in zip(signals, ["SIGTERM", "Ctrl-C"], strict=True):
+        assert errors[sig].count(f"lm.train stopped by {name} at step") == 1
+        run = lm.load_run(run_of[sig])
+        assert run.metadata["status"] == "interrupted"
+        steps = run.steps()
+        np.testing.assert_array_equal(steps, np.arange(len(steps)))
+        assert len(steps) >= reported[sig]
+        assert not (run_of[sig] / "live.json").exists()
+    assert not any(shm_left(live["ring"]) for live in lives.values())
+
+
+def loss_fn_1d(w, batch):
+    x, y = batch
+    return (x @ w - y) ** 2
+
+
+@pytest.mark.parametrize(
+    "signum, default, stopping",
+    [
+        (signal.SIGTERM, signal.SIG_DFL, SystemExit),
+        (signal.SIGINT, signal.default_int_handler, KeyboardInterrupt),
+    ],
+)
+def test_a_signal_in_a_recorder_block_stops_at_the_next_log(tmp_path, signum, default, stopping):
+    tx = lm.monitor(optax.sgd(0.1), [lm.Loss()])
+    w, batch = jnp.zeros(2), (jnp.ones((3, 2)), jnp.arange(3.0))
+    state = tx.init(w)
+    previous = signal.signal(signum, default)  # as in a plain process
+    try:
+        with (
+            pytest.raises(stopping) as stop,
+            lm.Recorder(tmp_path, "r", quantities=[lm.Loss()]) as recorder,
+        ):
+            for step in range(10):
+                _, state = tx.update(w, state, w, loss_fn=loss_fn_1d, batch=batch)
+                recorder.log(state)
+                if step == 4:
+                    # Else the signal below would end the test run.
+                    assert signal.getsignal(signum) is not default
+                    os.kill(os.getpid(), signum)
+        assert stopping is KeyboardInterrupt or stop.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signum) is default
+    finally:
+        signal.signal(signum, previous)
+    run = lm.load_run(tmp_path / "r")
+    assert run.metadata["status"] == "interrupted"
+    assert run.steps().tolist() == [0, 1, 2, 3, 4, 5]  # the step under way is recorded
