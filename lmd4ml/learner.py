@@ -26,7 +26,7 @@ from lmd4ml.quantities.base import describe_keys
 from lmd4ml.schedules import Schedule, as_schedule
 from lmd4ml.stats import LossFn, PyTree
 from lmd4ml.step import InstrumentedStep, Metrics, instrument
-from lmd4ml.telemetry.store import new_run_dir
+from lmd4ml.telemetry.store import Run, RunStoreError, load_run, new_run_dir
 from lmd4ml.telemetry.writer import Telemetry, writes_telemetry
 
 
@@ -234,13 +234,15 @@ def warn_if_nonfinite(
     return bool(bad)
 
 
-def _record(learner: Learner, step: int, metrics: Metrics) -> Metrics:
-    """Bring one tracked step's metrics to the host, append them to the history, return them."""
+def _record(learner: Learner, step: int, metrics: Metrics, keep: bool) -> Metrics:
+    """Bring one tracked step's metrics to the host, append them to the history if ``keep``,
+    return them."""
     values = jax.tree.map(np.asarray, jax.device_get(metrics))
-    learner.history["step"].append(step)
-    for key, value in values.items():
-        learner.history[key].append(value)
-        learner.tracked_steps[key].append(step)
+    if keep:
+        learner.history["step"].append(step)
+        for key, value in values.items():
+            learner.history[key].append(value)
+            learner.tracked_steps[key].append(step)
     if learner.first_nonfinite is None and warn_if_nonfinite(
         step, values, stacklevel=4, quantities=learner.step.quantities
     ):
@@ -406,7 +408,8 @@ def train(
     progress: bool = True,
     dashboard: bool | int = False,
     last_batch: Literal["pad", "drop"] = "pad",
-) -> History:
+    history: bool = True,
+) -> History | Run | None:
     """Train ``learner`` for ``epochs`` passes over its batches, tracking its quantities.
 
     Args:
@@ -431,6 +434,10 @@ def train(
         serves every batch and the padding counts for nothing; or ``"drop"`` it. Where the
         loss's samples interact (train-mode BatchNorm), padding would change the real
         samples' losses: such a batch is dropped, with a warning.
+      history: keep every tracked value in memory too, and return them. ``False`` keeps them
+        in the run store only, so that the process's memory stays flat however long it
+        trains (needs ``runs_dir``; ``on_epoch`` then gets a history without this call's
+        values).
 
     Ctrl-C and SIGTERM stop training cleanly at the end of the step under way
     (:class:`StopSignals`; a second one stops at once): every step so far is recorded, the run
@@ -444,12 +451,17 @@ def train(
 
     Returns:
       Every tracked value so far as numpy arrays keyed like ``metrics`` (one row per tracked
-      step), with ``history["step"]`` the steps they were taken at (counted from 0).
+      step), with ``history["step"]`` the steps they were taken at (counted from 0). With
+      ``history=False``, the run written (:func:`lmd4ml.load_run`'s :class:`Run`, which
+      reads its values from the store), or ``None`` if there is none: nothing was tracked,
+      its store was lost, or another process of ``jax.distributed`` writes it.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
     if last_batch not in ("pad", "drop"):
         raise ValueError(f"last_batch must be 'pad' or 'drop', got {last_batch!r}")
+    if not history and runs_dir is None:
+        raise ValueError("history=False keeps the values in the run store only: give a runs_dir")
     shaper = BatchShaper(learner, last_batch)
     due = _due_keys(learner, track_every, schedules or {})
     total = len(learner.batches) * epochs if hasattr(learner.batches, "__len__") else None
@@ -474,7 +486,7 @@ def train(
     def record_pending() -> None:
         nonlocal pending
         if pending is not None:
-            values = _record(learner, *pending)
+            values = _record(learner, *pending, keep=history)
             if telemetry is not None:
                 telemetry.submit(pending[0], values)
             pending = None
@@ -541,4 +553,16 @@ def train(
                     "tracked until then"
                 )
             warnings.warn(message, RuntimeWarning, stacklevel=2)
-    return as_history(learner)
+    if history:
+        return as_history(learner)
+    return _stored(telemetry)
+
+
+def _stored(telemetry: Telemetry | None) -> Run | None:
+    """The run ``telemetry`` wrote, or None where it has none (its store was lost)."""
+    if telemetry is None:
+        return None
+    try:
+        return load_run(telemetry.run_dir)
+    except RunStoreError:
+        return None

@@ -162,6 +162,24 @@ def test_sigkill_keeps_the_run_and_leaves_no_shared_memory(tmp_path):
     assert not shm_left(ring)
 
 
+def test_history_false_keeps_the_values_in_the_store_only(tmp_path):
+    it = learner()
+    run = lm.train(it, epochs=2, runs_dir=tmp_path, run_name="r", history=False, progress=False)
+    assert isinstance(run, lm.Run) and run.path == tmp_path / "r"
+    assert run.metadata["status"] == "finished" and dict(it.history) == {}
+    expected = lm.train(learner(), epochs=2, runs_dir=None, progress=False)
+    for key in ("loss", "grad_hist_1d"):
+        steps, values = run[key]
+        np.testing.assert_array_equal(steps, expected["step"])
+        np.testing.assert_array_equal(values, expected[key])
+    untracked = lm.train(
+        it, track_every=lambda step: False, runs_dir=tmp_path, history=False, progress=False
+    )
+    assert untracked is None  # nothing tracked: no run
+    with pytest.raises(ValueError, match="give a runs_dir"):
+        lm.train(it, runs_dir=None, history=False)
+
+
 def telemetry_warnings(caught: list) -> list[str]:
     return [str(w.message) for w in caught if "lmd4ml telemetry" in str(w.message)]
 
@@ -265,7 +283,8 @@ STOPPED = textwrap.dedent(
     learner = lm.Learner(jnp.zeros(2), lambda w, b: (b[0] @ w - b[1] - 1) ** 2, data,
                          optax.sgd(0.01), [lm.Loss(), lm.NormTest()])
     report = lambda epoch, history: print(learner.steps_done, flush=True)
-    lm.train(learner, epochs=10**6, runs_dir=sys.argv[1], on_epoch=report, progress=False)
+    lm.train(learner, epochs=10**6, runs_dir=sys.argv[1], on_epoch=report, progress=False,
+             history=False)
     """
 )
 
