@@ -419,6 +419,34 @@ def _check_file(db: pathlib.Path) -> None:
         )
 
 
+def _check_version(db: pathlib.Path, version: Any) -> None:
+    """``RunStoreError`` naming ``version`` unless this lmd4ml reads it."""
+    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+        raise RunStoreError(
+            f"{db}: run format version {version}, written by a newer lmd4ml; this one reads "
+            f"versions up to {VERSION} (upgrade lmd4ml to read it)"
+        )
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RunStoreError(
+            f"{db}: damaged, its run format version {version!r} is none that lmd4ml wrote"
+        )
+
+
+def _field(db: pathlib.Path, name: str, shape: str, dtype: str) -> tuple[tuple[int, ...], np.dtype]:
+    """A field's shape and dtype as its file records them; ``RunStoreError`` unless values
+    of them can be read as arrays (a plain dtype, a shape of at most 32 sizes)."""
+    sizes, kind = json.loads(shape), np.dtype(dtype)
+    plain = not (kind.hasobject or kind.fields or kind.subdtype or kind.itemsize == 0)
+    if not (
+        plain
+        and isinstance(sizes, list)
+        and len(sizes) <= 32
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes)
+    ):
+        raise RunStoreError(f"{db}: damaged, field {name!r} has shape {shape} and dtype {dtype}")
+    return tuple(sizes), kind
+
+
 def _open(path: str | os.PathLike) -> tuple[Run, int]:
     """The run at ``path`` and its number of steps."""
     path = pathlib.Path(path)
@@ -434,17 +462,14 @@ def _open(path: str | os.PathLike) -> tuple[Run, int]:
         meta = {key: json.loads(value) for key, value in conn.execute("SELECT * FROM meta")}
         if meta.get("format") != FORMAT:
             raise RunStoreError(f"{db}: not an lmd4ml run (format {meta.get('format')!r})")
-        if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
-            raise RunStoreError(
-                f"{db}: run format version {meta.get('version')!r}; this lmd4ml reads {VERSION}"
-            )
+        _check_version(db, meta.get("version"))
         missing = [key for key in (*_RUN_KEYS, "metadata") if key not in meta]
         if missing:
             raise RunStoreError(f"{db}: damaged, its run metadata lacks {missing}")
         if not isinstance(meta["start_time"], int | float):
             raise RunStoreError(f"{db}: damaged, its start_time is {meta['start_time']!r}")
         layout = {
-            name: (idx, tuple(json.loads(shape)), np.dtype(dtype))
+            name: (idx, *_field(db, name, shape, dtype))
             for idx, name, shape, dtype in conn.execute("SELECT * FROM fields ORDER BY idx")
         }
         missing = [name for name, (idx, _, _) in layout.items() if f"v{idx}" not in tables]
