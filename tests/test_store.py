@@ -76,6 +76,44 @@ def test_round_trip(tmp_path):
     assert load_run(run_dir / "run.sqlite").keys == run.keys
 
 
+def test_thin_reads_rows_spread_over_the_steps(finished_run):
+    run = load_run(finished_run)
+    assert run.shapes == {key: shape for key, (shape, _) in FIELDS.items()}
+    all_steps, all_values = run["grad_hist_1d"]  # tracked at even steps
+    steps, values = run.thin("grad_hist_1d", 5)
+    assert steps[0] == 0 and steps[-1] == 1998 and len(steps) == 5
+    assert np.all(np.diff(steps) > 300)  # spread, not bunched
+    np.testing.assert_array_equal(values, all_values[np.searchsorted(all_steps, steps)])
+    assert run.thin("loss", 10_000)[0].tolist() == list(range(2000))  # n above its steps: all
+    with pytest.raises(ValueError, match="at least 2"):
+        run.thin("loss", 1)
+
+
+def test_read_in_step_order_whatever_order_sqlite_scans_in(finished_run, monkeypatch):
+    expected = {key: load_run(finished_run)[key] for key in FIELDS}
+    connect = sqlite3.connect
+
+    def reversed_scans(*args, **kwargs):
+        conn = connect(*args, **kwargs)
+        conn.execute("PRAGMA reverse_unordered_selects = ON")  # SQL promises no order
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", reversed_scans)
+    run = load_run(finished_run)
+    np.testing.assert_array_equal(run.steps(), np.arange(2000))
+    for key, (steps, values) in expected.items():
+        np.testing.assert_array_equal(run[key][0], steps)
+        np.testing.assert_array_equal(run[key][1], values)
+
+
+def test_a_field_never_tracked_reads_empty(tmp_path):
+    with RunWriter(tmp_path, {}, FIELDS) as writer:
+        writer.append(0, {"loss": 1.0})
+    run = load_run(tmp_path)
+    for read in (run["grad_hist_1d"], run.thin("grad_hist_1d", 4)):
+        assert read[0].shape == (0,) and read[1].shape == (0, 100)
+
+
 def test_metadata(tmp_path):
     metadata = {
         "config": {"lr": 1e-3, "layers": (64, 10)},
