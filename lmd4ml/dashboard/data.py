@@ -99,11 +99,14 @@ def ema(values: np.ndarray, weight: float, before: np.ndarray | None = None) -> 
     if not weight < 1:
         raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
     log_w, start = math.log(weight), 0 if before is None else len(before)
-    # The debiased average is mₜ / (1 - wᵗ⁺¹); 1 - wᵗ⁺¹ through expm1: as exact, and many
-    # times faster than a power per step.
+    # The debiased average is mₜ / (1 - wᵗ⁺¹), with 1 - wᵗ⁺¹ through expm1: as exact, and
+    # many times faster than a power per step. It is 1.0 in float64 once wᵗ⁺¹ < 2⁻⁵⁴, after
+    # 38 / -ln w steps: only those before are divided.
     carry = before[-1] * -math.expm1(start * log_w) if start else 0.0
     averages, _ = scipy.signal.lfilter([1 - weight], [1, -weight], values, zi=[weight * carry])
-    return averages / -np.expm1(np.arange(start + 1.0, start + len(values) + 1) * log_w)
+    biased = min(len(values), max(0, math.ceil(38 / -log_w) - start))
+    averages[:biased] /= -np.expm1(np.arange(start + 1.0, start + biased + 1) * log_w)
+    return averages
 
 
 def process_alive(pid: object) -> bool:
