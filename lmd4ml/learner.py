@@ -329,6 +329,8 @@ class StopSignals:
     The first signal puts the previous handlers back, so that a second one acts at once
     (on a step or a data loader that does not end). Only in the main thread, and only for
     signals whose handler is Python's default; a handler of the user's own is left alone.
+    Not under ``jax.distributed``: a process that stopped a step after another would wait for
+    it in that step's collectives forever.
     """
 
     def __init__(self) -> None:
@@ -336,7 +338,7 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
             defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
             for signum, default in defaults.items():
                 if signal.getsignal(signum) is default:
@@ -443,7 +445,8 @@ def train(
     (:class:`StopSignals`; a second one stops at once): every step so far is recorded, the run
     is closed as "interrupted" and its shared memory released, with one warning; then Ctrl-C's
     ``KeyboardInterrupt`` goes on up, and SIGTERM's :class:`Terminated` (a ``SystemExit``)
-    ends the process with status 143 unless caught.
+    ends the process with status 143 unless caught. Under ``jax.distributed`` both keep
+    their default action.
 
     Under ``jax.distributed`` every process calls ``train`` on its share of each global batch
     and gets the same history; only process 0 writes the run, serves the dashboard and shows
