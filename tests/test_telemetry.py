@@ -54,6 +54,13 @@ def shm_left(name: str) -> bool:
     return Path("/dev/shm", name).exists()
 
 
+def child_env() -> dict[str, str]:
+    """The environment for a child process that imports the lmd4ml under test, wherever the
+    working directory is (an installed lmd4ml may be another checkout)."""
+    paths = [str(Path(lm.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def test_train_writes_a_run_equal_to_its_history(tmp_path):
     history = lm.train(
         learner(), epochs=3, track_every=2, runs_dir=tmp_path, run_name="r1", progress=False
@@ -138,7 +145,7 @@ KILLED = textwrap.dedent(
 
 
 def test_sigkill_keeps_the_run_and_leaves_no_shared_memory(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path)])
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path)], env=child_env())
     live = tmp_path / "killed" / "live.json"
     try:
         deadline = time.monotonic() + 60
@@ -294,20 +301,13 @@ def test_sigterm_and_ctrl_c_stop_two_runs_of_one_directory_cleanly(tmp_path):
     other by Ctrl-C (SIGINT): each closes its own run as interrupted with every step it
     reported, warns once, releases its shared memory and exits as the signal asks."""
     signals = (signal.SIGTERM, signal.SIGINT)
-    # The children import the lmd4ml under test, wherever the working directory is.
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            [str(Path(lm.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
     procs = {
         sig: subprocess.Popen(
             [sys.executable, "-c", STOPPED, str(tmp_path)],
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=env,
+            env=child_env(),
         )
         for sig in signals
     }
