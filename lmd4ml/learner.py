@@ -237,7 +237,9 @@ def warn_if_nonfinite(
 def _record(learner: Learner, step: int, metrics: Metrics, keep: bool) -> Metrics:
     """Bring one tracked step's metrics to the host, append them to the history if ``keep``,
     return them."""
-    values = jax.tree.map(np.asarray, jax.device_get(metrics))
+    # Copies: on CPU device_get's arrays are views of XLA's buffers, which a history held at
+    # about 15 KB a step of the economy preset, against 2 KB for arrays of their own.
+    values = jax.tree.map(np.array, jax.device_get(metrics))
     if keep:
         learner.history["step"].append(step)
         for key, value in values.items():

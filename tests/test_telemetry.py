@@ -14,6 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -185,6 +186,13 @@ def test_history_false_keeps_the_values_in_the_store_only(tmp_path):
     assert untracked is None  # nothing tracked: no run
     with pytest.raises(ValueError, match="give a runs_dir"):
         lm.train(it, runs_dir=None, history=False)
+
+
+def test_the_history_holds_arrays_of_its_own():
+    it = learner()
+    lm.train(it, runs_dir=None, progress=False)
+    rows = [row for key in ("loss", "per_layer") for row in it.history[key]]
+    assert all(leaf.base is None for leaf in jax.tree.leaves(rows))  # not views of XLA's
 
 
 def telemetry_warnings(caught: list) -> list[str]:
