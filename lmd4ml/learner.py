@@ -6,6 +6,8 @@ import collections
 import importlib.metadata
 import os
 import platform
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,7 +26,7 @@ from lmd4ml.quantities.base import describe_keys
 from lmd4ml.schedules import Schedule, as_schedule
 from lmd4ml.stats import LossFn, PyTree
 from lmd4ml.step import InstrumentedStep, Metrics, instrument
-from lmd4ml.telemetry.store import new_run_dir
+from lmd4ml.telemetry.store import Run, RunStoreError, load_run, new_run_dir
 from lmd4ml.telemetry.writer import Telemetry, writes_telemetry
 
 
@@ -239,13 +241,15 @@ def warn_if_nonfinite(
     return bool(bad)
 
 
-def _record(learner: Learner, step: int, metrics: Metrics) -> Metrics:
-    """Bring one tracked step's metrics to the host, append them to the history, return them."""
+def _record(learner: Learner, step: int, metrics: Metrics, keep: bool) -> Metrics:
+    """Bring one tracked step's metrics to the host, append them to the history if ``keep``,
+    return them."""
     values = stats.to_host(metrics)
-    learner.history["step"].append(step)
-    for key, value in values.items():
-        learner.history[key].append(value)
-        learner.tracked_steps[key].append(step)
+    if keep:
+        learner.history["step"].append(step)
+        for key, value in values.items():
+            learner.history[key].append(value)
+            learner.tracked_steps[key].append(step)
     if learner.first_nonfinite is None and warn_if_nonfinite(
         step, values, stacklevel=4, quantities=learner.step.quantities
     ):
@@ -316,6 +320,59 @@ def run_metadata(learner: Learner, config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+class Terminated(SystemExit):
+    """SIGTERM (a scheduler's stop, ``kill``) arrived while a run recorded: it stops between
+    steps, is closed as "interrupted", and, uncaught, the process exits with status 143
+    (128 + SIGTERM), as the signal would have ended it."""
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM, while a loop records a run, acted on between its steps.
+
+    Raised by Python's own handler, ``KeyboardInterrupt`` lands wherever the main thread is:
+    halfway through recording a step, or in JAX's garbage-collection callback, which
+    swallows it (jax-ml/jax#18246). Here the handlers only note the signal, and
+    :meth:`check`, called between steps, raises ``KeyboardInterrupt`` or :class:`Terminated`.
+    The first signal puts the previous handlers back, so that a second one acts at once
+    (on a step or a data loader that does not end). Only in the main thread, and only for
+    signals whose handler is Python's default; a handler of the user's own is left alone.
+    Not under ``jax.distributed``: a process that stopped a step after another would wait for
+    it in that step's collectives forever.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+            defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+            for signum, default in defaults.items():
+                if signal.getsignal(signum) is default:
+                    self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def check(self) -> None:
+        """Raise for the signal received since the last call, if any."""
+        signum, self.received = self.received, None
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if signum == signal.SIGTERM:
+            raise Terminated(128 + signum)
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+
 def serve_dashboard(runs_dir: str | os.PathLike | None, dashboard: bool | int) -> None:
     """Serve the dashboard of ``runs_dir`` from a process of its own (``True``: port 8050);
     under ``jax.distributed``, from process 0 only."""
@@ -361,7 +418,8 @@ def train(
     progress: bool = True,
     dashboard: bool | int = False,
     last_batch: Literal["pad", "drop"] = "pad",
-) -> History:
+    history: bool = True,
+) -> History | Run | None:
     """Train ``learner`` for ``epochs`` passes over its batches, tracking its quantities.
 
     Args:
@@ -386,6 +444,17 @@ def train(
         serves every batch and the padding counts for nothing; or ``"drop"`` it. Where the
         loss's samples interact (train-mode BatchNorm), padding would change the real
         samples' losses: such a batch is dropped, with a warning.
+      history: keep every tracked value in memory too, and return them. ``False`` keeps them
+        in the run store only, so that the process's memory stays flat however long it
+        trains (needs ``runs_dir``; ``on_epoch`` then gets a history without this call's
+        values).
+
+    Ctrl-C and SIGTERM stop training cleanly at the end of the step under way
+    (:class:`StopSignals`; a second one stops at once): every step so far is recorded, the run
+    is closed as "interrupted" and its shared memory released, with one warning; then Ctrl-C's
+    ``KeyboardInterrupt`` goes on up, and SIGTERM's :class:`Terminated` (a ``SystemExit``)
+    ends the process with status 143 unless caught. Under ``jax.distributed`` both keep
+    their default action.
 
     Under ``jax.distributed`` every process calls ``train`` on its share of each global batch
     and gets the same history; only process 0 writes the run, serves the dashboard and shows
@@ -393,7 +462,10 @@ def train(
 
     Returns:
       Every tracked value so far as numpy arrays keyed like ``metrics`` (one row per tracked
-      step), with ``history["step"]`` the steps they were taken at (counted from 0).
+      step), with ``history["step"]`` the steps they were taken at (counted from 0). With
+      ``history=False``, the run written (:func:`lmd4ml.load_run`'s :class:`Run`, which
+      reads its values from the store), or ``None`` if there is none: nothing was tracked,
+      its store was lost, or another process of ``jax.distributed`` writes it.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
@@ -404,6 +476,8 @@ def train(
             "schedules must be a mapping from quantity key to schedule, e.g. "
             f"{{'hess_max_ev': 16}}; got {type(schedules).__name__}"
         )
+    if not history and runs_dir is None:
+        raise ValueError("history=False keeps the values in the run store only: give a runs_dir")
     shaper = BatchShaper(learner, last_batch)
     due = _due_keys(learner, track_every, schedules or {})
     total = len(learner.batches) * epochs if hasattr(learner.batches, "__len__") else None
@@ -428,48 +502,57 @@ def train(
     def record_pending() -> None:
         nonlocal pending
         if pending is not None:
-            values = _record(learner, *pending)
+            values = _record(learner, *pending, keep=history)
             if telemetry is not None:
                 telemetry.submit(pending[0], values)
             pending = None
 
+    stopped_by = None
     try:
-        for epoch in range(epochs):
-            n_batches = 0
-            for batch in learner.batches:
-                batch, mask = shaper(batch)
-                if batch is None:  # a short batch, dropped
-                    continue
-                step = learner.steps_done
-                track = due(step)
-                if track and telemetry is None and runs_dir is not None:
-                    telemetry = _open_telemetry(learner, batch, runs_dir, run_name, config, mask)
-                learner.state, metrics, loss = learner.step.step_with_loss(
-                    learner.state, batch, track=track, mask=mask
-                )
-                # Fetch the previous tracked step only now, so the host never waits on the
-                # step it just dispatched.
-                record_pending()
-                pending = (step, metrics) if metrics else None
-                if last_loss is not None and time.monotonic() - shown > 0.25:
-                    bar.set_postfix(loss=f"{float(last_loss):.4g}", refresh=False)
-                    shown = time.monotonic()
-                last_loss = loss
-                learner.steps_done += 1
-                n_batches += 1
-                bar.update()
-            if n_batches == 0:
-                raise ValueError(
-                    "batches yielded nothing"
-                    + (" in epoch 1" if epoch == 0 else f" in epoch {epoch + 1}: it was exhausted")
-                    + "; pass a re-iterable such as a list, or an object whose __iter__ starts over"
-                )
-            if on_epoch is not None:
-                record_pending()
-                on_epoch(epoch + 1, as_history(learner))
+        with StopSignals() as stop:
+            for epoch in range(epochs):
+                n_batches = 0
+                for batch in learner.batches:
+                    stop.check()
+                    batch, mask = shaper(batch)
+                    if batch is None:  # a short batch, dropped
+                        continue
+                    step = learner.steps_done
+                    track = due(step)
+                    if track and telemetry is None and runs_dir is not None:
+                        telemetry = _open_telemetry(
+                            learner, batch, runs_dir, run_name, config, mask
+                        )
+                    learner.state, metrics, loss = learner.step.step_with_loss(
+                        learner.state, batch, track=track, mask=mask
+                    )
+                    # Fetch the previous tracked step only now, so the host never waits on the
+                    # step it just dispatched.
+                    record_pending()
+                    pending = (step, metrics) if metrics else None
+                    if last_loss is not None and time.monotonic() - shown > 0.25:
+                        bar.set_postfix(loss=f"{float(last_loss):.4g}", refresh=False)
+                        shown = time.monotonic()
+                    last_loss = loss
+                    learner.steps_done += 1
+                    n_batches += 1
+                    bar.update()
+                if n_batches == 0:
+                    where = (
+                        "in epoch 1" if epoch == 0 else f"in epoch {epoch + 1}: it was exhausted"
+                    )
+                    raise ValueError(
+                        f"batches yielded nothing {where}; pass a re-iterable such as a list, or "
+                        "an object whose __iter__ starts over"
+                    )
+                if on_epoch is not None:
+                    record_pending()
+                    on_epoch(epoch + 1, as_history(learner))
+            stop.check()  # a signal after the last step is not lost
         status = "finished"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:
         status = "interrupted"
+        stopped_by = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
         raise
     finally:
         record_pending()
@@ -478,4 +561,24 @@ def train(
         if last_loss is not None:
             bar.set_postfix(loss=f"{float(last_loss):.4g}", refresh=False)
         bar.close()
-    return as_history(learner)
+        if stopped_by is not None:
+            message = f"lm.train stopped by {stopped_by} at step {learner.steps_done}"
+            if telemetry is not None:
+                message += (
+                    f": the run {telemetry.run_dir} is closed as interrupted, with the steps "
+                    "tracked until then"
+                )
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+    if history:
+        return as_history(learner)
+    return _stored(telemetry)
+
+
+def _stored(telemetry: Telemetry | None) -> Run | None:
+    """The run ``telemetry`` wrote, or None where it has none (its store was lost)."""
+    if telemetry is None:
+        return None
+    try:
+        return load_run(telemetry.run_dir)
+    except RunStoreError:
+        return None

@@ -27,7 +27,13 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from lmd4ml import protocol, stats
-from lmd4ml.learner import base_metadata, serve_dashboard, warn_if_nonfinite
+from lmd4ml.learner import (
+    StopSignals,
+    Terminated,
+    base_metadata,
+    serve_dashboard,
+    warn_if_nonfinite,
+)
 from lmd4ml.quantities import Quantity
 from lmd4ml.stats import DataAxis, PyTree, sharding
 from lmd4ml.step import (
@@ -410,7 +416,9 @@ class Recorder:
     :mod:`lmd4ml.telemetry.writer`; values are fetched from the device one call late, so the
     loop never waits for the step it just dispatched. The run (``runs_dir/<run>``, see
     :func:`lmd4ml.load_run`) opens at the first tracked update; ``close`` (or leaving the
-    ``with`` block) writes what is left and marks it finished, failed or interrupted. The first
+    ``with`` block) writes what is left and marks it finished, failed or interrupted. Within
+    the block, Ctrl-C and SIGTERM stop the loop at the next ``log`` (a second one at once),
+    as ``lm.train`` stops between steps (:class:`~lmd4ml.learner.StopSignals`). The first
     NaN or Inf recorded raises one ``RuntimeWarning`` naming its step and keys. Under
     ``jax.distributed`` only process 0 records; on the others ``log`` does nothing.
 
@@ -455,6 +463,7 @@ class Recorder:
         self._last_step = -1
         self._warned_nonfinite = False
         self._writes = writes_telemetry()
+        self._signals = StopSignals()
         serve_dashboard(runs_dir, dashboard)
 
     @property
@@ -464,10 +473,10 @@ class Recorder:
 
     def log(self, state: Any) -> None:
         """Record the monitor's values in ``state`` if they are from a newly tracked update."""
-        if not self._writes:
-            return
-        self._flush()
-        self._pending = _read(state)
+        if self._writes:
+            self._flush()
+            self._pending = _read(state)
+        self._signals.check()
 
     def _flush(self) -> None:
         if self._pending is None:
@@ -499,10 +508,19 @@ class Recorder:
                 self.telemetry.close(status)
 
     def __enter__(self) -> Recorder:
+        self._signals.__enter__()
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+        self._signals.__exit__()  # a second signal while closing acts at once
         if kind is None:
+            try:
+                self._signals.check()  # one that came after the last log is not lost
+            except (KeyboardInterrupt, Terminated):
+                self.close("interrupted")
+                raise
             self.close("finished")
+        elif issubclass(kind, KeyboardInterrupt | Terminated):
+            self.close("interrupted")
         else:
-            self.close("interrupted" if issubclass(kind, KeyboardInterrupt) else "failed")
+            self.close("failed")

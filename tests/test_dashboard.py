@@ -17,7 +17,14 @@ from dash import Patch, no_update
 
 import lmd4ml as lm
 from lmd4ml.dashboard import app, cli, figure
-from lmd4ml.dashboard.data import RunCache, RunData, ema, minmax_indices
+from lmd4ml.dashboard.data import (
+    VECTOR_ROWS,
+    RunCache,
+    RunData,
+    _Column,
+    ema,
+    minmax_indices,
+)
 from lmd4ml.dashboard.panels import plan
 from lmd4ml.telemetry.store import RunWriter, new_run_dir
 from lmd4ml.telemetry.writer import Telemetry
@@ -72,6 +79,26 @@ def test_ema_matches_the_recurrence():
     np.testing.assert_array_equal(ema(x, 0.0), x)
     with pytest.raises(ValueError, match="smoothing"):
         ema(x, 1.0)
+    head = ema(x[:3000], 0.97)  # continued where it stopped, it is the same
+    np.testing.assert_allclose(ema(x[3000:], 0.97, before=head), expected[3000:], rtol=1e-9)
+
+
+def test_a_long_runs_histogram_is_read_at_steps_spread_over_it(tmp_path):
+    fake_run(tmp_path, "long", {"loss": (), "grad_hist_1d": (5,)}, 2 * VECTOR_ROWS)
+    run = RunData(tmp_path / "long")
+    assert run.columns["loss"].n == 2 * VECTOR_ROWS
+    hist = run.columns["grad_hist_1d"]
+    assert hist.n == VECTOR_ROWS and hist.steps[-1] == 2 * VECTOR_ROWS - 1
+    assert set(np.diff(hist.steps)) <= {1, 2, 3}  # spread evenly, the last included
+
+
+def test_a_growing_column_smooths_its_new_steps_on():
+    x = np.random.default_rng(2).normal(size=3000)
+    column = _Column(np.arange(1000), x[:1000].copy())
+    np.testing.assert_allclose(column.smoothed(0.9), ema(x[:1000], 0.9))
+    column.extend(np.arange(1000, 3000), x[1000:])
+    np.testing.assert_allclose(column.smoothed(0.9), ema(x, 0.9), rtol=1e-12)
+    np.testing.assert_allclose(column.smoothed(0.5), ema(x, 0.5), rtol=1e-12)
 
 
 def test_cockpit_keys_go_to_their_groups():

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import lmd4ml as lm
-from lmd4ml.dashboard.data import even_indices, minmax_indices
+from lmd4ml.dashboard.data import minmax_indices, spread_indices
 from lmd4ml.dashboard.figure import HEATMAP_BUDGET, LINE_BUDGET
 
 playwright = pytest.importorskip("playwright.sync_api")
@@ -158,7 +158,7 @@ def expected(run_dir: Path) -> dict[tuple[str, str], int]:
             if kind == "bar":
                 out[field, kind] = 20
             elif kind == "heatmap":
-                out[field, kind] = len(even_indices(len(steps), HEATMAP_BUDGET))
+                out[field, kind] = len(spread_indices(steps, HEATMAP_BUDGET))
             else:
                 out[field, kind] = len(minmax_indices(values.astype(float), LINE_BUDGET))
     out["grad_a", "heatmap"] = 3  # a 2×3 matrix: its latest value as an image, 3 columns

@@ -1,18 +1,22 @@
-"""The run store: round trips, live reading, durability under SIGKILL, damaged files."""
+"""The run store: round trips, live reading, durability under SIGKILL, a full disk, a file
+deleted or replaced while written, damaged files."""
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
+from lmd4ml.telemetry import store
 from lmd4ml.telemetry.store import (
     RunStoreError,
     RunWriter,
@@ -71,6 +75,44 @@ def test_round_trip(tmp_path):
         expected = np.array([_values(s)[key] for s in expected_steps], dtype)
         np.testing.assert_array_equal(values, expected)  # NaN included, bit for bit
     assert load_run(run_dir / "run.sqlite").keys == run.keys
+
+
+def test_thin_reads_rows_spread_over_the_steps(finished_run):
+    run = load_run(finished_run)
+    assert run.shapes == {key: shape for key, (shape, _) in FIELDS.items()}
+    all_steps, all_values = run["grad_hist_1d"]  # tracked at even steps
+    steps, values = run.thin("grad_hist_1d", 5)
+    assert steps[0] == 0 and steps[-1] == 1998 and len(steps) == 5
+    assert np.all(np.diff(steps) > 300)  # spread, not bunched
+    np.testing.assert_array_equal(values, all_values[np.searchsorted(all_steps, steps)])
+    assert run.thin("loss", 10_000)[0].tolist() == list(range(2000))  # n above its steps: all
+    with pytest.raises(ValueError, match="at least 2"):
+        run.thin("loss", 1)
+
+
+def test_read_in_step_order_whatever_order_sqlite_scans_in(finished_run, monkeypatch):
+    expected = {key: load_run(finished_run)[key] for key in FIELDS}
+    connect = sqlite3.connect
+
+    def reversed_scans(*args, **kwargs):
+        conn = connect(*args, **kwargs)
+        conn.execute("PRAGMA reverse_unordered_selects = ON")  # SQL promises no order
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", reversed_scans)
+    run = load_run(finished_run)
+    np.testing.assert_array_equal(run.steps(), np.arange(2000))
+    for key, (steps, values) in expected.items():
+        np.testing.assert_array_equal(run[key][0], steps)
+        np.testing.assert_array_equal(run[key][1], values)
+
+
+def test_a_field_never_tracked_reads_empty(tmp_path):
+    with RunWriter(tmp_path, {}, FIELDS) as writer:
+        writer.append(0, {"loss": 1.0})
+    run = load_run(tmp_path)
+    for read in (run["grad_hist_1d"], run.thin("grad_hist_1d", 4)):
+        assert read[0].shape == (0,) and read[1].shape == (0, 100)
 
 
 def test_metadata(tmp_path):
@@ -139,6 +181,14 @@ def test_new_run_dir(tmp_path):
         new_run_dir(tmp_path, "../escape")
 
 
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.setattr(store.time, "strftime", lambda _: "20261201-120000")
+    suffixes = iter(["abcd", "abcd", "ef01"])  # the second run draws the first's suffix
+    monkeypatch.setattr(store.secrets, "token_hex", lambda _: next(suffixes))
+    first, second = new_run_dir(tmp_path), new_run_dir(tmp_path)
+    assert (first.name, second.name) == ("20261201-120000-abcd", "20261201-120000-ef01")
+
+
 def test_list_runs(tmp_path, finished_run):
     for name in ["b", "a", "c"]:  # started in this order, not the alphabetical one
         with RunWriter(new_run_dir(tmp_path, name), {"name_of": name}, FIELDS) as writer:
@@ -166,6 +216,32 @@ def test_buffered_until_commit(tmp_path):
     with RunWriter(tmp_path / "eager", {}, FIELDS, commit_every=0) as writer:
         writer.append(0, _values(0))
         assert load_run(tmp_path / "eager").steps().tolist() == [0]
+
+
+def test_a_commit_is_quick_behind_a_busy_thread(tmp_path):
+    """A few statements per commit, not one per row: each hands the GIL back and forth, and
+    behind a thread that keeps it (a training loop) 2000 steps took seconds to commit."""
+    writer = RunWriter(tmp_path, {}, FIELDS, commit_every=3600)
+    for step in range(2000):
+        writer.append(step, _values(step))
+    done = threading.Event()
+
+    def busy():
+        while not done.is_set():
+            pass
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        start = time.perf_counter()
+        writer.flush()
+        seconds = time.perf_counter() - start
+    finally:
+        done.set()
+        thread.join()
+    writer.close()
+    assert seconds < 1.0, f"2000 steps took {seconds:.1f} s to commit"
+    assert load_run(tmp_path).steps().tolist() == list(range(2000))
 
 
 READER = """
@@ -236,6 +312,73 @@ def test_sigkill_keeps_a_prefix(tmp_path):
     np.testing.assert_array_equal(hist_steps, steps)
     np.testing.assert_array_equal(loss, steps)
     np.testing.assert_array_equal(hist, np.repeat(steps[:, None], 100, axis=1))
+
+
+def disk_full_after(monkeypatch, pages: int) -> None:
+    """SQLite's own "database or disk is full" (SQLITE_FULL) once a run file would grow
+    ``pages`` pages beyond its size when opened, as on a disk that filled up."""
+    connect = store._connect
+
+    def limited(path: pathlib.Path) -> sqlite3.Connection:
+        conn = connect(path)
+        if pathlib.Path(path).name == store.DB_NAME:
+            (size,) = conn.execute("PRAGMA page_count").fetchone()
+            conn.execute(f"PRAGMA max_page_count = {size + pages}")
+        return conn
+
+    monkeypatch.setattr(store, "_connect", limited)
+
+
+def test_a_full_disk_keeps_the_committed_steps(tmp_path, monkeypatch):
+    disk_full_after(monkeypatch, 2)
+    writer = RunWriter(tmp_path / "run", {}, FIELDS, commit_every=0)
+    with pytest.raises(sqlite3.OperationalError, match="database or disk is full") as full:
+        for step in range(1000):
+            writer.append(step, _values(step))
+    assert full.value.__context__ is None  # not hidden behind a failed ROLLBACK
+    assert writer.abandon(f"recording stopped at step {step} (disk full)")
+    run = load_run(tmp_path / "run")
+    assert run.steps().tolist() == list(range(step))  # every step committed before
+    assert run.metadata["status"] == "incomplete"
+    assert run.metadata["error"] == f"recording stopped at step {step} (disk full)"
+    assert run.metadata["end_time"] >= run.metadata["start_time"]
+    assert list_runs(tmp_path)[0]["error"] == run.metadata["error"]
+    assert not writer.abandon("again")  # closed: nothing more happens
+    writer.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_file_deleted_or_replaced_while_written_is_left_alone(tmp_path, finished_run, how):
+    writer = RunWriter(tmp_path / "run", {}, FIELDS, commit_every=3600)
+    writer.append(0, _values(0))
+    writer.flush()
+    path = tmp_path / "run" / "run.sqlite"
+    if how == "deleted":
+        shutil.rmtree(tmp_path / "run")
+    else:
+        shutil.copy(f"{finished_run}/run.sqlite", tmp_path / "other.sqlite")
+        os.replace(tmp_path / "other.sqlite", path)
+    replacement = path.read_bytes() if how == "replaced" else None
+    writer.append(1, _values(1))
+    with pytest.raises(RunStoreError, match="deleted or replaced while the run was writing it"):
+        writer.flush()
+    assert not writer.abandon("lost")
+    if how == "deleted":
+        assert not (tmp_path / "run").exists()
+    else:  # the run now there is not touched
+        assert path.read_bytes() == replacement
+        assert load_run(path).metadata["status"] == "finished"
+        assert len(load_run(path).steps()) == 2000
+
+
+def test_a_failed_start_leaves_no_file_behind(tmp_path, monkeypatch):
+    def full(*args):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "_initialise", full)
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        RunWriter(tmp_path, {}, FIELDS)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _damage(path, how: str) -> None:

@@ -1,21 +1,29 @@
-"""Telemetry end to end: what lm.train writes, and what survives a failure or a kill."""
+"""Telemetry end to end: what lm.train writes, and what survives a failure, a full disk, a
+store deleted under it, SIGTERM, Ctrl-C or a kill."""
 
+import errno
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_store import disk_full_after
 
 import lmd4ml as lm
 from lmd4ml.telemetry import store as run_store
+from lmd4ml.telemetry import writer
 from lmd4ml.telemetry.ring import RingReader, RingWriter, ring_name
 from lmd4ml.telemetry.writer import live_ring
 
@@ -45,6 +53,13 @@ def learner() -> lm.Learner:
 
 def shm_left(name: str) -> bool:
     return Path("/dev/shm", name).exists()
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child process that imports the lmd4ml under test, wherever the
+    working directory is (an installed lmd4ml may be another checkout)."""
+    paths = [str(Path(lm.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def test_train_writes_a_run_equal_to_its_history(tmp_path):
@@ -131,7 +146,7 @@ KILLED = textwrap.dedent(
 
 
 def test_sigkill_keeps_the_run_and_leaves_no_shared_memory(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path)])
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path)], env=child_env())
     live = tmp_path / "killed" / "live.json"
     try:
         deadline = time.monotonic() + 60
@@ -153,3 +168,221 @@ def test_sigkill_keeps_the_run_and_leaves_no_shared_memory(tmp_path):
     while shm_left(ring) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not shm_left(ring)
+
+
+def test_history_false_keeps_the_values_in_the_store_only(tmp_path):
+    it = learner()
+    run = lm.train(it, epochs=2, runs_dir=tmp_path, run_name="r", history=False, progress=False)
+    assert isinstance(run, lm.Run) and run.path == tmp_path / "r"
+    assert run.metadata["status"] == "finished" and dict(it.history) == {}
+    expected = lm.train(learner(), epochs=2, runs_dir=None, progress=False)
+    for key in ("loss", "grad_hist_1d"):
+        steps, values = run[key]
+        np.testing.assert_array_equal(steps, expected["step"])
+        np.testing.assert_array_equal(values, expected[key])
+    untracked = lm.train(
+        it, track_every=lambda step: False, runs_dir=tmp_path, history=False, progress=False
+    )
+    assert untracked is None  # nothing tracked: no run
+    with pytest.raises(ValueError, match="give a runs_dir"):
+        lm.train(it, runs_dir=None, history=False)
+
+
+def test_the_history_holds_arrays_of_its_own():
+    it = learner()
+    lm.train(it, runs_dir=None, progress=False)
+    rows = [row for key in ("loss", "per_layer") for row in it.history[key]]
+    assert all(leaf.base is None for leaf in jax.tree.leaves(rows))  # not views of XLA's
+
+
+def telemetry_warnings(caught: list) -> list[str]:
+    return [str(w.message) for w in caught if "lmd4ml telemetry" in str(w.message)]
+
+
+def train_noting_the_ring(run_dir: Path, rings: list, **kwargs) -> dict:
+    """``lm.train`` of :func:`learner` into ``run_dir``, noting its ring's name after epoch 1."""
+
+    def note(epoch, history):
+        if epoch == 1:
+            rings.append(live_ring(run_dir))
+
+    return lm.train(
+        learner(),
+        runs_dir=run_dir.parent,
+        run_name=run_dir.name,
+        on_epoch=note,
+        progress=False,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("how", ["sqlite_full", "enospc"])
+def test_a_full_disk_stops_recording_with_one_warning_and_training_goes_on(
+    tmp_path, monkeypatch, how
+):
+    if how == "sqlite_full":  # SQLite's own error, committing every step until the file is full
+        disk_full_after(monkeypatch, 0)
+        monkeypatch.setattr(
+            writer, "RunWriter", functools.partial(run_store.RunWriter, commit_every=0)
+        )
+        cause = "OperationalError: database or disk is full"
+    else:  # the OS refuses every write of the store (its first commit is the last flush)
+
+        def no_space(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(run_store.RunWriter, "flush", no_space)
+        cause = f"OSError: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}"
+    rings = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = train_noting_the_ring(tmp_path / "full", rings, epochs=40)
+    (message,) = telemetry_warnings(caught)
+    assert "run store failed at" in message and cause in message and "training goes on" in message
+    assert history["step"].tolist() == list(range(160))
+    run = lm.load_run(tmp_path / "full")
+    steps, losses = run["loss"]
+    np.testing.assert_array_equal(steps, np.arange(len(steps)))
+    np.testing.assert_array_equal(losses, history["loss"][: len(steps)])
+    assert (0 < len(steps) < 160) if how == "sqlite_full" else len(steps) == 0
+    assert run.metadata["status"] == "incomplete"
+    assert (
+        run.metadata["error"].startswith("recording stopped at") and cause in run.metadata["error"]
+    )
+    assert not shm_left(rings[0]) and live_ring(tmp_path / "full") is None
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_store_deleted_or_replaced_under_a_live_run(tmp_path, how):
+    with run_store.RunWriter(tmp_path / "other", {}, {"x": ((), "float32")}) as other:
+        other.append(0, {"x": 1.0})
+    replacement = (tmp_path / "other" / "run.sqlite").read_bytes()
+    run_dir = tmp_path / "runs" / "live"
+    rings = []
+
+    def tamper(epoch, history):
+        if epoch == 1:
+            rings.append(live_ring(run_dir))
+            if how == "deleted":
+                shutil.rmtree(run_dir)
+            else:
+                os.replace(tmp_path / "other" / "run.sqlite", run_dir / "run.sqlite")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = lm.train(
+            learner(),
+            epochs=3,
+            runs_dir=run_dir.parent,
+            run_name="live",
+            on_epoch=tamper,
+            progress=False,
+        )
+    (message,) = telemetry_warnings(caught)
+    assert "deleted or replaced while the run was writing it" in message
+    assert history["step"].tolist() == list(range(12))
+    if how == "deleted":
+        assert not run_dir.exists()
+    else:  # the file put there is read as it is, and left as it was
+        assert (run_dir / "run.sqlite").read_bytes() == replacement
+        assert lm.load_run(run_dir).keys == ["x"]
+    assert not shm_left(rings[0])
+
+
+STOPPED = textwrap.dedent(
+    """
+    import signal, sys, jax.numpy as jnp, optax, lmd4ml as lm
+    # Ctrl-C raises KeyboardInterrupt as at a terminal, even in a child started in the background.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    data = [(jnp.ones((8, 2)) * (i + 1) / 4, jnp.zeros(8)) for i in range(4)]
+    learner = lm.Learner(jnp.zeros(2), lambda w, b: (b[0] @ w - b[1] - 1) ** 2, data,
+                         optax.sgd(0.01), [lm.Loss(), lm.NormTest()])
+    report = lambda epoch, history: print(learner.steps_done, flush=True)
+    lm.train(learner, epochs=10**6, runs_dir=sys.argv[1], on_epoch=report, progress=False,
+             history=False)
+    """
+)
+
+
+def test_sigterm_and_ctrl_c_stop_two_runs_of_one_directory_cleanly(tmp_path):
+    """Two trainings started together in one runs directory, one stopped by SIGTERM, the
+    other by Ctrl-C (SIGINT): each closes its own run as interrupted with every step it
+    reported, warns once, releases its shared memory and exits as the signal asks."""
+    signals = (signal.SIGTERM, signal.SIGINT)
+    procs = {
+        sig: subprocess.Popen(
+            [sys.executable, "-c", STOPPED, str(tmp_path)],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+        )
+        for sig in signals
+    }
+    try:
+        reported = {}
+        for sig, proc in procs.items():
+            reported[sig] = next(n for line in proc.stdout if (n := int(line)) >= 40)
+        lives = {p.parent: json.loads(p.read_text()) for p in tmp_path.glob("*/live.json")}
+        run_of = {
+            sig: next(run for run, live in lives.items() if live["pid"] == proc.pid)
+            for sig, proc in procs.items()
+        }
+        for sig, proc in procs.items():
+            os.kill(proc.pid, sig)
+        errors = {sig: proc.communicate(timeout=60)[1] for sig, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    assert procs[signal.SIGTERM].returncode == 128 + signal.SIGTERM
+    assert procs[signal.SIGINT].returncode == -signal.SIGINT  # how Python ends on Ctrl-C
+    assert "KeyboardInterrupt" in errors[signal.SIGINT]
+    assert "Traceback" not in errors[signal.SIGTERM]
+    assert len({run_of[sig] for sig in signals}) == 2
+    for sig, name in zip(signals, ["SIGTERM", "Ctrl-C"], strict=True):
+        assert errors[sig].count(f"lm.train stopped by {name} at step") == 1
+        run = lm.load_run(run_of[sig])
+        assert run.metadata["status"] == "interrupted"
+        steps = run.steps()
+        np.testing.assert_array_equal(steps, np.arange(len(steps)))
+        assert len(steps) >= reported[sig]
+        assert not (run_of[sig] / "live.json").exists()
+    assert not any(shm_left(live["ring"]) for live in lives.values())
+
+
+def loss_fn_1d(w, batch):
+    x, y = batch
+    return (x @ w - y) ** 2
+
+
+@pytest.mark.parametrize(
+    "signum, default, stopping",
+    [
+        (signal.SIGTERM, signal.SIG_DFL, SystemExit),
+        (signal.SIGINT, signal.default_int_handler, KeyboardInterrupt),
+    ],
+)
+def test_a_signal_in_a_recorder_block_stops_at_the_next_log(tmp_path, signum, default, stopping):
+    tx = lm.monitor(optax.sgd(0.1), [lm.Loss()])
+    w, batch = jnp.zeros(2), (jnp.ones((3, 2)), jnp.arange(3.0))
+    state = tx.init(w)
+    previous = signal.signal(signum, default)  # as in a plain process
+    try:
+        with (
+            pytest.raises(stopping) as stop,
+            lm.Recorder(tmp_path, "r", quantities=[lm.Loss()]) as recorder,
+        ):
+            for step in range(10):
+                _, state = tx.update(w, state, w, loss_fn=loss_fn_1d, batch=batch)
+                recorder.log(state)
+                if step == 4:
+                    # Else the signal below would end the test run.
+                    assert signal.getsignal(signum) is not default
+                    os.kill(os.getpid(), signum)
+        assert stopping is KeyboardInterrupt or stop.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signum) is default
+    finally:
+        signal.signal(signum, previous)
+    run = lm.load_run(tmp_path / "r")
+    assert run.metadata["status"] == "interrupted"
+    assert run.steps().tolist() == [0, 1, 2, 3, 4, 5]  # the step under way is recorded

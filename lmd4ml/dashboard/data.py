@@ -1,9 +1,10 @@
 """What the dashboard shows, as plain functions of runs and numpy arrays (no Dash here).
 
-:class:`RunData` holds one run's values in memory: read from its store once, then followed
-through its shared-memory ring while it trains. :func:`minmax_indices`, :func:`even_indices`
-and :func:`ema` thin out and smooth long series on the server, so that a page showing
-100 000 steps gets a few thousand points per trace.
+:class:`RunData` holds one run's values in memory: read from its store once (a vector
+field such as a histogram only at ``VECTOR_ROWS`` steps), then followed through its
+shared-memory ring while it trains. :func:`minmax_indices`, :func:`spread_indices` and
+:func:`ema` thin out and smooth long series on the server, so that a page showing 10⁶ steps
+gets a few thousand points per trace.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.signal
 
 from lmd4ml.telemetry.ring import RingReader
 from lmd4ml.telemetry.store import STATUSES, RunStoreError, load_run
@@ -24,6 +26,9 @@ from lmd4ml.telemetry.writer import live_ring
 # A run that trains but has no ring (it could not be made) is re-read from its store at most
 # this often: a full read of a long run costs far more than a ring read.
 STORE_POLL_S = 2.0
+# Steps a vector field (a histogram) is read at from a run's store: its heatmap shows 200 of
+# them; read whole, 10⁶ steps of a 100-bin histogram would be 400 MB.
+VECTOR_ROWS = 400
 
 
 def minmax_indices(values: np.ndarray, budget: int) -> np.ndarray:
@@ -42,60 +47,66 @@ def minmax_indices(values: np.ndarray, budget: int) -> np.ndarray:
     if n <= budget:
         return np.arange(n)
     size = math.ceil(n / max(1, budget // 2))
-    n_buckets = math.ceil(n / size)
-    pad = n_buckets * size - n
-    low = np.pad(np.where(np.isnan(values), np.inf, values), (0, pad), constant_values=np.inf)
-    high = np.pad(np.where(np.isnan(values), -np.inf, values), (0, pad), constant_values=-np.inf)
-    starts = np.arange(n_buckets) * size
-    keep = np.concatenate(
-        [
-            starts + low.reshape(n_buckets, size).argmin(axis=1),
-            starts + high.reshape(n_buckets, size).argmax(axis=1),
-            [0, n - 1],
-        ]
-    )
-    return np.unique(np.minimum(keep, n - 1))
+    nan = np.isnan(values)
+    low, high = np.where(nan, np.inf, values), np.where(nan, -np.inf, values)
+    # Whole buckets as one reshaped view, the shorter last one apart: padding it would copy
+    # the whole series.
+    whole = n // size * size
+    starts = np.arange(0, whole, size)
+    keep = [
+        starts + low[:whole].reshape(-1, size).argmin(axis=1),
+        starts + high[:whole].reshape(-1, size).argmax(axis=1),
+        [0, n - 1],
+    ]
+    if whole < n:
+        keep.append([whole + low[whole:].argmin(), whole + high[whole:].argmax()])
+    return np.unique(np.concatenate(keep))
 
 
-def even_indices(n: int, budget: int) -> np.ndarray:
-    """About ``budget`` evenly spaced indices of ``n``, the last one included.
+def spread_indices(steps: np.ndarray, budget: int) -> np.ndarray:
+    """Indices of at most ``budget`` of the increasing ``steps``, spread evenly over the
+    steps rather than the rows: the first at or after each of ``budget`` evenly spaced steps,
+    the first and last included. A long run read at a few steps and then followed live has
+    its rows dense at the end, which would take most of a heatmap spread over rows.
 
     Example:
-      >>> even_indices(10, 4).tolist()
-      [0, 3, 6, 9]
-      >>> even_indices(3, 4).tolist()
+      >>> spread_indices(np.array([0, 100, 200, 300, 301, 302, 303, 304]), 4).tolist()
+      [0, 2, 3, 7]
+      >>> spread_indices(np.arange(3), 4).tolist()
       [0, 1, 2]
     """
-    if n <= budget:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, budget).round().astype(np.int64))
+    if len(steps) <= budget:
+        return np.arange(len(steps))
+    return np.unique(np.searchsorted(steps, np.linspace(steps[0], steps[-1], budget)))
 
 
-def ema(values: np.ndarray, weight: float) -> np.ndarray:
-    """Debiased exponential moving average (TensorBoard's smoothing) of a 1-D series.
+def ema(values: np.ndarray, weight: float, before: np.ndarray | None = None) -> np.ndarray:
+    """Debiased exponential moving average (TensorBoard's smoothing) of a 1-D series, or of
+    its continuation after values whose average is ``before``.
 
-    ``weight`` in [0, 1): 0 returns the values as they are. Computed in vectorised chunks,
-    short enough that ``weight ** -chunk`` cannot overflow.
+    ``weight`` in [0, 1): 0 returns the values as they are. The recurrence
+    mₜ = w mₜ₋₁ + (1 - w) xₜ runs as a linear filter, in C.
 
     Example:
       >>> ema(np.array([1.0, 3.0, 3.0]), 0.5).round(4).tolist()
       [1.0, 2.3333, 2.7143]
+      >>> ema(np.array([3.0]), 0.5, before=ema(np.array([1.0, 3.0]), 0.5)).round(4).tolist()
+      [2.7143]
     """
     values = np.asarray(values, np.float64)
     if weight <= 0 or len(values) == 0:
         return values
     if not weight < 1:
         raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
-    chunk = int(min(4096, max(1, 50 / -math.log(weight))))
-    powers = weight ** np.arange(chunk + 1)
-    out = np.empty_like(values)
-    carry = 0.0
-    for start in range(0, len(values), chunk):
-        x = values[start : start + chunk]
-        p = powers[: len(x)]
-        out[start : start + len(x)] = weight * p * carry + (1 - weight) * p * np.cumsum(x / p)
-        carry = out[start + len(x) - 1]
-    return out / (1 - weight ** (np.arange(len(values)) + 1.0))
+    log_w, start = math.log(weight), 0 if before is None else len(before)
+    # The debiased average is mₜ / (1 - wᵗ⁺¹), with 1 - wᵗ⁺¹ through expm1: as exact, and
+    # many times faster than a power per step. It is 1.0 in float64 once wᵗ⁺¹ < 2⁻⁵⁴, after
+    # 38 / -ln w steps: only those before are divided.
+    carry = before[-1] * -math.expm1(start * log_w) if start else 0.0
+    averages, _ = scipy.signal.lfilter([1 - weight], [1, -weight], values, zi=[weight * carry])
+    biased = min(len(values), max(0, math.ceil(38 / -log_w) - start))
+    averages[:biased] /= -np.expm1(np.arange(start + 1.0, start + biased + 1) * log_w)
+    return averages
 
 
 def process_alive(pid: object) -> bool:
@@ -121,6 +132,18 @@ class _Column:
 
     def __init__(self, steps: np.ndarray, values: np.ndarray):
         self._steps, self._values, self.n = steps, values, len(steps)
+        self._smoothed: tuple[float, np.ndarray] = (0.0, np.empty(0))
+
+    def smoothed(self, weight: float) -> np.ndarray:
+        """:func:`ema` of the values, kept and continued as the column grows: a poll then
+        smooths its new steps only."""
+        kept_weight, kept = self._smoothed
+        if weight != kept_weight or not len(kept):
+            kept = ema(self.values, weight)
+        elif len(kept) < self.n:
+            kept = np.concatenate([kept, ema(self.values[len(kept) :], weight, before=kept)])
+        self._smoothed = (weight, kept)
+        return kept
 
     def extend(self, steps: np.ndarray, values: np.ndarray) -> None:
         need = self.n + len(steps)
@@ -166,10 +189,10 @@ class RunData:
     def _reload(self) -> None:
         run = load_run(self.path)
         self.metadata = run.metadata
-        self.columns = {}
-        for key in run.keys:
-            steps, values = run[key]
-            self.columns[key] = _Column(steps.copy(), values.copy())
+        self.columns = {
+            key: _Column(*(run.thin(key, VECTOR_ROWS) if run.shapes[key] else run[key]))
+            for key in run.keys
+        }
         self.shapes = {key: col.values.shape[1:] for key, col in self.columns.items()}
         self.version += 1
         self._read_at = time.monotonic()

@@ -18,7 +18,7 @@ import numpy as np
 import plotly.io as pio
 from dash import Patch
 
-from lmd4ml.dashboard.data import RunData, ema, even_indices, minmax_indices
+from lmd4ml.dashboard.data import RunData, minmax_indices, spread_indices
 from lmd4ml.dashboard.panels import COLUMNS, Panel, grid, plan
 
 LINE_BUDGET = 1000  # points per line trace after thinning
@@ -158,9 +158,7 @@ def runs_plan(runs: Sequence[RunData]) -> tuple[Panel, ...]:
 
 def _line_points(run: RunData, field: str, smoothing: float, start: int, thin: bool) -> tuple:
     column = run.columns[field]
-    values = column.values.astype(np.float64)
-    if smoothing:
-        values = ema(values, smoothing)
+    values = column.smoothed(smoothing) if smoothing else column.values
     steps = column.steps
     if thin:
         keep = minmax_indices(values, LINE_BUDGET)
@@ -218,7 +216,7 @@ def figure(
             value_axis = "yaxis" if panel.kind == "heatmap" else "xaxis"
             layout[f"{value_axis}{suffix}"]["title"] = _title_of_axis(name)
         if panel.kind == "heatmap":
-            keep = even_indices(column.n, HEATMAP_BUDGET)
+            keep = spread_indices(column.steps, HEATMAP_BUDGET)
             z = _counts(column.values[keep].reshape(len(keep), len(bins)))
             data.append(
                 {"type": "heatmap", "transpose": True, "x": column.steps[keep].tolist(),

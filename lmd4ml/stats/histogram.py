@@ -91,13 +91,15 @@ def _is_counts(x: object) -> bool:
 
 
 def to_host(tree: Any) -> Any:
-    """``tree`` of device values fetched as numpy arrays, each :class:`Counts` as int64.
+    """``tree`` of device values fetched as numpy arrays of their own (on CPU ``device_get``
+    gives views of XLA's buffers, which a history kept at about 15 KB a step of the economy
+    preset against 2 KB for copies), each :class:`Counts` as int64.
 
     Example:
       >>> to_host({"hist": Counts.of(jnp.arange(3)), "loss": jnp.float32(0.5)})
       {'hist': array([0, 1, 2]), 'loss': array(0.5, dtype=float32)}
     """
-    return jax.tree.map(np.asarray, jax.device_get(tree), is_leaf=_is_counts)
+    return jax.tree.map(np.array, jax.device_get(tree), is_leaf=_is_counts)
 
 
 def host_shapes(tree: Any) -> Any:

@@ -11,7 +11,8 @@ commit.
 Layout of the file (format ``lmd4ml-run``, version 1):
 
 * ``meta(key, value)``: JSON values for ``format``, ``version``, ``start_time``,
-  ``end_time`` (Unix seconds), ``status`` and ``metadata`` (the caller's dict);
+  ``end_time`` (Unix seconds), ``status``, ``metadata`` (the caller's dict) and, for a run
+  whose recording stopped early, ``error`` (why);
 * ``fields(idx, name, shape, dtype)``: the layout, in the writer's order;
 * ``steps(step)``: every appended step;
 * ``v<idx>(step, value)``: one table per field, the value's raw bytes (C order, the
@@ -55,7 +56,9 @@ VERSION = 1
 DB_NAME = "run.sqlite"
 _RUN_KEYS = ("format", "version", "start_time", "end_time", "status")
 # How a run can end; "running" is its status until then (or forever, if it was killed).
-STATUSES = ("finished", "failed", "interrupted")
+# "incomplete": its file failed (disk full, deleted) and recording stopped before the run
+# ended; its "error" says why and from which step.
+STATUSES = ("finished", "failed", "interrupted", "incomplete")
 
 # name -> (index in the file, shape, dtype)
 Layout = dict[str, tuple[int, tuple[int, ...], np.dtype]]
@@ -63,8 +66,11 @@ Layout = dict[str, tuple[int, tuple[int, ...], np.dtype]]
 # Keys the store itself puts in a run's metadata (and list_runs adds); the caller's dict
 # may not use them, so that nothing it passes is silently replaced.
 RESERVED_KEYS = frozenset(
-    {"format", "version", "start_time", "end_time", "status", "path", "name", "n_steps"}
+    {"format", "version", "start_time", "end_time", "status", "error", "path", "name", "n_steps"}
 )
+
+# Under the 999 parameters a statement takes in SQLite before 3.32, at 2 a row.
+_ROWS_PER_INSERT = 400
 
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -125,9 +131,28 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     try:
         yield conn
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite rolls back by itself on some errors (a full disk): a second ROLLBACK would
+        # raise "no transaction is active" in place of the error that matters.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _identity(path: pathlib.Path) -> tuple[int, int]:
+    """Device and inode: which file ``path`` names now."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def _insert(conn: sqlite3.Connection, table: str, rows: list[tuple]) -> None:
+    """Insert ``rows`` a few hundred per statement. ``executemany`` steps SQLite once per row
+    and hands the GIL back and forth each time: behind a busy training thread, that took
+    seconds for a second's steps, and the writer fell ever further behind."""
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[start : start + _ROWS_PER_INSERT]
+        marks = ",".join(["(" + ",".join("?" * len(chunk[0])) + ")"] * len(chunk))
+        conn.execute(f"INSERT INTO {table} VALUES {marks}", [v for row in chunk for v in row])
 
 
 def _initialise(conn: sqlite3.Connection, layout: Layout, metadata: Mapping[str, Any]) -> None:
@@ -156,6 +181,11 @@ class RunWriter:
     them per step, as arrays (or scalars, JAX arrays) cast to that dtype. Steps must
     increase. Appends are buffered and committed once ``commit_every`` seconds have passed
     since the last commit, and on ``flush`` and ``close``. One thread at a time.
+
+    A commit raises what keeps it from the file (``sqlite3.OperationalError`` for a full
+    disk, ``RunStoreError`` once the file was deleted or replaced: SQLite would go on
+    writing into the unlinked one) and keeps the steps buffered; ``abandon`` then ends the
+    run as ``"incomplete"``, keeping every step committed before.
 
     Used as a context manager it closes the run as ``"failed"`` when the block raises and
     ``"finished"`` otherwise.
@@ -196,16 +226,23 @@ class RunWriter:
         # The file is built under another name and renamed into place, so that a reader
         # never finds a half-initialised run.
         staging = self.path.with_name(f".{DB_NAME}.{secrets.token_hex(4)}")
-        conn = _connect(staging)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            with _transaction(conn):
-                _initialise(conn, self.layout, metadata)
-        finally:
-            conn.close()
-        os.replace(staging, self.path)
+            conn = _connect(staging)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                with _transaction(conn):
+                    _initialise(conn, self.layout, metadata)
+            finally:
+                conn.close()
+            os.replace(staging, self.path)
+        except BaseException:
+            # A start that failed (a full disk) leaves no half-built file behind.
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                staging.with_name(staging.name + suffix).unlink(missing_ok=True)
+            raise
         self._conn: sqlite3.Connection | None = _connect(self.path)
         self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._identity = _identity(self.path)
         self._last_commit = time.monotonic()
 
     def append(self, step: int, values: Mapping[str, Any]) -> None:
@@ -241,16 +278,35 @@ class RunWriter:
         """Commit every buffered step."""
         if self._conn is None:
             raise ValueError(f"RunWriter: {self.path} is closed")
+        if not self._file_is_ours():
+            raise RunStoreError(f"{self.path}: deleted or replaced while the run was writing it")
         if self._steps:
             with _transaction(self._conn) as conn:
-                conn.executemany("INSERT INTO steps VALUES (?)", self._steps)
+                _insert(conn, "steps", self._steps)
                 for idx, rows in self._buffer.items():
-                    if rows:
-                        conn.executemany(f"INSERT INTO v{idx} VALUES (?, ?)", rows)
+                    _insert(conn, f"v{idx}", rows)
             self._steps.clear()
             for rows in self._buffer.values():
                 rows.clear()
         self._last_commit = time.monotonic()
+
+    def _file_is_ours(self) -> bool:
+        """Whether ``path`` still names the file this writer opened."""
+        try:
+            return _identity(self.path) == self._identity
+        except FileNotFoundError:
+            return False
+
+    def _end(self, status: str, error: str | None = None) -> None:
+        assert self._conn is not None
+        ending = {"status": status, "end_time": time.time()}
+        if error is not None:
+            ending["error"] = error
+        with _transaction(self._conn) as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [(key, _dumps(value)) for key, value in ending.items()],
+            )
 
     def close(self, status: str = "finished") -> None:
         """Commit what is buffered, record ``status`` and the end time; later calls do nothing."""
@@ -260,11 +316,31 @@ class RunWriter:
             return
         try:
             self.flush()
-            with _transaction(self._conn) as conn:
-                conn.executemany(
-                    "UPDATE meta SET value = ? WHERE key = ?",
-                    [(_dumps(status), "status"), (_dumps(time.time()), "end_time")],
-                )
+            self._end(status)
+        finally:
+            self._conn.close()
+            self._conn = None
+
+    def abandon(self, error: str) -> bool:
+        """End the run after its file failed: drop the steps not committed, record status
+        ``"incomplete"`` and ``error`` where the file still takes them (a full disk may not,
+        a deleted or replaced file is left alone), and close. Whether it recorded them;
+        never raises."""
+        if self._conn is None:
+            return False
+        self._steps.clear()
+        for rows in self._buffer.values():
+            rows.clear()
+        try:
+            if self._file_is_ours():
+                self._end("incomplete", error)
+                return True
+            # The write-ahead log beside the path is still this writer's: emptied into the file
+            # it opened, or readers of a file put at the path would read it as that one's.
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return False
+        except (OSError, sqlite3.Error):
+            return False  # what was committed before is the run
         finally:
             self._conn.close()
             self._conn = None
@@ -279,38 +355,95 @@ class RunWriter:
 class Run:
     """A stored run, as returned by ``load_run``.
 
-    ``metadata`` and ``keys`` are read once; ``run[key]`` and ``steps()`` read the file on
-    every call, so a run that is still being written shows every step committed so far.
+    ``metadata``, ``keys`` and ``shapes`` (of each key's value at one step) are read once;
+    ``run[key]``, ``thin`` and ``steps()`` read the file on every call, so a run that is
+    still being written shows every step committed so far.
     """
 
     def __init__(self, db: pathlib.Path, metadata: dict, layout: Layout):
         self.path = db.parent
         self.metadata = metadata
         self.keys = list(layout)
+        self.shapes = {key: shape for key, (_, shape, _) in layout.items()}
         self._db = db
         self._layout = layout
 
     def __getitem__(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)``: int64 steps of shape (n,), values of shape (n, *shape)."""
+        table = self._table(key)
+        with _reading(self._db) as conn:
+            # Concatenated by SQLite: fetching a Python row per step costs about 1 µs each.
+            conn.text_factory = bytes
+            steps, data = conn.execute(
+                f"SELECT group_concat(step), group_concat(value, '') FROM {table}"
+            ).fetchone()
+            steps, values = self._arrays(key, _integers(steps), data or b"")
+        # A table is scanned in step order (rowid order), which SQL does not promise.
+        if np.any(steps[1:] < steps[:-1]):
+            order = np.argsort(steps, kind="stable")
+            steps, values = steps[order], values[order]
+        return steps, values
+
+    def thin(self, key: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``run[key]`` at most ``n`` >= 2 of its steps, spread evenly from the first to the
+        last: the first tracked step at or after each of ``n`` evenly spaced steps. What a plot
+        of a long run shows, read with ``n`` look-ups rather than every row.
+
+        Example:
+          >>> import tempfile
+          >>> with RunWriter(tempfile.mkdtemp(), {}, {"x": ((), "int64")}) as writer:
+          ...     for step in range(0, 1000, 10):
+          ...         writer.append(step, {"x": step})
+          >>> steps, values = load_run(writer.path).thin("x", 4)
+          >>> steps.tolist(), values.tolist()
+          ([0, 330, 660, 990], [0, 330, 660, 990])
+        """
+        if n < 2:
+            raise ValueError(f"Run.thin: n must be at least 2 (the first and last), got {n}")
+        table = self._table(key)
+        with _reading(self._db) as conn:
+            # Two queries: SQLite seeks min() or max() alone, but scans for both at once.
+            (first,) = conn.execute(f"SELECT min(step) FROM {table}").fetchone()
+            (last,) = conn.execute(f"SELECT max(step) FROM {table}").fetchone()
+            rows: dict[int, bytes] = {}
+            if first is not None:
+                for at in np.unique(np.linspace(first, last, n).round().astype(np.int64)):
+                    step, value = conn.execute(
+                        f"SELECT step, value FROM {table} WHERE step >= ? ORDER BY step LIMIT 1",
+                        (int(at),),
+                    ).fetchone()
+                    rows[step] = value
+            steps = np.fromiter(rows, np.int64, len(rows))
+            return self._arrays(key, steps, b"".join(rows.values()))
+
+    def _table(self, key: str) -> str:
         if key not in self._layout:
             raise KeyError(f"{key!r} is not a field of the run {self.path}; it has {self.keys}")
-        idx, shape, dtype = self._layout[key]
-        with _reading(self._db) as conn:
-            rows = conn.execute(f"SELECT step, value FROM v{idx} ORDER BY step").fetchall()
-            steps = np.fromiter((step for step, _ in rows), np.int64, len(rows))
-            data = bytearray().join(value for _, value in rows)
-            if len(data) != len(rows) * dtype.itemsize * math.prod(shape):
-                raise RunStoreError(f"{self._db}: values of {key!r} do not match its layout")
-        return steps, np.frombuffer(data, dtype).reshape(len(rows), *shape)
+        return f"v{self._layout[key][0]}"
+
+    def _arrays(self, key: str, steps: np.ndarray, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        _, shape, dtype = self._layout[key]
+        if len(data) != len(steps) * dtype.itemsize * math.prod(shape):
+            raise RunStoreError(f"{self._db}: values of {key!r} do not match its layout")
+        # A copy of SQLite's bytes: values the caller may change in place.
+        return steps, np.frombuffer(bytearray(data), dtype).reshape(len(steps), *shape)
 
     def steps(self) -> np.ndarray:
         """Every appended step, int64, increasing."""
         with _reading(self._db) as conn:
-            rows = conn.execute("SELECT step FROM steps ORDER BY step").fetchall()
-        return np.fromiter((step for (step,) in rows), np.int64, len(rows))
+            conn.text_factory = bytes
+            (steps,) = conn.execute("SELECT group_concat(step) FROM steps").fetchone()
+            return np.sort(_integers(steps))
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.metadata['status']!r}, keys={self.keys})"
+
+
+def _integers(text: bytes | None) -> np.ndarray:
+    """SQLite's ``group_concat`` of integers as int64, parsed in C."""
+    if text is None:  # no rows
+        return np.empty(0, np.int64)
+    return np.fromstring(text, np.int64, sep=",")
 
 
 @contextlib.contextmanager
@@ -355,6 +488,34 @@ def _check_file(db: pathlib.Path) -> None:
         )
 
 
+def _check_version(db: pathlib.Path, version: Any) -> None:
+    """``RunStoreError`` naming ``version`` unless this lmd4ml reads it."""
+    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+        raise RunStoreError(
+            f"{db}: run format version {version}, written by a newer lmd4ml; this one reads "
+            f"versions up to {VERSION} (upgrade lmd4ml to read it)"
+        )
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RunStoreError(
+            f"{db}: damaged, its run format version {version!r} is none that lmd4ml wrote"
+        )
+
+
+def _field(db: pathlib.Path, name: str, shape: str, dtype: str) -> tuple[tuple[int, ...], np.dtype]:
+    """A field's shape and dtype as its file records them; ``RunStoreError`` unless values
+    of them can be read as arrays (a plain dtype, a shape of at most 32 sizes)."""
+    sizes, kind = json.loads(shape), np.dtype(dtype)
+    plain = not (kind.hasobject or kind.fields or kind.subdtype or kind.itemsize == 0)
+    if not (
+        plain
+        and isinstance(sizes, list)
+        and len(sizes) <= 32
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes)
+    ):
+        raise RunStoreError(f"{db}: damaged, field {name!r} has shape {shape} and dtype {dtype}")
+    return tuple(sizes), kind
+
+
 def _open(path: str | os.PathLike) -> tuple[Run, int]:
     """The run at ``path`` and its number of steps."""
     path = pathlib.Path(path)
@@ -370,17 +531,14 @@ def _open(path: str | os.PathLike) -> tuple[Run, int]:
         meta = {key: json.loads(value) for key, value in conn.execute("SELECT * FROM meta")}
         if meta.get("format") != FORMAT:
             raise RunStoreError(f"{db}: not an lmd4ml run (format {meta.get('format')!r})")
-        if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
-            raise RunStoreError(
-                f"{db}: run format version {meta.get('version')!r}; this lmd4ml reads {VERSION}"
-            )
+        _check_version(db, meta.get("version"))
         missing = [key for key in (*_RUN_KEYS, "metadata") if key not in meta]
         if missing:
             raise RunStoreError(f"{db}: damaged, its run metadata lacks {missing}")
         if not isinstance(meta["start_time"], int | float):
             raise RunStoreError(f"{db}: damaged, its start_time is {meta['start_time']!r}")
         layout = {
-            name: (idx, tuple(json.loads(shape)), np.dtype(dtype))
+            name: (idx, *_field(db, name, shape, dtype))
             for idx, name, shape, dtype in conn.execute("SELECT * FROM fields ORDER BY idx")
         }
         missing = [name for name, (idx, _, _) in layout.items() if f"v{idx}" not in tables]
@@ -389,7 +547,7 @@ def _open(path: str | os.PathLike) -> tuple[Run, int]:
         (n_steps,) = conn.execute("SELECT count(*) FROM steps").fetchone()
         metadata = {
             **meta["metadata"],
-            **{key: meta[key] for key in _RUN_KEYS},
+            **{key: meta[key] for key in (*_RUN_KEYS, "error") if key in meta},
         }
     return Run(db, metadata, layout), n_steps
 

@@ -6,6 +6,17 @@ writer thread publishes each record to the run's shared-memory ring (live reader
 the dashboard) and appends it to the run store on disk. Watching never stops training: a
 failing sink is reported once and skipped. Under ``jax.distributed`` only process 0 writes
 (:func:`writes_telemetry`).
+
+Faults while writing, and what they cost:
+
+* the disk fills up, or the store file is deleted or replaced: one ``RuntimeWarning``; the
+  store records nothing more, keeps every step it committed before (at most about a second
+  behind the failure) and is marked ``status="incomplete"`` with the ``error`` (where the
+  file still takes that: a full disk may not, a deleted or replaced file is left alone);
+  training and the live ring go on;
+* the ring cannot be made or written: one warning, no live view, the store goes on;
+* the process is killed: the store keeps what it committed and reads as ``"running"``;
+  the ring's watchdog removes the shared memory.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ import os
 import queue
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +38,7 @@ from lmd4ml.telemetry.store import RunWriter
 
 Fields = dict[str, tuple[tuple[int, ...], np.dtype]]
 LIVE_FILE = "live.json"
+STORE, RING = "the run store", "the live ring"
 
 
 def writes_telemetry() -> bool:
@@ -95,14 +107,7 @@ class Telemetry:
         self.store = RunWriter(self.run_dir, metadata, fields)
         self._failed: set[str] = set()
         self.ring: RingWriter | None = None
-        try:
-            self.ring = RingWriter(ring_name(self.run_dir.name), fields, capacity=ring_capacity)
-        except Exception as error:  # a run without live view still trains and is kept
-            self._warn("the live ring", "at the start", error)
-            self._failed.add("the live ring")
-        else:
-            live = {"ring": self.ring.name, "pid": os.getpid()}
-            (self.run_dir / LIVE_FILE).write_text(json.dumps(live))
+        self._guarded(RING, "at the start", self._open_ring, ring_capacity)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = threading.Event()
         self._closed = False
@@ -112,6 +117,12 @@ class Telemetry:
     def submit(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Queue one tracked step's metrics (host or device arrays); never blocks."""
         self._queue.put((step, metrics))
+
+    def _open_ring(self, capacity: int) -> None:
+        # A run without live view still trains and is kept.
+        self.ring = RingWriter(ring_name(self.run_dir.name), self.fields, capacity=capacity)
+        live = {"ring": self.ring.name, "pid": os.getpid()}
+        (self.run_dir / LIVE_FILE).write_text(json.dumps(live))
 
     def _drain(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -130,26 +141,39 @@ class Telemetry:
             for name, leaf in zip(self._names[key], jax.tree.leaves(value), strict=True)
         }
         if self.ring is not None:
-            self._guarded("the live ring", step, self.ring.write, values)
-        self._guarded("the run store", step, self.store.append, values)
+            self._guarded(RING, step, self.ring.write, step, values)
+        self._guarded(STORE, step, self.store.append, step, values)
 
-    def _guarded(self, sink: str, step: int, write: Any, values: dict) -> None:
+    def _guarded(self, sink: str, when: int | str, call: Callable[..., Any], *args: Any) -> None:
+        """``call(*args)``, unless ``sink`` has failed; its first failure turns it off with
+        one warning (``when``: a step, or a moment such as "at the start")."""
         if sink in self._failed:
             return
         try:
-            write(step, values)
+            call(*args)
         except Exception as error:  # any failure: watching must never stop training
             self._failed.add(sink)
-            self._warn(sink, f"at step {step}", error)
+            when = f"at step {when}" if isinstance(when, int) else when
+            cause = f"{type(error).__name__}: {error}"
+            if sink == STORE:
+                marked = self.store.abandon(f"recording stopped {when} ({cause})")
+                what = "the run records nothing more" + (
+                    ", and is marked incomplete with the steps committed before" if marked else ""
+                )
+            else:
+                self._close_ring()
+                what = "no live view, the run store goes on"
+            warnings.warn(
+                f"lmd4ml telemetry: {sink} failed {when} ({cause}) in {self.run_dir}: {what}; "
+                "training goes on",
+                RuntimeWarning,
+                stacklevel=1,
+            )
 
-    @staticmethod
-    def _warn(sink: str, when: str, error: Exception) -> None:
-        warnings.warn(
-            f"lmd4ml telemetry: {sink} failed {when} and is off for the rest of the run "
-            f"({type(error).__name__}: {error}); training goes on",
-            RuntimeWarning,
-            stacklevel=1,
-        )
+    def _close_ring(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+        (self.run_dir / LIVE_FILE).unlink(missing_ok=True)
 
     def close(self, status: str = "finished") -> None:
         """Write what is queued, mark the run ``status`` and release the ring. Idempotent."""
@@ -158,11 +182,13 @@ class Telemetry:
         self._closed = True
         self._queue.put(None)
         self._closing.set()
-        self._thread.join()
-        self.store.close(status)
-        if self.ring is not None:
-            self.ring.close()
-        (self.run_dir / LIVE_FILE).unlink(missing_ok=True)
+        try:
+            self._thread.join()
+            # Committed before it is closed, so that a failure to commit is one like any other.
+            self._guarded(STORE, "at the end", self.store.flush)
+            self._guarded(STORE, "at the end", self.store.close, status)
+        finally:  # the shared memory goes even if closing is interrupted (a second Ctrl-C)
+            self._close_ring()
 
 
 def live_ring(run_dir: str | os.PathLike) -> str | None:
