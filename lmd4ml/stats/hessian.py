@@ -79,11 +79,7 @@ def product_bytes(matvec: Callable[[jax.Array], jax.Array], flat: jax.Array) -> 
     return _nbytes([v.aval for eqn, _ in equations(jaxpr) for v in eqn.outvars])
 
 
-def exact_diag(
-    hvp: Hvp,
-    params: PyTree,
-    memory_budget: int = 2**26,
-) -> PyTree:
+def exact_diag(hvp: Hvp, params: PyTree, memory_budget: int = 2**26) -> PyTree:
     """diag(∇²L), exactly: the j-th entry of the product with the j-th unit vector.
 
     D products, vmapped over as many unit vectors as fit in ``memory_budget`` bytes (a
@@ -112,11 +108,7 @@ def exact_diag(
 
 
 def hutchinson_diag(
-    hvp: Hvp,
-    params: PyTree,
-    key: jax.Array,
-    probes: int,
-    memory_budget: int = 2**26,
+    hvp: Hvp, params: PyTree, key: jax.Array, probes: int, memory_budget: int = 2**26
 ) -> PyTree:
     """Hutchinson's unbiased estimate (1/K) Σₖ zₖ ⊙ ∇²L zₖ of diag(∇²L), K = ``probes``.
 

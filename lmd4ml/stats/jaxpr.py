@@ -52,11 +52,24 @@ def inner_jaxpr(eqn: Any) -> core.ClosedJaxpr:
     return eqn.params.get("jaxpr") or eqn.params["call_jaxpr"]
 
 
-def walk(closed: core.ClosedJaxpr, args: Sequence, origins: Sequence, visit: Visit) -> list:
+def bind_outputs(eqn: Any, inputs: list) -> list:
+    """The outputs of ``eqn``'s primitive bound again on ``inputs``, as a list."""
+    out = eqn.primitive.bind(*inputs, **bind_params(eqn))
+    return out if eqn.primitive.multiple_results else [out]
+
+
+def walk(
+    closed: core.ClosedJaxpr,
+    args: Sequence,
+    origins: Sequence,
+    visit: Visit,
+    bind: Callable[[Any, list], list] = bind_outputs,
+) -> list:
     """Evaluate ``closed`` on ``args``, inlining jit calls and tracking which values are leaves.
 
     ``origins[j]`` is the parameter leaf that argument j is (or None). ``visit(eqn, inputs,
-    input_origins, outputs)`` sees every equation that is not inlined and returns its outputs.
+    input_origins, outputs)`` sees every equation that is not inlined and returns its outputs;
+    ``bind(eqn, inputs)`` computes those outputs (by default the equation itself).
     """
     jaxpr = closed.jaxpr
     env = dict(zip(jaxpr.constvars, closed.consts, strict=True))
@@ -66,15 +79,13 @@ def walk(closed: core.ClosedJaxpr, args: Sequence, origins: Sequence, visit: Vis
         inputs = [read(env, v) for v in eqn.invars]
         in_origins = [None if isinstance(v, core.Literal) else origin.get(v) for v in eqn.invars]
         if eqn.primitive in INLINED:
-            outputs = walk(inner_jaxpr(eqn), inputs, in_origins, visit)
+            outputs = walk(inner_jaxpr(eqn), inputs, in_origins, visit, bind)
         elif eqn.primitive is primitives.convert_element_type_p and in_origins[0] is not None:
             # A cast (mixed precision, flax's promote_dtype) keeps the value a view of the leaf.
-            outputs = [eqn.primitive.bind(*inputs, **bind_params(eqn))]
+            outputs = bind(eqn, inputs)
             origin[eqn.outvars[0]] = in_origins[0]
         else:
-            outputs = eqn.primitive.bind(*inputs, **bind_params(eqn))
-            outputs = outputs if eqn.primitive.multiple_results else [outputs]
-            outputs = visit(eqn, inputs, in_origins, outputs)
+            outputs = visit(eqn, inputs, in_origins, bind(eqn, inputs))
         env.update(zip(eqn.outvars, outputs, strict=True))
     return [read(env, v) for v in jaxpr.outvars]
 
@@ -167,24 +178,17 @@ def _canonical_convolution(lhs: Any, rhs: Any, params: dict) -> Any:
     return out.transpose(back)
 
 
-def _evaluate_canonical(closed: core.ClosedJaxpr, args: Sequence) -> list:
-    jaxpr = closed.jaxpr
-    env = dict(zip(jaxpr.constvars, closed.consts, strict=True))
-    env.update(zip(jaxpr.invars, args, strict=True))
-    for eqn in jaxpr.eqns:
-        inputs = [read(env, v) for v in eqn.invars]
-        if eqn.primitive in INLINED:
-            outputs = _evaluate_canonical(inner_jaxpr(eqn), inputs)
-        else:
-            params = bind_params(eqn)
-            out = None
-            if eqn.primitive is primitives.conv_general_dilated_p:
-                out = _canonical_convolution(*inputs, params)
-            if out is None:
-                out = eqn.primitive.bind(*inputs, **params)
-            outputs = out if eqn.primitive.multiple_results else [out]
-        env.update(zip(eqn.outvars, outputs, strict=True))
-    return [read(env, v) for v in jaxpr.outvars]
+def _bind_canonical(eqn: Any, inputs: list) -> list:
+    """:func:`bind_outputs`, with a convolution in the canonical layout."""
+    if eqn.primitive is primitives.conv_general_dilated_p:
+        out = _canonical_convolution(*inputs, bind_params(eqn))
+        if out is not None:
+            return [out]
+    return bind_outputs(eqn, inputs)
+
+
+def _unchanged(eqn: Any, inputs: list, in_origins: list, outputs: list) -> list:
+    return outputs
 
 
 def canonical_convolutions(fn: Callable) -> Callable:
@@ -212,7 +216,8 @@ def canonical_convolutions(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def canonical(*args: Any) -> Any:
         closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
-        outputs = _evaluate_canonical(closed, jax.tree.leaves(args))
+        flat = jax.tree.leaves(args)
+        outputs = walk(closed, flat, [None] * len(flat), _unchanged, _bind_canonical)
         return jax.tree.unflatten(jax.tree.structure(shapes), outputs)
 
     return canonical
