@@ -96,3 +96,17 @@ def check_seed(owner: str, seed: object) -> None:
     """
     if not is_integer(seed) or not -(2**63) <= seed < 2**63:
         raise ValueError(f"{owner}: seed must be an integer (a PRNG seed, int64), got {seed!r}")
+
+
+def check_eps(owner: str, eps: object, added_to: str = "each variance") -> None:
+    """Raise ``ValueError`` unless ``eps`` is a finite number ≥ 0 (the ε added to a variance,
+    or to what ``added_to`` says).
+
+    Example:
+      >>> check_eps("MeanGSNR", -1.0)
+      Traceback (most recent call last):
+      ...
+      ValueError: MeanGSNR: eps must be a finite number >= 0 (added to each variance), got -1.0
+    """
+    rule = f"a finite number >= 0 (added to {added_to})"
+    check_real(f"{owner}: eps", eps, rule, lambda e: e >= 0)

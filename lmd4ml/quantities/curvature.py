@@ -32,7 +32,6 @@ import optax
 
 from lmd4ml import checks, stats
 from lmd4ml.quantities.base import Quantity, StepContext
-from lmd4ml.quantities.noise import check_eps
 from lmd4ml.stats import PyTree
 from lmd4ml.stats.hessian import DiagEstimator
 
@@ -225,7 +224,7 @@ class TICDiag(_DiagQuantity):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_eps("TICDiag", self.eps, "each h_j")
+        checks.check_eps("TICDiag", self.eps, "each h_j")
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         diag, state = self._diag(ctx, state)
@@ -254,7 +253,7 @@ class TICTrace(_DiagQuantity):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_eps("TICTrace", self.eps, "tr(h)")
+        checks.check_eps("TICTrace", self.eps, "tr(h)")
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         diag, state = self._diag(ctx, state)

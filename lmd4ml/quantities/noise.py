@@ -29,20 +29,6 @@ def _sq_grads(ctx: StepContext) -> PyTree:
     return jax.tree.map(jnp.square, ctx.grads)
 
 
-def check_eps(owner: str, eps: object, added_to: str = "each variance") -> None:
-    """Raise ``ValueError`` unless ``eps`` is a finite number ≥ 0 (the ε added to a variance,
-    or to what ``added_to`` says).
-
-    Example:
-      >>> check_eps("MeanGSNR", -1.0)
-      Traceback (most recent call last):
-      ...
-      ValueError: MeanGSNR: eps must be a finite number >= 0 (added to each variance), got -1.0
-    """
-    rule = f"a finite number >= 0 (added to {added_to})"
-    checks.check_real(f"{owner}: eps", eps, rule, lambda e: e >= 0)
-
-
 @dataclasses.dataclass(frozen=True)
 class MeanGSNR(Quantity):
     """Mean gradient signal-to-noise ratio, mean_j g_j² / ((1/B)Σᵢ(∇ℓᵢ)_j² − g_j² + ε).
@@ -62,7 +48,7 @@ class MeanGSNR(Quantity):
     per_sample = (stats.SQ_GRADS,)
 
     def __post_init__(self) -> None:
-        check_eps("MeanGSNR", self.eps)
+        checks.check_eps("MeanGSNR", self.eps)
 
     def compute(self, ctx: StepContext, state: PyTree) -> tuple[jax.Array, PyTree]:
         ratios = jax.tree.map(
@@ -91,7 +77,7 @@ class EarlyStopping(Quantity):
     per_sample = (stats.SQ_GRADS,)
 
     def __post_init__(self) -> None:
-        check_eps("EarlyStopping", self.eps)
+        checks.check_eps("EarlyStopping", self.eps)
 
     def check(self, batch_size: int) -> None:
         check_variance_batch("EarlyStopping", batch_size)
