@@ -23,13 +23,27 @@ def assert_matches_plain(loss_fn, params, batch) -> None:
     @jax.jit
     def both(params, batch):
         f = ghost.factors(loss_fn, params, batch)
-        plain = ghost._plain_grads(loss_fn, params, batch)
-        return ghost.sq_norms(f), ghost.grads(f, params), plain
+        losses, plain = ghost._plain_grads(loss_fn, params, batch)
+        return (
+            f.losses,
+            ghost.sq_norms(f),
+            ghost.grads(f, params),
+            ghost.grad_sum(f, params),
+            (
+                losses,
+                plain,
+            ),
+        )
 
-    sq_norms, grads, plain = both(params, batch)
+    f_losses, sq_norms, grads, summed, (losses, plain) = both(params, batch)
+    np.testing.assert_allclose(f_losses, losses, rtol=1e-12)
+    np.testing.assert_allclose(f_losses, loss_fn(params, batch), rtol=1e-12)
     np.testing.assert_allclose(sq_norms, plain_sq_norms(plain), rtol=1e-12)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(plain), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    # The batch's summed gradient from the factors is the sum of the per-sample ones.
+    for got, want in zip(jax.tree.leaves(summed), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(got, np.sum(want, axis=0), rtol=1e-12, atol=1e-13)
 
 
 def test_every_zoo_model_matches_plain_per_sample_gradients(case):
@@ -87,7 +101,7 @@ def test_layers_inside_jit_and_dtype_casts_are_seen_through():
     x = jax.random.normal(key3, (6, 3), jnp.float64)
     assert factored_leaves(loss, params, x) == ["['a']", "['b']"]
     got = jax.jit(lambda p, x: ghost.sq_norms(ghost.factors(loss, p, x)))(params, x)
-    want = plain_sq_norms(ghost._plain_grads(loss, params, x))
+    want = plain_sq_norms(ghost._plain_grads(loss, params, x)[1])
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 

@@ -53,7 +53,9 @@ class StepContext:
     ``per_sample`` names the statistics to build in the shared pass, ``memory_budget`` bounds
     the bytes it holds at once (per device), and ``data`` says how the batch is split over
     devices, if it is. ``split``: the model and output loss, for a loss from
-    ``lm.supervised`` (:class:`lmd4ml.stats.ggn.Split`), else None.
+    ``lm.supervised`` (:class:`lmd4ml.stats.ggn.Split`), else None. ``per_sample_pass``: the
+    declared statistics, where the step already made the pass (it linearizes the loss in it:
+    :func:`lmd4ml.step.linearize_in_pass`).
 
     Under mixed precision ``params`` and ``new_params`` keep the model's dtypes, while
     ``losses``, ``grads``, ``updates``, ``vjp``'s results and every statistic built here are
@@ -76,6 +78,7 @@ class StepContext:
         data: stats.DataAxis | None = None,
         mask: jax.Array | None = None,
         split: stats.ggn.Split | None = None,
+        per_sample_pass: Mapping[str, jax.Array] | None = None,
     ):
         self.loss_fn = loss_fn
         self.split = split
@@ -92,6 +95,7 @@ class StepContext:
         self._memory_budget = memory_budget
         self._data = data
         self._last_pass: jax.Array | tuple = ()
+        self._given_pass = per_sample_pass
 
     @property
     def batch_size(self) -> int | jax.Array:
@@ -116,7 +120,9 @@ class StepContext:
         return optax.tree.norm(self.grads, squared=True)
 
     @cached_property
-    def _declared_pass(self) -> dict[str, jax.Array]:
+    def _declared_pass(self) -> Mapping[str, jax.Array]:
+        if self._given_pass is not None:
+            return self._given_pass
         return self._pass(self._declared)
 
     def _pass(self, wanted: Mapping[str, PerSample]) -> dict[str, jax.Array]:

@@ -65,13 +65,15 @@ class Factors(NamedTuple):
     """One chunk's per-sample gradient information, each array with a leading sample axis.
 
     ``inputs[k]`` and ``cotangents[k]`` are Xᵢ and Δᵢ for factored leaf k; ``grads[k]`` is the
-    plain per-sample gradient of every other leaf k.
+    plain per-sample gradient of every other leaf k; ``losses`` the per-sample losses ℓᵢ
+    that the same pass evaluated.
     """
 
     products: dict[int, Product]
     inputs: dict[int, jax.Array]
     cotangents: dict[int, jax.Array]
     grads: dict[int, jax.Array]
+    losses: jax.Array | None = None
 
 
 def single_sample_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree) -> core.ClosedJaxpr:
@@ -202,13 +204,14 @@ def factored_leaves(loss_fn: LossFn, params: PyTree, batch: PyTree) -> list[str]
     return [paths[k] for k in sorted(analyse(loss_fn, params, batch))]
 
 
-def _plain_grads(loss_fn: LossFn, params: PyTree, batch: PyTree) -> PyTree:
-    """Per-sample gradients by ``vmap`` of ``grad`` of the loss on a batch of one sample."""
+def _plain_grads(loss_fn: LossFn, params: PyTree, batch: PyTree) -> tuple[jax.Array, PyTree]:
+    """Per-sample losses and gradients by ``vmap`` of ``value_and_grad`` of the loss on a
+    batch of one sample."""
 
     def one(p: PyTree, sample: PyTree) -> jax.Array:
         return loss_fn(p, jax.tree.map(lambda x: x[None], sample))[0]
 
-    return jax.vmap(jax.grad(one), in_axes=(None, 0))(params, batch)
+    return jax.vmap(jax.value_and_grad(one), in_axes=(None, 0))(params, batch)
 
 
 def tapped(
@@ -278,16 +281,17 @@ def factors(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Factors:
     closed = single_sample_jaxpr(loss_fn, params, batch)
     products = find_products(closed, len(leaves))
     if not products:
-        return Factors(
-            {}, {}, {}, dict(enumerate(jax.tree.leaves(_plain_grads(loss_fn, params, batch))))
-        )
+        losses, plain = _plain_grads(loss_fn, params, batch)
+        return Factors({}, {}, {}, dict(enumerate(jax.tree.leaves(plain))), losses)
     rest = [k for k in range(len(leaves)) if k not in products]
     fn = tapped(closed, leaves, products)
-    per_sample = jax.vmap(jax.grad(fn, argnums=(0, 1), has_aux=True), in_axes=(None, None, 0))
-    (rest_grads, cotangents), inputs = per_sample(
+    per_sample = jax.vmap(
+        jax.value_and_grad(fn, argnums=(0, 1), has_aux=True), in_axes=(None, None, 0)
+    )
+    (losses, inputs), (rest_grads, cotangents) = per_sample(
         [leaves[k] for k in rest], zero_taps(products), jax.tree.leaves(batch)
     )
-    return Factors(products, inputs, cotangents, dict(zip(rest, rest_grads, strict=True)))
+    return Factors(products, inputs, cotangents, dict(zip(rest, rest_grads, strict=True)), losses)
 
 
 def as_matrices(x: jax.Array, delta: jax.Array, product: Product) -> tuple[jax.Array, jax.Array]:
@@ -381,14 +385,49 @@ def sq_norms(f: Factors) -> jax.Array:
     return total
 
 
-def leaf_grad(x: jax.Array, delta: jax.Array, leaf: jax.Array, product: Product) -> jax.Array:
-    def product_of(w: jax.Array) -> jax.Array:
-        w = w.astype(product.operand_dtype)
-        operands = (w, x) if product.param_is_lhs else (x, w)
-        return product.primitive.bind(*operands, **product.params)
+def _product_with(w: jax.Array, x: jax.Array, product: Product) -> jax.Array:
+    """One sample's product output from the leaf ``w`` and the other operand ``x``."""
+    w = w.astype(product.operand_dtype)
+    operands = (w, x) if product.param_is_lhs else (x, w)
+    return product.primitive.bind(*operands, **product.params)
 
-    (grad,) = jax.linear_transpose(product_of, leaf)(delta)
+
+def leaf_grad(x: jax.Array, delta: jax.Array, leaf: jax.Array, product: Product) -> jax.Array:
+    """One sample's gradient XᵢᵀΔᵢ of a factored leaf, the product's transpose at Δᵢ."""
+    (grad,) = jax.linear_transpose(partial(_product_with, x=x, product=product), leaf)(delta)
     return grad
+
+
+def _summed_leaf_grad(
+    x: jax.Array, delta: jax.Array, leaf: jax.Array, product: Product
+) -> jax.Array:
+    """Σᵢ XᵢᵀΔᵢ over the leading sample axis of ``x`` and ``delta``."""
+    over_samples = jax.vmap(partial(_product_with, product=product), (None, 0))
+    (total,) = jax.linear_transpose(lambda w: over_samples(w, x), leaf)(delta)
+    return total
+
+
+def grad_sum(f: Factors, params: PyTree) -> PyTree:
+    """Σᵢ ∇ℓᵢ over the chunk's samples, a pytree like ``params``, without per-sample gradients
+    of factored leaves: the transpose of the product with every sample's Xᵢ, applied to all
+    the Δᵢ, is the batch's own weight gradient (one ``dot_general`` or convolution over
+    samples and positions together, as a plain backward pass makes it).
+
+    Example:
+      >>> w = jnp.ones((3, 2))
+      >>> loss = lambda w, x: jnp.sum(x @ w, axis=1)
+      >>> f = factors(loss, w, jnp.arange(6.0).reshape(2, 3))
+      >>> grad_sum(f, w).tolist()  # Σᵢ xᵢ 1ᵀ
+      [[3.0, 3.0], [5.0, 5.0], [7.0, 7.0]]
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    out = []
+    for k, leaf in enumerate(leaves):
+        if k in f.products:
+            out.append(_summed_leaf_grad(f.inputs[k], f.cotangents[k], leaf, f.products[k]))
+        else:
+            out.append(jnp.sum(f.grads[k], axis=0))
+    return jax.tree.unflatten(treedef, out)
 
 
 def grads(f: Factors, params: PyTree) -> PyTree:

@@ -8,6 +8,7 @@ step and only when some quantity asks for it.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, Literal, NamedTuple
@@ -19,6 +20,7 @@ import numpy as np
 from lmd4ml.stats import ghost, sharding
 from lmd4ml.stats import jaxpr as jaxpr_tools
 from lmd4ml.stats._types import LossFn, PyTree
+from lmd4ml.stats.histogram import Counts
 from lmd4ml.stats.precision import cast_like, widen
 from lmd4ml.stats.sharding import DataAxis
 
@@ -54,6 +56,14 @@ def _sq_norms(grads: PyTree, params: PyTree) -> jax.Array:
 
 SQ_NORMS = PerSample("sq_norms", _sq_norms, "concat")
 """Per-sample squared gradient norms ‖∇ℓᵢ‖², shape (B,)."""
+
+LOSSES, GRAD_SUM = "losses", "grad_sum"
+"""Keys of what :func:`per_sample_pass` gives with ``linearize``: ℓᵢ and Σᵢ ∇ℓᵢ."""
+
+
+def _add(a: PyTree, b: PyTree) -> PyTree:
+    """Two chunks' sums added, leaf by leaf (:class:`Counts` exactly, as one leaf)."""
+    return jax.tree.map(operator.add, a, b, is_leaf=lambda x: isinstance(x, Counts))
 
 
 def _sq_grads(grads: PyTree, params: PyTree) -> jax.Array:
@@ -172,7 +182,7 @@ def _chunked(
 
     def body(carry: dict, part: PyTree) -> tuple[dict, dict]:
         out = fn(part)
-        sums = {k: carry[k] + out[k] for k in carry}
+        sums = {k: _add(carry[k], out[k]) for k in carry}
         return sums, {k: v for k, v in out.items() if combine[k] == "concat"}
 
     if n_full == 1:
@@ -190,7 +200,7 @@ def _chunked(
         parts = {k: [v.reshape(-1, *v.shape[2:])] for k, v in stacked.items()}
     if rest:
         last = fn(jax.tree.map(lambda x: x[n_full * chunk :], xs))
-        sums = {k: v + last[k] for k, v in sums.items()}
+        sums = {k: _add(v, last[k]) for k, v in sums.items()}
         parts = {k: [*v, last[k]] for k, v in parts.items()}
     return {**sums, **{k: jnp.concatenate(v) if len(v) > 1 else v[0] for k, v in parts.items()}}
 
@@ -202,6 +212,7 @@ def per_sample_pass(
     stats: Mapping[str, PerSample],
     memory_budget: int,
     data: DataAxis | None = None,
+    linearize: bool = False,
 ) -> dict[str, jax.Array]:
     """Every statistic in ``stats`` from one pass over the batch in chunks.
 
@@ -212,12 +223,22 @@ def per_sample_pass(
     cache-sized tile of samples at a time (never more than ``memory_budget`` bytes), so B×P
     is never held for large models.
 
+    With ``linearize``, the pass also gives what a train step's own forward and backward
+    pass would: the per-sample losses ℓᵢ under :data:`LOSSES` and Σᵢ ∇ℓᵢ (a pytree like
+    ``params``) under :data:`GRAD_SUM`, from the same backward pass
+    (:func:`lmd4ml.stats.ghost.grad_sum`), so that a step with per-sample statistics needs
+    no other.
+
     With ``data``, each device makes this pass over its own samples, within its own
     ``memory_budget`` (:func:`lmd4ml.stats.sharding.over_samples`).
     """
     combine = {name: s.combine for name, s in stats.items()}
+    if linearize:
+        combine |= {LOSSES: "concat", GRAD_SUM: "sum"}
     if data is not None:
-        local = partial(per_sample_pass, loss_fn, stats=stats, memory_budget=memory_budget)
+        local = partial(
+            per_sample_pass, loss_fn, stats=stats, memory_budget=memory_budget, linearize=linearize
+        )
         return sharding.over_samples(local, combine, data)(params, batch)
     reductions = {name: s for name, s in stats.items() if name != SQ_NORMS.name}
     footprint = ghost.sq_norm_footprint(params, ghost.analyse(loss_fn, params, batch))
@@ -229,6 +250,8 @@ def per_sample_pass(
     def on_chunk(chunk_batch: PyTree) -> dict[str, jax.Array]:
         f = ghost.factors(loss_fn, params, chunk_batch)
         out = {SQ_NORMS.name: ghost.sq_norms(f)} if SQ_NORMS.name in stats else {}
+        if linearize:
+            out |= {LOSSES: f.losses, GRAD_SUM: ghost.grad_sum(f, params)}
 
         def on_tile(arrays: tuple) -> dict[str, jax.Array]:
             inputs, cotangents, grads = arrays
