@@ -107,7 +107,9 @@ class Sink(Protocol):
     again; training never stops for it.
     """
 
-    def start(self, metadata: Mapping[str, Any], fields: Fields) -> None: ...
+    def start(
+        self, metadata: Mapping[str, Any], fields: Mapping[str, tuple[tuple[int, ...], np.dtype]]
+    ) -> None: ...
 
     def write(self, step: int, wall_time: float, values: Mapping[str, np.ndarray]) -> None: ...
 
