@@ -562,6 +562,8 @@ class Recorder:
         """Open the run with the layout of the monitor's values, the hyperparameters and
         the declared user keys."""
         metrics, hyper = logged.state.metrics, logged.hyper
+        for key in self._declared:  # extra_keys were checked before the instruments were known
+            check_user_name(key, ["step", *metrics], "lm.Recorder: extra_keys")
         user = {key: jax.ShapeDtypeStruct((), np.float64) for key in self._declared}
         metadata = base_metadata(
             self.quantities,

@@ -353,6 +353,20 @@ def test_recorder_records_extra_values_hyperparameters_and_sinks(tmp_path):
     assert sink.closed == "finished"
 
 
+def test_recorder_extra_keys_may_not_be_instruments(tmp_path):
+    tx = lm.monitor(optax.sgd(0.1), [lm.Loss()])
+    w, batch = params(), DATA[0]
+    opt_state = tx.init(w)
+    recorder = lm.Recorder(tmp_path, quantities=[lm.Loss()], extra_keys=["loss"])
+    clash = pytest.raises(ValueError, match="extra_keys: 'loss' is the key of an instrument")
+    with clash, recorder:
+        _, opt_state = plain_step(tx)(w, opt_state, batch)
+        recorder.log(opt_state)
+        recorder.log(opt_state)  # records the first: the run opens
+    with pytest.raises(TypeError, match="extra_keys must be a list of names"):
+        lm.Recorder(tmp_path, extra_keys="val_acc")
+
+
 def test_recorder_with_sinks_only():
     tx = lm.monitor(optax.sgd(0.1), [lm.Loss()])
     step, w = plain_step(tx), params()
