@@ -5,7 +5,8 @@ The data ships with scikit-learn (1797 8×8 images), so nothing is downloaded. I
 first-order instruments every step, the curvature instruments and the 2-D histogram, which
 cost tens of gradients each, every 4th step. Each epoch prints a few of them read together:
 loss, gradient norm, distance from the start, update size, the norm test, α, the top Hessian
-eigenvalue and where the per-sample gradients sit in the histogram.
+eigenvalue and where the per-sample gradients sit in the histogram. The test accuracy
+(``eval_fn``) and the learning rate (``optax.inject_hyperparams``) are recorded beside them.
 
     python examples/train_digits.py --epochs 30
     python examples/train_digits.py --dashboard     # and watch it live at http://127.0.0.1:8050
@@ -107,9 +108,14 @@ def main() -> None:
         model,
         loss_fn,
         Batches(x_train, y_train, args.batch_size, args.seed),
-        optax.adam(args.lr),
+        optax.inject_hyperparams(optax.adam)(learning_rate=args.lr),
         quantities,
     )
+
+    def evaluate(learner: lm.Learner) -> dict[str, float]:
+        """Accuracy on the held-out images, at the start and after every epoch."""
+        return {"test_acc": float(jnp.mean(jnp.argmax(learner.model(x_test), -1) == y_test))}
+
     steps_per_epoch = len(learner.batches)
     print(f"digits: {len(x_train)} train / {len(x_test)} test, {steps_per_epoch} steps per epoch")
     print(
@@ -123,7 +129,7 @@ def main() -> None:
         counts = last["grad_hist_1d"]
         centre = counts[49:51].sum() / counts.sum()
         clamped = (counts[0] + counts[-1]) / counts.sum()
-        accuracy = float(jnp.mean(jnp.argmax(learner.model(x_test), -1) == y_test))
+        accuracy = history["test_acc"][-1]
         tqdm.write(
             f"{epoch:>5} {last['loss']:>8.4f} {last['grad_norm']:>9.4f} "
             f"{last['distance']:>8.3f} {last['update_size']:>8.4f} {last['norm_test']:>9.4f} "
@@ -139,10 +145,12 @@ def main() -> None:
         runs_dir=args.runs_dir,
         dashboard=args.dashboard or False,
         on_epoch=report,
+        eval_fn=evaluate,
+        config={"batch_size": args.batch_size, "seed": args.seed, "data": "sklearn digits"},
     )
     run = lm.list_runs(args.runs_dir)[-1]
     print(
-        f"run kept in {run['path']} ({run['n_steps']} tracked steps): "
+        f"run kept in {run['path']} ({run['n_steps']} steps recorded): "
         f"lm.load_run({str(run['path'])!r})"
     )
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import collections
-import importlib.metadata
+import functools
 import os
-import platform
-import signal
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -21,13 +18,23 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from lmd4ml import protocol, stats
+from lmd4ml.describing import json_safe
 from lmd4ml.quantities import Quantity
-from lmd4ml.quantities.base import describe_keys
 from lmd4ml.schedules import Schedule, as_schedule
 from lmd4ml.stats import LossFn, PyTree
 from lmd4ml.step import InstrumentedStep, Metrics, instrument
-from lmd4ml.telemetry.store import Run, RunStoreError, load_run, new_run_dir
-from lmd4ml.telemetry.writer import Telemetry, writes_telemetry
+from lmd4ml.telemetry.runs import (
+    Recording,
+    StopSignals,
+    Terminated,
+    base_metadata,
+    check_config,
+    hyperparameters,
+    user_values,
+    warn_if_nonfinite,
+)
+from lmd4ml.telemetry.store import Run, RunStoreError, load_run
+from lmd4ml.telemetry.writer import Sink, writes_telemetry
 
 
 class History(dict):
@@ -35,13 +42,21 @@ class History(dict):
 
     ``history[key]`` stacks a quantity's values over the steps it was tracked at (a pytree
     value keeps its structure, each leaf stacked); ``history["step"]`` lists every step at
-    which any quantity was tracked, and ``history.steps(key)`` those of one quantity, the same
-    unless quantities have schedules of their own.
+    which any quantity was tracked, and ``history.steps(key)`` those of one key, the same
+    unless quantities have schedules of their own. Hyperparameters (``hyper/<name>``) are
+    kept at the steps of the instruments, ``eval_fn``'s values at the steps it was called
+    at. ``dashboard_url`` is the URL the dashboard was served on, or None.
     """
 
-    def __init__(self, values: dict[str, Any], steps: dict[str, np.ndarray]):
+    def __init__(
+        self,
+        values: dict[str, Any],
+        steps: dict[str, np.ndarray],
+        dashboard_url: str | None = None,
+    ):
         super().__init__(values)
         self._steps = steps
+        self.dashboard_url = dashboard_url
 
     def steps(self, key: str) -> np.ndarray:
         """The steps at which ``key`` was tracked, int64."""
@@ -206,47 +221,13 @@ def _due_keys(
     return lambda step: frozenset(key for key, due in by_key.items() if due(step))
 
 
-def warn_if_nonfinite(
-    step: int, values: dict[str, Any], stacklevel: int, quantities: Sequence[Quantity] = ()
-) -> bool:
-    """Warn if a run's recorded ``values`` hold NaN or Inf; whether they did. The NaN that a
-    quantity reports by design (:attr:`Quantity.nan_is_missing`) is no cause.
-
-    Example:
-      >>> import warnings, numpy as np
-      >>> with warnings.catch_warnings(record=True) as caught:
-      ...     warnings.simplefilter("always")
-      ...     warn_if_nonfinite(3, {"loss": np.nan, "grad_norm": 1.0}, stacklevel=1)
-      True
-      >>> print(str(caught[0].message).split(";")[0])
-      non-finite values (NaN or Inf) first at step 3 in ['loss']
-      >>> import lmd4ml as lm  # next_batch α is NaN at step 0: nothing has ended yet
-      >>> warn_if_nonfinite(0, {"alpha": np.nan}, 1, [lm.Alpha(end="next_batch")])
-      False
-    """
-    missing = {k for q in quantities if q.nan_is_missing for k in q.metric_keys}
-    bad = [
-        key
-        for key, value in values.items()
-        if key not in missing
-        and not all(np.all(np.isfinite(np.asarray(x, float))) for x in jax.tree.leaves(value))
-    ]
-    if bad:
-        warnings.warn(
-            f"non-finite values (NaN or Inf) first at step {step} in {bad}; they are recorded "
-            "as they are and tracking goes on",
-            RuntimeWarning,
-            stacklevel=stacklevel + 1,
-        )
-    return bool(bad)
-
-
-def _record(learner: Learner, step: int, metrics: Metrics, keep: bool) -> Metrics:
-    """Bring one tracked step's metrics to the host, append them to the history if ``keep``,
-    return them."""
-    values = stats.to_host(metrics)
+def _keep(learner: Learner, step: int, values: Metrics, keep: bool, instruments: bool) -> None:
+    """Append one step's host ``values`` to the learner's history if ``keep`` (and the step
+    to ``history["step"]`` if they are the ``instruments``'); warn at the learner's first
+    non-finite value."""
     if keep:
-        learner.history["step"].append(step)
+        if instruments:
+            learner.history["step"].append(step)
         for key, value in values.items():
             learner.history[key].append(value)
             learner.tracked_steps[key].append(step)
@@ -254,156 +235,118 @@ def _record(learner: Learner, step: int, metrics: Metrics, keep: bool) -> Metric
         step, values, stacklevel=4, quantities=learner.step.quantities
     ):
         learner.first_nonfinite = step
-    return values
 
 
-def as_history(learner: Learner) -> History:
+def as_history(learner: Learner, dashboard_url: str | None = None) -> History:
     """The learner's history so far (see :class:`History`)."""
     values: dict[str, Any] = {"step": np.asarray(learner.history["step"], dtype=np.int64)}
     steps = {}
-    for key in learner.step.metric_keys:
+    # The instruments in their order, then hyperparameters and user values as they came.
+    for key in dict.fromkeys([*learner.step.metric_keys, *learner.tracked_steps]):
         if rows := learner.history.get(key):
             values[key] = jax.tree.map(lambda *leaf_rows: np.stack(leaf_rows), *rows)
             steps[key] = np.asarray(learner.tracked_steps[key], dtype=np.int64)
-    return History(values, steps)
+    return History(values, steps, dashboard_url)
 
 
-def base_metadata(
-    quantities: Sequence[Quantity], keys: Sequence[str], config: Mapping[str, Any]
+def run_metadata(
+    learner: Learner,
+    config: Mapping[str, Any],
+    *,
+    hyper: Sequence[str] = (),
+    user: Sequence[str] = (),
+    total_steps: int | None = None,
 ) -> dict[str, Any]:
-    """What every run records about itself: quantities, keys, config, versions and process.
-
-    ``quantities_by_key`` says for each key what it is (its class, the kind that readers
-    such as the dashboard treat it as, and its settings:
-    :func:`lmd4ml.quantities.base.describe_keys`, siblings too), so that a quantity given a
-    ``name=`` of its own is still read as what it is.
-
-    Example:
-      >>> import lmd4ml as lm
-      >>> meta = base_metadata([lm.Loss()], ["loss"], {"lr": 0.1, "tx": object})
-      >>> meta["keys"], meta["config"]["lr"], "jax" in meta["versions"]
-      (['loss'], 0.1, True)
-      >>> narrow = lm.GradHist1d(nbins=20, maxval=0.1, name="narrow")
-      >>> base_metadata([narrow], ["narrow"], {})["quantities_by_key"]["narrow"]
-      {'class': 'GradHist1d', 'kind': 'grad_hist_1d', 'args': {'nbins': 20, 'maxval': 0.1}}
-    """
-    return {
-        "quantities": [repr(q) for q in quantities],
-        "quantities_by_key": {k: d for q in quantities for k, d in describe_keys(q).items()},
-        "axes": {q.key: q.axes() for q in quantities if q.axes()},
-        "keys": list(keys),
-        "config": {
-            k: v if isinstance(v, int | float | str | bool) else repr(v) for k, v in config.items()
-        },
-        "versions": {
-            name: importlib.metadata.version(name)
-            for name in ("lmd4ml", "jax", "jaxlib", "flax", "optax", "numpy")
-        },
-        "python": platform.python_version(),
-        "pid": os.getpid(),
-    }
-
-
-def run_metadata(learner: Learner, config: Mapping[str, Any]) -> dict[str, Any]:
-    """What a run of ``train`` records: :func:`base_metadata`, the model and the optimizer."""
+    """What a run of ``train`` records: :func:`~lmd4ml.telemetry.runs.base_metadata`, the
+    model and the optimizer (described readably: :func:`lmd4ml.describing.json_safe`)."""
     params = learner.state.params
     leaves = jax.tree_util.tree_leaves_with_path(params)
+    quantities, keys = learner.step.quantities, learner.step.metric_keys
     return {
-        **base_metadata(learner.step.quantities, learner.step.metric_keys, config),
+        **base_metadata(quantities, keys, config, hyper=hyper, user=user, total_steps=total_steps),
         "model": {
             "kind": "nnx.Module" if learner._module else type(params).__name__,
             "class": type(learner._module).__name__ if learner._module else None,
             "n_params": int(sum(np.size(x) for _, x in leaves)),
             "shapes": {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in leaves},
         },
-        "optimizer": repr(learner.step.optimizer),
+        "optimizer": json_safe(learner.step.optimizer),
     }
 
 
-class Terminated(SystemExit):
-    """SIGTERM (a scheduler's stop, ``kill``) arrived while a run recorded: it stops between
-    steps, is closed as "interrupted", and, uncaught, the process exits with status 143
-    (128 + SIGTERM), as the signal would have ended it."""
+class Evaluator:
+    """``eval_fn(learner)``, called at most once per step, its values checked
+    (:func:`~lmd4ml.telemetry.runs.user_values`). Its first call fixes the keys, as the run's
+    layout is fixed when it opens: later calls may return fewer, never new ones.
 
-
-class StopSignals:
-    """Ctrl-C (SIGINT) and SIGTERM, while a loop records a run, acted on between its steps.
-
-    Raised by Python's own handler, ``KeyboardInterrupt`` lands wherever the main thread is:
-    halfway through recording a step, or in JAX's garbage-collection callback, which
-    swallows it (jax-ml/jax#18246). Here the handlers only note the signal, and
-    :meth:`check`, called between steps, raises ``KeyboardInterrupt`` or :class:`Terminated`.
-    The first signal puts the previous handlers back, so that a second one acts at once
-    (on a step or a data loader that does not end). Only in the main thread, and only for
-    signals whose handler is Python's default; a handler of the user's own is left alone.
-    Not under ``jax.distributed``: a process that stopped a step after another would wait for
-    it in that step's collectives forever.
+    Example:
+      >>> evaluate = Evaluator(lambda learner: {"val_acc": 0.5}, None, taken=["loss"])
+      >>> evaluate(None, 0), evaluate(None, 0), evaluate.keys
+      ({'val_acc': np.float64(0.5)}, {}, ['val_acc'])
     """
 
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
+    def __init__(
+        self,
+        eval_fn: Callable[[Learner], Mapping[str, Any]] | None,
+        eval_every: Schedule | None,
+        taken: Collection[str],
+    ):
+        if eval_fn is not None and not callable(eval_fn):
+            raise TypeError(
+                "eval_fn must be a function learner -> {name: number}, e.g. one returning "
+                f"{{'val_acc': ...}}; got {type(eval_fn).__name__}"
+            )
+        if eval_fn is None and eval_every is not None:
+            raise ValueError("eval_every says when to call eval_fn, which is None: pass both")
+        self.fn = eval_fn
+        self.due = None if eval_every is None else as_schedule(eval_every, "eval_every")
+        self.taken = taken
+        self.keys: list[str] | None = None
+        self._last: int | None = None
 
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
-            defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
-            for signum, default in defaults.items():
-                if signal.getsignal(signum) is default:
-                    self._previous[signum] = signal.signal(signum, self._note)
-        return self
+    def due_at(self, step: int) -> bool:
+        """Whether ``eval_fn`` is due at ``step`` by ``eval_every``, or as its first call."""
+        if self.fn is None:
+            return False
+        return self.keys is None or (self.due is not None and bool(self.due(step)))
 
-    def _note(self, signum: int, frame: Any) -> None:
-        self.received = signum
-        self._restore()
-
-    def _restore(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous.clear()
-
-    def check(self) -> None:
-        """Raise for the signal received since the last call, if any."""
-        signum, self.received = self.received, None
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if signum == signal.SIGTERM:
-            raise Terminated(128 + signum)
-
-    def __exit__(self, *exc: object) -> None:
-        self._restore()
-
-
-def serve_dashboard(runs_dir: str | os.PathLike | None, dashboard: bool | int) -> None:
-    """Serve the dashboard of ``runs_dir`` from a process of its own (``True``: port 8050);
-    under ``jax.distributed``, from process 0 only."""
-    if dashboard is False:
-        return
-    if runs_dir is None:
-        raise ValueError("dashboard=True shows the runs in runs_dir, which is None")
-    if not writes_telemetry():
-        return
-    from lmd4ml.dashboard.launch import open_dashboard
-
-    port = 8050 if dashboard is True else int(dashboard)
-    url, server = open_dashboard(runs_dir, port)
-    print(f"lmd4ml dashboard: {url} (server pid {server.pid})", flush=True)
+    def __call__(self, learner: Learner, step: int) -> dict[str, np.float64]:
+        """The values of ``eval_fn`` for the parameters θ of ``step``; ``{}`` without one,
+        or if this step was evaluated already."""
+        if self.fn is None or self._last == step:
+            return {}
+        self._last = step
+        values = user_values(self.fn(learner), self.taken, "eval_fn's result")
+        if self.keys is None:
+            self.keys = list(values)
+        new = [key for key in values if key not in self.keys]
+        if new:
+            raise ValueError(
+                f"eval_fn returned {new} at step {step}, which its first call did not (it "
+                f"returned {self.keys}): a run's keys are fixed when it opens, so return every "
+                "key from the first call on (NaN for one not known yet)"
+            )
+        return values
 
 
-def _open_telemetry(
+def _open_run(
     learner: Learner,
+    recording: Recording,
     batch: PyTree,
-    runs_dir: str | os.PathLike,
-    run_name: str | None,
-    config: Mapping[str, Any],
     mask: jax.Array | None,
-) -> Telemetry:
+    metadata: Callable[..., dict[str, Any]],
+    user: Sequence[str],
+) -> None:
     # Traced as the step is called (with its mask), so that the trace is the step's own.
     shapes = jax.eval_shape(
         lambda s, b, m: learner.step(s, b, track=True, mask=m)[1], learner.state, batch, mask
     )
-    shapes = stats.host_shapes(shapes)
-    run_dir = new_run_dir(runs_dir, run_name)
-    return Telemetry(run_dir, run_metadata(learner, config), shapes)
+    hyper = hyperparameters(learner.state.opt_state)
+    user_shapes = {key: jax.ShapeDtypeStruct((), np.float64) for key in user}
+    recording.open(
+        metadata(hyper=list(hyper), user=list(user)),
+        {**stats.host_shapes(shapes), **hyper, **user_shapes},
+    )
 
 
 def train(
@@ -419,6 +362,10 @@ def train(
     dashboard: bool | int = False,
     last_batch: Literal["pad", "drop"] = "pad",
     history: bool = True,
+    eval_fn: Callable[[Learner], Mapping[str, Any]] | None = None,
+    eval_every: Schedule | None = None,
+    config: Mapping[str, Any] | None = None,
+    sinks: Sequence[Sink] = (),
 ) -> History | Run | None:
     """Train ``learner`` for ``epochs`` passes over its batches, tracking its quantities.
 
@@ -436,8 +383,9 @@ def train(
       on_epoch: called after each epoch with the epoch (from 1) and the history so far.
       progress: show a progress bar with the loss and steps/s.
       dashboard: serve the live dashboard of ``runs_dir`` (``True``: on port 8050, or this
-        port) from a process of its own and print its URL; it outlives training, then stops
-        5 minutes after this process has exited and no page is open (see
+        port; a busy one is replaced by a free one) from a process of its own and print its
+        URL, which the returned history keeps as ``dashboard_url``; it outlives training,
+        then stops 5 minutes after this process has exited and no page is open (see
         :mod:`lmd4ml.dashboard.launch`). Needs the ``dashboard`` extra.
       last_batch: what to do with a batch shorter than the first (a DataLoader's last):
         ``"pad"`` it to the first's size with a sample mask, so that one compiled program
@@ -448,13 +396,34 @@ def train(
         in the run store only, so that the process's memory stays flat however long it
         trains (needs ``runs_dir``; ``on_epoch`` then gets a history without this call's
         values).
+      eval_fn: numbers of your own, ``eval_fn(learner) -> {name: number}`` (a validation
+        accuracy, say), called on the host and recorded beside the instruments: in the
+        history (``history.steps(name)`` says when), the run, its live ring and its sinks.
+        Names are like ``val_acc`` or ``val/acc`` and no instrument's key; values are real
+        scalars, NaN and Inf recorded with a warning. It is called with the parameters θₜ
+        that step t's update starts from, and its values go to step t, where the
+        instruments that describe θₜ are: by default at the first step and after every
+        epoch (the last included, at the step after the last). Its first call fixes the
+        keys of the run (every later call returns some of them).
+      eval_every: when to call ``eval_fn`` instead: every k-th step, or a schedule
+        ``step -> bool``, asked at every step and at the step after the last (step 0 is
+        before any update), and always at the first step of the call.
+      config: anything worth keeping with the run (batch size, a description), recorded
+        readably beside what ``train`` records of itself (epochs, schedules...; a name of
+        those is an error): schedules and optax objects by what made them
+        (:func:`lmd4ml.describing.json_safe`). The optimizer is recorded too, and the values
+        of ``optax.inject_hyperparams`` hyperparameters (the learning rate, even from a
+        schedule) at every tracked step, as ``hyper/<name>``.
+      sinks: other places each recorded step goes, from the writer thread
+        (:class:`lmd4ml.telemetry.writer.Sink`: TensorBoard, W&B, MLflow); also with
+        ``runs_dir=None``. One that raises is reported once and not called again.
 
     Ctrl-C and SIGTERM stop training cleanly at the end of the step under way
-    (:class:`StopSignals`; a second one stops at once): every step so far is recorded, the run
-    is closed as "interrupted" and its shared memory released, with one warning; then Ctrl-C's
-    ``KeyboardInterrupt`` goes on up, and SIGTERM's :class:`Terminated` (a ``SystemExit``)
-    ends the process with status 143 unless caught. Under ``jax.distributed`` both keep
-    their default action.
+    (:class:`~lmd4ml.telemetry.runs.StopSignals`; a second one stops at once): every step so
+    far is recorded, the run is closed as "interrupted" and its shared memory released, with
+    one warning; then Ctrl-C's ``KeyboardInterrupt`` goes on up, and SIGTERM's
+    :class:`~lmd4ml.telemetry.runs.Terminated` (a ``SystemExit``) ends the process with
+    status 143 unless caught. Under ``jax.distributed`` both keep their default action.
 
     Under ``jax.distributed`` every process calls ``train`` on its share of each global batch
     and gets the same history; only process 0 writes the run, serves the dashboard and shows
@@ -466,6 +435,17 @@ def train(
       ``history=False``, the run written (:func:`lmd4ml.load_run`'s :class:`Run`, which
       reads its values from the store), or ``None`` if there is none: nothing was tracked,
       its store was lost, or another process of ``jax.distributed`` writes it.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, lmd4ml as lm
+      >>> data = [(jnp.ones((4, 2)), jnp.ones(4))] * 3
+      >>> learner = lm.Learner(jnp.zeros(2), lambda w, b: (b[0] @ w - b[1]) ** 2, data,
+      ...                      optax.sgd(0.1), [lm.Loss()])
+      >>> def evaluate(learner):
+      ...     return {"w_sum": float(jnp.sum(learner.params))}
+      >>> history = lm.train(learner, epochs=2, eval_fn=evaluate, runs_dir=None, progress=False)
+      >>> history.steps("w_sum").tolist(), history["step"].tolist()
+      ([0, 3, 6], [0, 1, 2, 3, 4, 5])
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
@@ -480,32 +460,45 @@ def train(
         raise ValueError("history=False keeps the values in the run store only: give a runs_dir")
     shaper = BatchShaper(learner, last_batch)
     due = _due_keys(learner, track_every, schedules or {})
+    evaluate = Evaluator(eval_fn, eval_every, taken=["step", *learner.step.metric_keys])
     total = len(learner.batches) * epochs if hasattr(learner.batches, "__len__") else None
     if total == 0:
         raise ValueError("batches is empty: there is nothing to train on")
-    serve_dashboard(runs_dir, dashboard)
-    if not writes_telemetry():  # several processes: process 0 alone writes and reports
-        runs_dir, progress = None, False
-    config = {
+    recorded = {
         "epochs": epochs,
         "track_every": track_every,
         "schedules": dict(schedules or {}),
         "memory_budget": learner.step.memory_budget,
         "last_batch": last_batch,
+        "eval_fn": eval_fn,
+        "eval_every": eval_every,
     }
+    config = {**recorded, **check_config(config, own=recorded)}
+    total_steps = None if total is None else learner.steps_done + total
+    metadata = functools.partial(run_metadata, learner, config, total_steps=total_steps)
+    recording = Recording(runs_dir, run_name, sinks=sinks, dashboard=dashboard)
+    progress = progress and writes_telemetry()  # several processes: process 0 alone reports
     bar = tqdm(total=total, unit="step", disable=not progress, dynamic_ncols=True)
-    pending: tuple[int, Metrics] | None = None
-    telemetry: Telemetry | None = None
+    pending: tuple[int, Metrics, Metrics] | None = None  # a tracked step's device values
+    with_hyper = bool(hyperparameters(learner.state.opt_state))
     last_loss, shown = None, time.monotonic()
     status = "failed"
 
     def record_pending() -> None:
         nonlocal pending
         if pending is not None:
-            values = _record(learner, *pending, keep=history)
-            if telemetry is not None:
-                telemetry.submit(pending[0], values)
+            step, metrics, hyper = pending
             pending = None
+            values = stats.to_host({**metrics, **hyper})
+            _keep(learner, step, values, history, instruments=True)
+            recording.record(step, values, complete=True)
+
+    def evaluated(step: int) -> dict[str, np.float64]:
+        """eval_fn's values for θ of ``step``, kept; the steps before go to the run first."""
+        record_pending()
+        values = evaluate(learner, step)
+        _keep(learner, step, values, history, instruments=False)
+        return values
 
     stopped_by = None
     try:
@@ -519,17 +512,21 @@ def train(
                         continue
                     step = learner.steps_done
                     track = due(step)
-                    if track and telemetry is None and runs_dir is not None:
-                        telemetry = _open_telemetry(
-                            learner, batch, runs_dir, run_name, config, mask
-                        )
+                    values = evaluated(step) if evaluate.due_at(step) else {}
+                    if (track or values) and recording.wanted and recording.telemetry is None:
+                        _open_run(learner, recording, batch, mask, metadata, evaluate.keys or [])
+                    recording.record(step, values, complete=not track)
                     learner.state, metrics, loss = learner.step.step_with_loss(
                         learner.state, batch, track=track, mask=mask
                     )
-                    # Fetch the previous tracked step only now, so the host never waits on the
-                    # step it just dispatched.
+                    # The values the update used. Copied where the next step reuses the
+                    # state's memory; fetched, as the metrics, only after the next step is
+                    # dispatched: the host never waits on the step it just dispatched.
+                    hyper = {}
+                    if metrics and with_hyper:
+                        hyper = learner._own(hyperparameters(learner.state.opt_state))
                     record_pending()
-                    pending = (step, metrics) if metrics else None
+                    pending = (step, metrics, hyper) if metrics else None
                     if last_loss is not None and time.monotonic() - shown > 0.25:
                         bar.set_postfix(loss=f"{float(last_loss):.4g}", refresh=False)
                         shown = time.monotonic()
@@ -545,9 +542,15 @@ def train(
                         f"batches yielded nothing {where}; pass a re-iterable such as a list, or "
                         "an object whose __iter__ starts over"
                     )
+                if evaluate.due is None:  # by default after every epoch
+                    step = learner.steps_done
+                    recording.record(step, evaluated(step), complete=False)
                 if on_epoch is not None:
                     record_pending()
-                    on_epoch(epoch + 1, as_history(learner))
+                    on_epoch(epoch + 1, as_history(learner, recording.dashboard_url))
+            if evaluate.due is not None and evaluate.due(learner.steps_done):
+                step = learner.steps_done
+                recording.record(step, evaluated(step), complete=True)
             stop.check()  # a signal after the last step is not lost
         status = "finished"
     except (KeyboardInterrupt, Terminated) as stop:
@@ -556,29 +559,28 @@ def train(
         raise
     finally:
         record_pending()
-        if telemetry is not None:
-            telemetry.close(status)
+        recording.close(status)
         if last_loss is not None:
             bar.set_postfix(loss=f"{float(last_loss):.4g}", refresh=False)
         bar.close()
         if stopped_by is not None:
             message = f"lm.train stopped by {stopped_by} at step {learner.steps_done}"
-            if telemetry is not None:
+            if recording.run_dir is not None:
                 message += (
-                    f": the run {telemetry.run_dir} is closed as interrupted, with the steps "
+                    f": the run {recording.run_dir} is closed as interrupted, with the steps "
                     "tracked until then"
                 )
             warnings.warn(message, RuntimeWarning, stacklevel=2)
     if history:
-        return as_history(learner)
-    return _stored(telemetry)
+        return as_history(learner, recording.dashboard_url)
+    return _stored(recording)
 
 
-def _stored(telemetry: Telemetry | None) -> Run | None:
-    """The run ``telemetry`` wrote, or None where it has none (its store was lost)."""
-    if telemetry is None:
+def _stored(recording: Recording) -> Run | None:
+    """The run ``recording`` wrote, or None where it has none (its store was lost)."""
+    if recording.run_dir is None:
         return None
     try:
-        return load_run(telemetry.run_dir)
+        return load_run(recording.run_dir)
     except RunStoreError:
         return None

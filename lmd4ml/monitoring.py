@@ -15,7 +15,7 @@ already computes: inside one ``jax.jit`` XLA merges the two computations into on
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,14 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from lmd4ml import protocol, stats
-from lmd4ml.learner import (
-    StopSignals,
-    Terminated,
-    base_metadata,
-    serve_dashboard,
-    warn_if_nonfinite,
-)
+from lmd4ml import checks, protocol, stats
 from lmd4ml.quantities import Quantity
 from lmd4ml.stats import DataAxis, PyTree, sharding
 from lmd4ml.step import (
@@ -45,8 +38,19 @@ from lmd4ml.step import (
     strongly_typed,
 )
 from lmd4ml.supervised import supervised
-from lmd4ml.telemetry.store import STATUSES, new_run_dir
-from lmd4ml.telemetry.writer import Telemetry, writes_telemetry
+from lmd4ml.telemetry.runs import (
+    Recording,
+    StopSignals,
+    Terminated,
+    base_metadata,
+    check_config,
+    check_user_name,
+    check_user_values,
+    hyperparameters,
+    warn_if_nonfinite,
+)
+from lmd4ml.telemetry.store import STATUSES
+from lmd4ml.telemetry.writer import Sink, writes_telemetry
 
 PROBE_BATCH = 8
 """Samples in the stand-in batch that ``init`` traces the quantities on to learn their shapes."""
@@ -377,16 +381,16 @@ def metrics(state: Any) -> Metrics:
       >>> int(m["step"]), bool(jnp.isnan(m["loss"]))
       (-1, True)
     """
-    values, samples = _read(state)
+    pure = _monitor_state(state)
     # The check is one flag of the tracked updates: read it once the update is done, so
     # that reading the values never waits for the device.
-    if not isinstance(samples, jax.Array) or samples.is_ready():
-        check_samples(samples)
-    return values
+    if not isinstance(pure.samples, jax.Array) or pure.samples.is_ready():
+        check_samples(pure.samples)
+    return {"step": pure.tracked_step, **pure.metrics}
 
 
-def _read(state: Any) -> tuple[Metrics, jax.Array]:
-    """The values in a monitor's state, and its flag of interacting samples."""
+def _monitor_state(state: Any) -> MonitorState:
+    """The one monitor state within ``state``, its leaves plain arrays."""
     found = _monitor_states(state)
     if len(found) != 1:
         what = "no lm.monitor state" if not found else f"{len(found)} lm.monitor states"
@@ -396,8 +400,7 @@ def _read(state: Any) -> tuple[Metrics, jax.Array]:
             "tx = lm.monitor(optax.adam(1e-3), quantities) (or of a chain, MultiSteps, "
             "nnx.Optimizer or TrainState holding it)"
         )
-    pure = nnx.as_pure(found[0])  # nnx.Optimizer wraps every leaf of its state in a Variable
-    return {"step": pure.tracked_step, **pure.metrics}, pure.samples
+    return nnx.as_pure(found[0])  # nnx.Optimizer wraps every leaf of its state in a Variable
 
 
 def check_samples(samples: Any) -> None:
@@ -408,28 +411,51 @@ def check_samples(samples: Any) -> None:
         raise protocol.coupling_error(batchnorm=code == 2)
 
 
+class _Logged(NamedTuple):
+    """What one ``Recorder.log`` took from its state, fetched at the next call."""
+
+    state: MonitorState  # its values, tracked_step, count and samples flag
+    hyper: dict[str, jax.Array]  # the hyperparameters the state's last update used
+    extra: dict[str, Any]  # the user's values for the parameters after that update
+
+
 class Recorder:
-    """Sends the values of a monitored loop to a run, as ``lm.train`` does: store and live ring.
+    """Sends the values of a monitored loop to a run, as ``lm.train`` does: store, live ring
+    and sinks.
 
     ``log(state)`` after each step takes :func:`metrics` of ``state`` (anything holding a
     monitor's state) and hands each newly tracked update to the background writer of
     :mod:`lmd4ml.telemetry.writer`; values are fetched from the device one call late, so the
     loop never waits for the step it just dispatched. The run (``runs_dir/<run>``, see
-    :func:`lmd4ml.load_run`) opens at the first tracked update; ``close`` (or leaving the
+    :func:`lmd4ml.load_run`) opens at the first value recorded; ``close`` (or leaving the
     ``with`` block) writes what is left and marks it finished, failed or interrupted. Within
     the block, Ctrl-C and SIGTERM stop the loop at the next ``log`` (a second one at once),
-    as ``lm.train`` stops between steps (:class:`~lmd4ml.learner.StopSignals`). The first
-    NaN or Inf recorded raises one ``RuntimeWarning`` naming its step and keys. Under
+    as ``lm.train`` stops between steps (:class:`~lmd4ml.telemetry.runs.StopSignals`). The
+    first NaN or Inf recorded raises one ``RuntimeWarning`` naming its step and keys. Under
     ``jax.distributed`` only process 0 records; on the others ``log`` does nothing.
 
+    ``log(state, extra={"val_acc": ...})`` records numbers of your own too, for the
+    parameters as they are after the update in ``state`` (the t-th, counted from 0): at step
+    t + 1, where the instruments of the next update, which starts from them, go; as
+    ``lm.train``'s ``eval_fn`` values go to the step whose parameters they describe. A JAX
+    scalar is fetched one call late, as the instruments are. The run's keys are fixed when
+    it opens: name in ``extra_keys`` those you log only later. The hyperparameters of
+    ``optax.inject_hyperparams`` states in ``state`` (the learning rate) are recorded at
+    each tracked update, as ``hyper/<name>``.
+
     Args:
-      runs_dir: where the run's directory is made.
+      runs_dir: where the run's directory is made; ``None`` for none (the sinks only).
       run_name: its name (default: a sortable timestamp).
       quantities: the monitor's quantities, recorded with the run (the dashboard reads their
         options, e.g. a histogram's range).
-      config: anything worth keeping with the run (learning rate, batch size).
+      config: anything worth keeping with the run (learning rate, batch size, the optimizer),
+        recorded readably (:func:`lmd4ml.describing.json_safe`).
       dashboard: serve the live dashboard of ``runs_dir`` (``True``: port 8050, or this port),
-        as ``lm.train(dashboard=...)`` does.
+        as ``lm.train(dashboard=...)`` does; its URL is ``dashboard_url``.
+      sinks: other places each recorded step goes, as in ``lm.train``
+        (:class:`lmd4ml.telemetry.writer.Sink`).
+      extra_keys: names of ``extra`` values first logged after the run has opened.
+      total_steps: the updates the loop expects to take, for the dashboard's progress.
 
     Example:
       >>> import tempfile, jax.numpy as jnp, optax, lmd4ml as lm
@@ -438,64 +464,116 @@ class Recorder:
       >>> loss_fn = lambda w, b: (b[0] @ w - b[1]) ** 2
       >>> opt_state, runs = tx.init(w), tempfile.mkdtemp()
       >>> with lm.Recorder(runs, "demo", quantities=[lm.Loss()]) as recorder:
-      ...     for _ in range(3):
+      ...     for t in range(3):
       ...         _, opt_state = tx.update(w, opt_state, w, loss_fn=loss_fn, batch=batch)
-      ...         recorder.log(opt_state)
-      >>> lm.load_run(f"{runs}/demo").steps().tolist()
-      [0, 1, 2]
+      ...         recorder.log(opt_state, extra={"val_loss": 2.0 - t})
+      >>> run = lm.load_run(f"{runs}/demo")
+      >>> run.steps().tolist(), run["val_loss"][0].tolist()
+      ([0, 1, 2, 3], [1, 2, 3])
     """
 
     def __init__(
         self,
-        runs_dir: str | os.PathLike = "runs",
+        runs_dir: str | os.PathLike | None = "runs",
         run_name: str | None = None,
         *,
         quantities: Sequence[Quantity] = (),
-        config: dict[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
         dashboard: bool | int = False,
+        sinks: Sequence[Sink] = (),
+        extra_keys: Sequence[str] = (),
+        total_steps: int | None = None,
     ):
-        self.runs_dir = runs_dir
-        self.run_name = run_name
+        if total_steps is not None:
+            checks.check_int("lm.Recorder: total_steps", total_steps, 1)
+        if isinstance(extra_keys, str):
+            raise TypeError(f"extra_keys must be a list of names, got the string {extra_keys!r}")
         self.quantities = tuple(quantities)
-        self.config = dict(config or {})
-        self.telemetry: Telemetry | None = None
-        self._pending: tuple[Metrics, jax.Array] | None = None
+        self.config = check_config(config)
+        self.total_steps = total_steps
+        self._declared = [check_user_name(k, ["step"], "extra_keys") for k in extra_keys]
+        self._recording = Recording(runs_dir, run_name, sinks=sinks, dashboard=dashboard)
+        self.dashboard_url = self._recording.dashboard_url
+        self._pending: _Logged | None = None
         self._last_step = -1
         self._warned_nonfinite = False
         self._writes = writes_telemetry()
         self._signals = StopSignals()
-        serve_dashboard(runs_dir, dashboard)
 
     @property
     def run_dir(self) -> Path | None:
-        """The run's directory, once the first tracked update has been recorded."""
-        return None if self.telemetry is None else self.telemetry.run_dir
+        """The run's directory, once the first value has been recorded."""
+        return self._recording.run_dir
 
-    def log(self, state: Any) -> None:
-        """Record the monitor's values in ``state`` if they are from a newly tracked update."""
+    def log(self, state: Any, extra: Mapping[str, Any] | None = None) -> None:
+        """Record the monitor's values in ``state`` if they are from a newly tracked update,
+        and ``extra``, your own numbers for the parameters after that update."""
         if self._writes:
+            pure = _monitor_state(state)
+            what = "lm.Recorder.log: extra"
+            extra = check_user_values({} if extra is None else extra, ["step", *pure.metrics], what)
+            self._declare(extra)
             self._flush()
-            self._pending = _read(state)
+            hyper = nnx.as_pure(hyperparameters(state))
+            self._pending = _Logged(pure, hyper, extra)
         self._signals.check()
+
+    def _declare(self, extra: Mapping[str, Any]) -> None:
+        """Take the keys of ``extra`` into the run's layout, or check them against it once
+        the run is open."""
+        new = [key for key in extra if key not in self._declared]
+        if not new:
+            return
+        if self._recording.telemetry is not None:
+            raise ValueError(
+                f"lm.Recorder.log: extra has {new}, which the run did not have when it opened "
+                f"(it has {self._declared}): a run's keys are fixed then, for its ring, store "
+                "and sinks; name them in lm.Recorder(..., extra_keys=[...]) or log them from "
+                "the first step on"
+            )
+        self._declared += new
 
     def _flush(self) -> None:
         if self._pending is None:
             return
-        pending, samples = self._pending
-        values = stats.to_host(pending)
-        self._pending = None
-        check_samples(samples)
-        step = int(values.pop("step"))
-        if step <= self._last_step:  # not tracked since the last call (or never)
+        logged, self._pending = self._pending, None
+        check_samples(logged.state.samples)
+        values = stats.to_host(logged.state.metrics)
+        step, count = int(logged.state.tracked_step), int(logged.state.count)
+        if step > self._last_step:  # tracked since the last call
+            self._last_step = step
+            if step == count - 1:  # the hyperparameters are the tracked update's
+                values.update(stats.to_host(logged.hyper))
+            self._record(logged, step, values, complete=True)
+        extra = {key: np.float64(value) for key, value in logged.extra.items()}
+        # The next update's instruments go to the same step.
+        self._record(logged, count, extra, complete=False)
+
+    def _record(self, logged: _Logged, step: int, values: dict[str, Any], complete: bool) -> None:
+        if not values:
             return
-        self._last_step = step
-        if self.telemetry is None:
-            run_dir = new_run_dir(self.runs_dir, self.run_name)
-            metadata = base_metadata(self.quantities, list(values), self.config)
-            self.telemetry = Telemetry(run_dir, metadata, values)
-        self.telemetry.submit(step, values)
+        if self._recording.wanted and self._recording.telemetry is None:
+            self._open(logged)
+        self._recording.record(step, values, complete=complete)
         if not self._warned_nonfinite:
-            self._warned_nonfinite = warn_if_nonfinite(step, values, 3, self.quantities)
+            self._warned_nonfinite = warn_if_nonfinite(step, values, 4, self.quantities)
+
+    def _open(self, logged: _Logged) -> None:
+        """Open the run with the layout of the monitor's values, the hyperparameters and
+        the declared user keys."""
+        metrics, hyper = logged.state.metrics, logged.hyper
+        for key in self._declared:  # extra_keys were checked before the instruments were known
+            check_user_name(key, ["step", *metrics], "lm.Recorder: extra_keys")
+        user = {key: jax.ShapeDtypeStruct((), np.float64) for key in self._declared}
+        metadata = base_metadata(
+            self.quantities,
+            list(metrics),
+            self.config,
+            hyper=list(hyper),
+            user=self._declared,
+            total_steps=self.total_steps,
+        )
+        self._recording.open(metadata, {**stats.host_shapes(metrics), **hyper, **user})
 
     def close(self, status: str = "finished") -> None:
         """Record what is pending and close the run as ``status``. Idempotent."""
@@ -504,8 +582,7 @@ class Recorder:
         try:
             self._flush()
         finally:
-            if self.telemetry is not None:
-                self.telemetry.close(status)
+            self._recording.close(status)
 
     def __enter__(self) -> Recorder:
         self._signals.__enter__()

@@ -5,18 +5,25 @@ Anywhere a schedule is taken, an integer k means "every k-th step" and any calla
 the quantities due together run as one compiled variant of the step, compiled the first time
 that set is due (so a few distinct sets cost a few compilations, never one per step).
 
+The schedules made here describe themselves (``describe()``), so that a run records them
+readably.
+
 Example:
   >>> import lmd4ml as lm
   >>> [step for step in range(12) if lm.schedules.every(4, start=1)(step)]
   [1, 5, 9]
   >>> sorted(step for step in range(1000) if lm.schedules.logarithmic(0, 3, steps=8)(step))
   [0, 1, 2, 7, 19, 51, 138, 372]
+  >>> lm.schedules.every(4).describe()
+  {'function': 'lmd4ml.schedules.every', 'k': 4, 'start': 0}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -25,17 +32,50 @@ from lmd4ml import checks
 Schedule = int | Callable[[int], bool]
 
 
-def every(k: int, start: int = 0) -> Callable[[int], bool]:
+@dataclasses.dataclass(frozen=True)
+class Every:
+    """Steps ``start``, ``start + k``, ``start + 2k``, … (made by :func:`every`)."""
+
+    k: int
+    start: int = 0
+
+    def __call__(self, step: int) -> bool:
+        return step >= self.start and (step - self.start) % self.k == 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"function": f"{__name__}.every", **dataclasses.asdict(self)}
+
+
+def every(k: int, start: int = 0) -> Every:
     """Track at steps ``start``, ``start + k``, ``start + 2k``, …"""
     checks.check_int("every: k", k, 1)
     checks.check_int("every: start", start, 0)
-    k, start = int(k), int(start)
-    return lambda step: step >= start and (step - start) % k == 0
+    return Every(int(k), int(start))
+
+
+@dataclasses.dataclass(frozen=True)
+class Logarithmic:
+    """The steps of :func:`logarithmic`, with the arguments that made them."""
+
+    start: float
+    end: float
+    steps: int
+    base: float
+    init: bool
+    due: frozenset[int] = dataclasses.field(repr=False, compare=False)
+
+    def __call__(self, step: int) -> bool:
+        return step in self.due
+
+    def describe(self) -> dict[str, Any]:
+        arguments = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del arguments["due"]  # what the arguments make
+        return {"function": f"{__name__}.logarithmic", **arguments}
 
 
 def logarithmic(
     start: float, end: float, steps: int = 300, base: float = 10.0, init: bool = True
-) -> Callable[[int], bool]:
+) -> Logarithmic:
     """Track at ``steps`` points spaced evenly in log between ``base**start`` and ``base**end``.
 
     The points are truncated to integers, as in Cockpit's schedule of the same name, so early
@@ -59,7 +99,7 @@ def logarithmic(
         raise ValueError(f"logarithmic: init must be True or False, got {init!r}")
     points = np.logspace(start, end, steps, base=base).astype(np.int64)
     due = frozenset(points.tolist()) | ({0} if init else set())
-    return due.__contains__
+    return Logarithmic(start, end, int(steps), base, init, due)
 
 
 def as_schedule(schedule: Schedule, what: str = "a schedule") -> Callable[[int], bool]:

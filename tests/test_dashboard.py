@@ -26,6 +26,7 @@ from lmd4ml.dashboard.data import (
     minmax_indices,
 )
 from lmd4ml.dashboard.panels import plan
+from lmd4ml.telemetry import runs
 from lmd4ml.telemetry.store import RunWriter, new_run_dir
 from lmd4ml.telemetry.writer import Telemetry
 
@@ -187,7 +188,7 @@ def test_full_figure_then_patches_then_a_redraw_past_the_budget(tmp_path):
 def test_histograms_are_drawn_over_their_bin_centres(tmp_path):
     hist_1d = lm.GradHist1d(nbins=20, maxval=0.5)
     hist_2d = lm.GradHist2d(bins=(4, 5), range=((-0.1, 0.1), (-2.0, 3.0)))
-    axes = lm.learner.base_metadata([hist_1d, hist_2d], ["a", "b"], {})["axes"]
+    axes = runs.base_metadata([hist_1d, hist_2d], ["a", "b"], {})["axes"]
     fields = {"grad_hist_1d": (20,), "grad_hist_2d": (4, 5), "unbinned": (3,)}
     fake_run(tmp_path, "r", fields, 5, axes=axes)
     fig, _, _ = app.update(
@@ -309,5 +310,6 @@ def test_training_goes_on_when_its_dashboard_dies(tmp_path, capsys):
     history = lm.train(learner, epochs=3, runs_dir=tmp_path, dashboard=port,
                        on_epoch=kill_the_server, progress=False)  # fmt: skip
     assert f"lmd4ml dashboard: http://127.0.0.1:{port}/ (server pid" in capsys.readouterr().out
+    assert history.dashboard_url == f"http://127.0.0.1:{port}/"  # the URL it serves on
     assert len(history["step"]) == 9
     assert lm.list_runs(tmp_path)[-1]["status"] == "finished"

@@ -15,6 +15,7 @@ import pytest
 import lmd4ml as lm
 from lmd4ml.dashboard import app, figure
 from lmd4ml.dashboard.panels import plan
+from lmd4ml.telemetry import runs
 
 NBINS = 11
 
@@ -171,7 +172,7 @@ def test_metadata_records_each_keys_class_and_settings() -> None:
         lm.GradHist2d(bins=(3, 4), name="joint"),
         lm.quantity("max_loss", lambda ctx: ctx.losses.max()),
     ]
-    meta = lm.learner.base_metadata(quantities, [q.key for q in quantities], {})
+    meta = runs.base_metadata(quantities, [q.key for q in quantities], {})
     described = json.loads(json.dumps(meta["quantities_by_key"], allow_nan=False))
     assert described == meta["quantities_by_key"]  # JSON as it is
     assert described["narrow"] == {

@@ -12,8 +12,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-import math
-import numbers
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +25,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from lmd4ml import stats
+from lmd4ml.describing import json_safe
 from lmd4ml.stats import LossFn, PerSample, PyTree
 
 
@@ -517,24 +516,6 @@ def quantity(
     return _FunctionQuantity(fn, init, tuple(per_sample), bool(uses_samples), name=key)
 
 
-def _json_safe(value: Any) -> Any:
-    """``value`` as JSON can hold it: numbers, strings, lists and dicts as they are (NaN and
-    ±inf as strings), functions by their qualified name, anything else by its ``repr``."""
-    if value is None or isinstance(value, bool | str):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value) if math.isfinite(value) else repr(float(value))
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return [_json_safe(v) for v in value]
-    if callable(value) and hasattr(value, "__qualname__"):
-        return f"{getattr(value, '__module__', None) or ''}.{value.__qualname__}".lstrip(".")
-    return repr(value)
-
-
 def describe_keys(q: Quantity) -> dict[str, dict[str, Any]]:
     """:func:`describe` for every key ``q`` reports under: a sibling's ``kind`` is its
     quantity's kind with its suffix, and its ``sibling_of`` is the quantity's key.
@@ -569,18 +550,18 @@ def describe(q: Quantity) -> dict[str, Any]:
     """
     if isinstance(q, _FunctionQuantity):
         args = {"fn": q.fn, "init": q.init_fn, "per_sample": [s.name for s in q.stats]}
-        return {"class": "quantity", "kind": q.key, "args": _json_safe(args)}
+        return {"class": "quantity", "kind": q.key, "args": json_safe(args)}
     kind = getattr(type(q), "key", None)
     fields = [f for f in dataclasses.fields(q) if f.name != "name" and f.init]
     out = {
         "class": type(q).__qualname__,
         "kind": kind if isinstance(kind, str) else q.key,
-        "args": _json_safe({f.name: getattr(q, f.name) for f in fields}),
+        "args": json_safe({f.name: getattr(q, f.name) for f in fields}),
     }
     # What the quantity decided while the step was traced (the method a curvature
     # instrument resolved "auto" to), for a reader to know what was measured.
     resolved = {k: v for k, v in getattr(q, "resolved", {}).items() if k != "warned"}
-    return {**out, "resolved": _json_safe(resolved)} if resolved else out
+    return {**out, "resolved": json_safe(resolved)} if resolved else out
 
 
 State = TypeVar("State")

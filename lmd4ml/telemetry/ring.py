@@ -69,7 +69,8 @@ _HEADER = np.dtype(
      ("record_size", "<u8"), ("data_offset", "<u8"), ("checksum", "u1", (16,))]
 )  # fmt: skip
 _DESCRIBED = slice(8, 40)  # what the header's checksum covers, with the layout: version…offset
-_RESERVED = ("checksum", "seq", "step", "present")
+RESERVED_FIELDS = ("checksum", "seq", "step", "present")
+"""The names a slot gives its own parts, which no field may take."""
 _CHECKSUM_BYTES = 16
 
 # Run with -I -S so that it starts in milliseconds and imports nothing of the user's.
@@ -121,11 +122,11 @@ def record_dtype(fields: Fields) -> np.dtype:
       >>> {name: dt.fields[name][1] for name in dt.names}, dt.itemsize
       ({'checksum': 0, 'seq': 16, 'step': 24, 'present': 32, 'loss': 36, 'hist': 40}, 56)
     """
-    names, offsets = list(_RESERVED), [0, 16, 24, 32]
+    names, offsets = list(RESERVED_FIELDS), [0, 16, 24, 32]
     formats = [("u1", (_CHECKSUM_BYTES,)), "<u8", "<i8", ("?", (len(fields),))]
     end = 32 + len(fields)
     for name, (shape, dtype) in fields.items():
-        if name in _RESERVED:
+        if name in RESERVED_FIELDS:
             raise ValueError(f"field name {name!r} is reserved by the ring")
         dtype = np.dtype(dtype)
         if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
@@ -168,7 +169,7 @@ def _layout(dtype: np.dtype) -> list[dict[str, Any]]:
     return [
         {"name": n, "shape": list(dtype[n].shape), "dtype": dtype[n].base.str,
          "offset": dtype.fields[n][1]}
-        for n in dtype.names[len(_RESERVED):]
+        for n in dtype.names[len(RESERVED_FIELDS):]
     ]  # fmt: skip
 
 

@@ -84,11 +84,22 @@ class RunStoreError(ValueError):
     """A path that is not a readable lmd4ml run: missing, damaged or foreign."""
 
 
+def default_run_name() -> str:
+    """A new run's name: ``YYYYmmdd-HHMMSS-xxxx``, local time and a random suffix, so that
+    names sort by start time.
+
+    Example:
+      >>> len(default_run_name())
+      20
+    """
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
 def new_run_dir(runs_dir: str | os.PathLike, name: str | None = None) -> pathlib.Path:
     """Create and return a fresh run directory ``runs_dir/<name>``.
 
-    Without a name it is ``YYYYmmdd-HHMMSS-xxxx`` (local time and a random suffix), so
-    directory listings sort by start time. An existing name raises ``FileExistsError``.
+    Without a name it is a :func:`default_run_name`, so directory listings sort by start
+    time. An existing name raises ``FileExistsError``.
 
     Example:
       >>> import tempfile
@@ -100,7 +111,7 @@ def new_run_dir(runs_dir: str | os.PathLike, name: str | None = None) -> pathlib
         raise ValueError(f"new_run_dir: name must be a plain directory name, got {name!r}")
     runs_dir.mkdir(parents=True, exist_ok=True)
     while True:
-        path = runs_dir / (name or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+        path = runs_dir / (name or default_run_name())
         try:
             path.mkdir()
             return path
@@ -118,6 +129,16 @@ def _json_default(value: Any) -> Any:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, default=_json_default)
+
+
+def as_stored(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``metadata`` as a run's store keeps it and gives it back: through JSON.
+
+    Example:
+      >>> as_stored({"sizes": (2, 3), "lr": np.float32(0.5), "tx": print})
+      {'sizes': [2, 3], 'lr': 0.5, 'tx': '<built-in function print>'}
+    """
+    return json.loads(_dumps(dict(metadata)))
 
 
 def _connect(path: pathlib.Path) -> sqlite3.Connection:
