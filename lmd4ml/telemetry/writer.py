@@ -25,6 +25,7 @@ import json
 import os
 import queue
 import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -115,8 +116,9 @@ class Telemetry:
         self._thread.start()
 
     def submit(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Queue one tracked step's metrics (host or device arrays); never blocks."""
-        self._queue.put((step, metrics))
+        """Queue one tracked step's metrics (host or device arrays); never blocks. The step's
+        wall time is now: the loop submits a step as soon as it has fetched its values."""
+        self._queue.put((step, metrics, time.time()))
 
     def _open_ring(self, capacity: int) -> None:
         # A run without live view still trains and is kept.
@@ -132,7 +134,7 @@ class Telemetry:
                 # the training thread, and a live view does not need to be fresher than this.
                 self._closing.wait(self.interval)
 
-    def _write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def _write(self, step: int, metrics: Mapping[str, Any], wall_time: float) -> None:
         # The names are fixed by the layout; naming every leaf again would cost more than
         # writing it.
         values = {
@@ -142,7 +144,7 @@ class Telemetry:
         }
         if self.ring is not None:
             self._guarded(RING, step, self.ring.write, step, values)
-        self._guarded(STORE, step, self.store.append, step, values)
+        self._guarded(STORE, step, self.store.append, step, values, wall_time)
 
     def _guarded(self, sink: str, when: int | str, call: Callable[..., Any], *args: Any) -> None:
         """``call(*args)``, unless ``sink`` has failed; its first failure turns it off with
