@@ -111,19 +111,27 @@ TENSORBOARD_CHARACTERS = r"\w\-./"
 MLFLOW_CHARACTERS = r"\w\-. /"
 
 
+def clean(name: str, allowed: str) -> str:
+    """``name`` with every character outside the regex class ``allowed`` replaced by ``_``,
+    and so every empty, ``.`` or ``..`` part between slashes (MLflow rejects names that are
+    not their own normalised path; tensorboardX strips a leading slash).
+
+    Example:
+      >>> clean("x/a:b//..", MLFLOW_CHARACTERS), clean("optimizer.b1", MLFLOW_CHARACTERS)
+      ('x/a_b/_/_', 'optimizer.b1')
+    """
+    parts = re.sub(f"[^{allowed}]", "_", name).split("/")
+    return "/".join("_" if part in ("", ".", "..") else part for part in parts)
+
+
 def clean_tag(name: str, allowed: str) -> str:
-    """:func:`tag` of ``name`` with every character outside the regex class ``allowed``
-    replaced by ``_``, and so every empty, ``.`` or ``..`` part between slashes (MLflow rejects
-    names that are not their own normalised path; tensorboardX strips a leading slash).
+    """:func:`clean` of the :func:`tag` of a stored field's name.
 
     Example:
       >>> clean_tag("grad_norm['conv 1']", TENSORBOARD_CHARACTERS)
       'grad_norm/conv_1'
-      >>> clean_tag("x['a:b']['']['..']", MLFLOW_CHARACTERS)
-      'x/a_b/_/_'
     """
-    parts = re.sub(f"[^{allowed}]", "_", tag(name)).split("/")
-    return "/".join("_" if part in ("", ".", "..") else part for part in parts)
+    return clean(tag(name), allowed)
 
 
 def _is_count(value: Any, n: int) -> bool:
@@ -522,7 +530,7 @@ class MLflowSink:
             )
         params: dict[str, Param] = {}
         for name, text in _mlflow_params(metadata.get("config") or {}):
-            mapped = clean_tag(name, MLFLOW_CHARACTERS)
+            mapped = clean(name, MLFLOW_CHARACTERS)
             if mapped in params:
                 raise ValueError(f"MLflowSink: config keys {name!r} and another map to {mapped!r}")
             params[mapped] = Param(mapped, text)
