@@ -4,6 +4,7 @@ files are read back in test_export.py, through the export that replays a run int
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -119,11 +120,21 @@ def test_two_fields_under_one_name_are_reported():
         plan({}, fields, tensorboard)
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", "", ".", 3])
+@pytest.mark.parametrize("name", ["../x", "a/b", "", ".", "a\0", 3])
 def test_a_run_name_must_be_a_plain_name(name, tmp_path):
     with pytest.raises(ValueError, match="not a plain directory name"):
         TensorBoardSink(tmp_path).start({"name": name}, {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_without_a_name_gets_a_directory_of_its_own(tmp_path):
+    paths = []
+    for _ in range(2):  # in the same second
+        sink = TensorBoardSink(tmp_path)
+        _feed(sink, metadata={**METADATA, "name": None})
+        paths.append(sink.path)
+    assert paths[0] != paths[1] and {p.parent for p in paths} == {tmp_path}
+    assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{4}", paths[0].name)
 
 
 # ------------------------------------------------------------------------------------------ W&B

@@ -49,7 +49,6 @@ import json
 import math
 import os
 import re
-import time
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
@@ -57,6 +56,8 @@ from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
+
+from lmd4ml.telemetry.store import new_run_dir, plain_name
 
 Fields = Mapping[str, tuple[tuple[int, ...], Any]]
 
@@ -294,30 +295,24 @@ def _scalars(entry: Series, value: np.ndarray) -> Iterator[tuple[str, float]]:
     return zip(entry.tags, np.asarray(value, np.float64).reshape(-1).tolist(), strict=True)
 
 
-def run_name(metadata: Mapping[str, Any]) -> str:
+def run_name(metadata: Mapping[str, Any]) -> str | None:
     """The run's name from its metadata, checked to be a plain directory name (it may come
-    from a file); a run without one (no store) is named by the time it started.
+    from a file); None for a run without one (kept in no store).
 
     Example:
-      >>> run_name({"name": "baseline"}), len(run_name({}))
-      ('baseline', 15)
+      >>> run_name({"name": "baseline"}), run_name({})
+      ('baseline', None)
     """
     name = metadata.get("name")
-    if name is None:
-        return time.strftime("%Y%m%d-%H%M%S")
-    if (
-        not isinstance(name, str)
-        or name in ("", ".", "..")
-        or re.search(r"[/\\\0]", name)
-        or len(name) > 255
-    ):
+    if name is not None and not plain_name(name):
         raise ValueError(f"the run's name {name!r} is not a plain directory name")
     return name
 
 
 class TensorBoardSink:
-    """Write a run as TensorBoard event files in ``logdir/<run name>``, through tensorboardX
-    (the ``tensorboard`` extra: tensorboardX and Pillow; no TensorFlow).
+    """Write a run as TensorBoard event files in ``logdir/<run name>`` (a new time-stamped
+    directory for a run without a name), through tensorboardX (the ``tensorboard`` extra:
+    tensorboardX and Pillow; no TensorFlow).
 
     Scalars, histograms with their real bin edges and 2-D histograms as images (see the
     module's docstring); one event per step, holding every value written at that step, at
@@ -354,7 +349,8 @@ class TensorBoardSink:
         self._series = plan(metadata, fields, partial(clean_tag, allowed=TENSORBOARD_CHARACTERS))
         if any(entry.kind == "image" for entry in self._series):
             _require("PIL", "tensorboard", "TensorBoardSink")  # tensorboardX encodes with it
-        path = self.logdir / run_name(metadata)
+        name = run_name(metadata)
+        path = self.logdir / name if name is not None else new_run_dir(self.logdir)
         if path.is_dir() and any(path.glob("events.out.tfevents.*")):
             raise FileExistsError(
                 f"TensorBoardSink: {path} already holds TensorBoard event files, which it "

@@ -87,6 +87,17 @@ class RunStoreError(ValueError):
     """A path that is not a readable lmd4ml run: missing, damaged or foreign."""
 
 
+def plain_name(name: object) -> bool:
+    """Whether ``name`` names a directory right inside another: a string, not empty, ``.``
+    or ``..``, without a slash, backslash or NUL.
+
+    Example:
+      >>> plain_name("baseline"), plain_name("../x"), plain_name(""), plain_name(3)
+      (True, False, False, False)
+    """
+    return isinstance(name, str) and name not in ("", ".", "..") and not re.search(r"[/\\\0]", name)
+
+
 def new_run_dir(runs_dir: str | os.PathLike, name: str | None = None) -> pathlib.Path:
     """Create and return a fresh run directory ``runs_dir/<name>``.
 
@@ -99,7 +110,7 @@ def new_run_dir(runs_dir: str | os.PathLike, name: str | None = None) -> pathlib
       'baseline'
     """
     runs_dir = pathlib.Path(runs_dir)
-    if name is not None and (name in ("", ".", "..") or re.search(r"[/\\]", name)):
+    if name is not None and not plain_name(name):
         raise ValueError(f"new_run_dir: name must be a plain directory name, got {name!r}")
     runs_dir.mkdir(parents=True, exist_ok=True)
     while True:
