@@ -242,16 +242,18 @@ def test_mlflow_metrics_params_and_status(tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sink = MLflowSink(tracking_uri=uri, experiment="lmd4ml-tests")
+    sink = MLflowSink(tracking_uri=uri, experiment="lmd4ml-tests", flush_secs=3600)
     sink.start(METADATA, FIELDS)
-    run_id = sink.run_id
-    # The telemetry writer writes from a thread of its own, after start in the caller's.
-    writer = threading.Thread(
-        target=lambda: [sink.write(s, _time(s), _values(s)) for s in STEPS] + [sink.close("failed")]
-    )
-    writer.start()
-    writer.join()
-    client = MlflowClient(uri)
+    run_id, client = sink.run_id, MlflowClient(uri)
+
+    def in_a_thread(*calls):  # as the telemetry writer calls, after start in the caller's
+        writer = threading.Thread(target=lambda: [call() for call in calls])
+        writer.start()
+        writer.join()
+
+    in_a_thread(*[lambda s=s: sink.write(s, _time(s), _values(s)) for s in STEPS])
+    assert client.get_metric_history(run_id, "loss") == []  # batched: not sent yet
+    in_a_thread(lambda: sink.close("failed"))
     run = client.get_run(run_id)
     assert run.info.run_name == "live" and run.info.status == "FAILED"
     assert run.data.tags["lmd4ml.run_dir"] == "/runs/live"
