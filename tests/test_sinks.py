@@ -283,11 +283,16 @@ def test_mlflow_metrics_params_and_status(tmp_path):
         np.testing.assert_array_equal([m.value for m in history], expected)  # NaN included
     assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [0, 4]
 
-    # a second run joins the same experiment
-    _feed(MLflowSink(tracking_uri=uri, experiment="lmd4ml-tests"))
+    # a second run, kept in no store, joins the same experiment
+    second = MLflowSink(tracking_uri=uri, experiment="lmd4ml-tests")
+    second.start({**METADATA, "name": None, "run_dir": None}, FIELDS)
+    second_id = second.run_id
+    second.close("finished")
     (experiment,) = [e for e in client.search_experiments() if e.name == "lmd4ml-tests"]
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+    (finished,) = [r for r in runs if r.info.run_id == second_id]
+    assert finished.info.status == "FINISHED" and "lmd4ml.run_dir" not in finished.data.tags
 
 
 # ------------------------------------------------------------------------- packages and imports

@@ -495,8 +495,8 @@ class MLflowSink:
     default if None; ``sqlite:///path.db`` for a local file, which needs SQLAlchemy and
     alembic: the ``mlflow`` extra has them). The run is named after the lmd4ml run, its
     parameters are the run's config (nested keys joined by ``.``), its tags ``lmd4ml.run_dir``
-    and, at the end, ``lmd4ml.status``; its MLflow status is FINISHED, FAILED or KILLED
-    (interrupted).
+    (for a stored run) and, at the end, ``lmd4ml.status``; its MLflow status is FINISHED,
+    FAILED or KILLED (interrupted).
 
     Every scalar and array element is a metric at its step, stamped with the step's wall
     time; names are mapped to what MLflow accepts (:func:`clean_tag`). MLflow has no
@@ -543,7 +543,8 @@ class MLflowSink:
         experiment_id = (
             experiment.experiment_id if experiment else client.create_experiment(self.experiment)
         )
-        tags = {"lmd4ml.run_dir": str(metadata.get("run_dir"))}
+        run_dir = metadata.get("run_dir")  # None: a run kept in no store
+        tags = {} if run_dir is None else {"lmd4ml.run_dir": str(run_dir)}
         run = client.create_run(experiment_id, tags=tags, run_name=run_name(metadata))
         self.run_id = run.info.run_id
         entries = list(params.values())
