@@ -113,7 +113,7 @@ def export_command(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     try:
         run = load_run(args.run_dir)
     except RunStoreError as error:
-        return _fail(f"lmd4ml export: {error}")
+        return _fail(f"lmd4ml export: {printable(error)}")
     out = Path(args.out) if args.out is not None else _default_out(run.path.name, args.format)
     try:
         if args.format == "tensorboard":
