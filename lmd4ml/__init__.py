@@ -29,7 +29,8 @@ from lmd4ml.quantities import (
 from lmd4ml.stats import PerSample
 from lmd4ml.step import InstrumentedStep, StepState, instrument
 from lmd4ml.supervised import Supervised, supervised
-from lmd4ml.telemetry.export import to_csv, to_json, to_tensorboard
+from lmd4ml.telemetry.export import replay, to_csv, to_json, to_tensorboard
+from lmd4ml.telemetry.sinks import MLflowSink, TensorBoardSink, WandbSink
 from lmd4ml.telemetry.store import Run, RunStoreError, list_runs, load_run
 
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ __all__ = [
     "InstrumentedStep",
     "Learner",
     "Loss",
+    "MLflowSink",
     "MeanGSNR",
     "NoiseScale",
     "NormTest",
@@ -63,7 +65,9 @@ __all__ = [
     "Supervised",
     "TICDiag",
     "TICTrace",
+    "TensorBoardSink",
     "UpdateSize",
+    "WandbSink",
     "instrument",
     "list_runs",
     "load_run",
@@ -71,6 +75,7 @@ __all__ = [
     "monitor",
     "presets",
     "quantity",
+    "replay",
     "schedules",
     "stats",
     "supervised",

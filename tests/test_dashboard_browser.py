@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_telemetry import child_env
 
 import lmd4ml as lm
 from lmd4ml.dashboard.data import minmax_indices, spread_indices
@@ -243,7 +244,7 @@ def test_replay_overlay_themes_and_csv(browser, tmp_path):
     server = subprocess.Popen(
         [sys.executable, "-m", "lmd4ml.dashboard", "runs", "--port", str(port),
          "--token", "browser-test-token"],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, text=True, env=child_env(),
     )  # fmt: skip
     try:
         url = server.stdout.readline().split(": ", 1)[1].strip()
@@ -276,7 +277,8 @@ def test_replay_overlay_themes_and_csv(browser, tmp_path):
         with page.expect_download() as download:
             page.click("#csv")
         text = Path(download.value.path()).read_text()
-        assert text.startswith("step,") and len(text.splitlines()) == 61
+        # long form: a row for each of the 5 quantities at each of the 60 steps
+        assert text.startswith("step,key,value") and len(text.splitlines()) == 1 + 60 * 5
         assert not errors
     finally:
         kill(server)

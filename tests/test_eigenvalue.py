@@ -159,8 +159,8 @@ def test_siblings_reach_history_store_dashboard_and_tensorboard(regression_case,
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    lm.to_tensorboard(run, tmp_path / "tb")
-    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    logdir = lm.to_tensorboard(run, tmp_path / "tb")
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     events.Reload()
     assert {"top", "top_converged", "top_iterations"} <= set(events.Tags()["scalars"])
     assert [s.value for s in events.Scalars("top_iterations")] == [3.0] * 6

@@ -247,8 +247,8 @@ def test_tensorboard_bins_a_renamed_histogram_by_its_settings(
         mlp_case.params, mlp_case.loss_fn, mlp_case.batches, optax.sgd(0.1), narrow_and_wide()
     )
     lm.train(learner, runs_dir=tmp_path, run_name="names-tb", progress=False)
-    lm.to_tensorboard(lm.load_run(tmp_path / "names-tb"), tmp_path / "tb")
-    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0})
+    logdir = lm.to_tensorboard(lm.load_run(tmp_path / "names-tb"), tmp_path / "tb")
+    events = EventAccumulator(str(logdir), size_guidance={"histograms": 0})
     events.Reload()
     for key, maxval in (("narrow", 0.01), ("grad_hist_1d", 0.05)):
         limits = events.Histograms(key)[0].histogram_value.bucket_limit

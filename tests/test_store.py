@@ -92,6 +92,7 @@ def test_thin_reads_rows_spread_over_the_steps(finished_run):
 
 def test_read_in_step_order_whatever_order_sqlite_scans_in(finished_run, monkeypatch):
     expected = {key: load_run(finished_run)[key] for key in FIELDS}
+    times = load_run(finished_run).times()
     connect = sqlite3.connect
 
     def reversed_scans(*args, **kwargs):
@@ -102,6 +103,8 @@ def test_read_in_step_order_whatever_order_sqlite_scans_in(finished_run, monkeyp
     monkeypatch.setattr(sqlite3, "connect", reversed_scans)
     run = load_run(finished_run)
     np.testing.assert_array_equal(run.steps(), np.arange(2000))
+    np.testing.assert_array_equal(run.times(), times)  # each step's own, in step order
+    assert np.all(np.diff(times) >= 0)
     for key, (steps, values) in expected.items():
         np.testing.assert_array_equal(run[key][0], steps)
         np.testing.assert_array_equal(run[key][1], values)
@@ -128,11 +131,58 @@ def test_metadata(tmp_path):
     meta = load_run(tmp_path).metadata
     assert meta["config"] == {"lr": 1e-3, "layers": [64, 10]}
     assert meta["n_params"] == 26122 and meta["versions"] == {"jax": "0.4.35"}
-    assert meta["format"] == "lmd4ml-run" and meta["version"] == 1
+    assert meta["format"] == "lmd4ml-run" and meta["version"] == store.VERSION == 2
     assert meta["status"] == "finished"
     assert before <= meta["start_time"] <= meta["end_time"] <= time.time()
     writer.close("failed")  # already closed: nothing changes
     assert load_run(tmp_path).metadata["status"] == "finished"
+
+
+def test_each_step_keeps_its_wall_time(tmp_path):
+    # Doubles of every fraction, and times far from now: read back bit for bit.
+    times = 1.7e9 + np.random.default_rng(0).random(50) * 1e6
+    before = time.time()
+    with RunWriter(tmp_path, {}, FIELDS) as writer:
+        for step, wall_time in enumerate(times):
+            writer.append(3 * step, {"loss": step}, wall_time=wall_time)
+        writer.append(1000, {"loss": 0.0})  # default: now
+    run = load_run(tmp_path)
+    assert run.steps().tolist() == [*range(0, 150, 3), 1000]
+    read = run.times()
+    assert read.dtype == np.float64
+    np.testing.assert_array_equal(read[:-1], times)
+    assert before <= read[-1] <= time.time()
+
+
+def test_a_wall_time_must_be_a_time(tmp_path):
+    writer = RunWriter(tmp_path, {}, FIELDS)
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match=f"wall_time of step 0 is {bad}, not a time"):
+            writer.append(0, {"loss": 1.0}, wall_time=bad)
+    writer.append(0, {"loss": 1.0}, wall_time=5.0)  # the rejected ones left nothing behind
+    writer.close()
+    assert load_run(tmp_path).times().tolist() == [5.0]
+
+
+def _as_version_1(db: pathlib.Path) -> None:
+    """Rewrite a run's file as version 1 wrote it: a steps table without times."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE steps RENAME TO steps_v2")
+        conn.execute("CREATE TABLE steps (step INTEGER PRIMARY KEY)")
+        conn.execute("INSERT INTO steps SELECT step FROM steps_v2")
+        conn.execute("DROP TABLE steps_v2")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'version'")
+    conn.close()
+
+
+def test_a_version_1_run_opens_without_a_clock(tmp_path):
+    _write(tmp_path / "old", 6)
+    _as_version_1(tmp_path / "old" / "run.sqlite")
+    run = load_run(tmp_path / "old")
+    assert run.metadata["version"] == 1 and run.steps().tolist() == list(range(6))
+    assert run.times().shape == (6,) and np.isnan(run.times()).all()
+    np.testing.assert_array_equal(run["loss"][1], [_values(s)["loss"] for s in range(6)])
+    assert [r["n_steps"] for r in list_runs(tmp_path)] == [6]
 
 
 def test_failed_run_is_marked(tmp_path):
@@ -253,13 +303,19 @@ print(run.metadata["status"], run.steps().tolist(), run["grad_hist_1d"][0].tolis
 
 
 def test_readable_while_writing(tmp_path):
+    from test_telemetry import child_env  # here: test_telemetry imports this module
+
     writer = RunWriter(tmp_path, {}, FIELDS, commit_every=3600)
     for step in range(5):
         writer.append(step, _values(step))
     writer.flush()
     writer.append(5, _values(5))  # buffered: not visible yet
     out = subprocess.run(
-        [sys.executable, "-c", READER, str(tmp_path)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", READER, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=child_env(),
     )
     assert out.stdout.split(maxsplit=1) == ["running", "[0, 1, 2, 3, 4] [0, 2, 4]\n"]
     writer.append(6, _values(6))  # the writer carries on after the reader came and went
@@ -282,8 +338,13 @@ for step in range(10**6):
 
 
 def test_sigkill_keeps_a_prefix(tmp_path):
+    from test_telemetry import child_env  # here: test_telemetry imports this module
+
     child = subprocess.Popen(
-        [sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
     )
     appended = {}  # step -> seconds since the first append, when append returned
     try:

@@ -123,7 +123,7 @@ def test_a_ring_that_cannot_be_made_costs_the_live_view_only(tmp_path):
 
 
 def test_a_failing_sink_warns_once_and_training_goes_on(tmp_path, monkeypatch):
-    def broken(self, step, values):
+    def broken(self, step, values, wall_time=None):
         raise OSError("disk full")
 
     monkeypatch.setattr(run_store.RunWriter, "append", broken)

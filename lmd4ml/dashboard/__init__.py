@@ -6,7 +6,7 @@
 - :mod:`~lmd4ml.dashboard.app`: the Dash app and its callbacks (only runs it listed).
 - :mod:`~lmd4ml.dashboard.auth`: the token a server asks of every request.
 - :mod:`~lmd4ml.dashboard.launch`: starting it in its own process beside training.
-- :mod:`~lmd4ml.dashboard.cli`: the ``lmd4ml`` command.
+- :mod:`~lmd4ml.dashboard.cli`: ``lmd4ml dashboard`` (which :mod:`lmd4ml.cli` hands over).
 
 Only ``app`` and ``figure`` import Dash and plotly (the ``dashboard`` extra).
 """

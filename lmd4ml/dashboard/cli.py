@@ -1,4 +1,5 @@
-"""The ``lmd4ml`` command: ``lmd4ml dashboard RUNS_DIR [--port 8050] [--host 127.0.0.1]``.
+"""``lmd4ml dashboard RUNS_DIR [--port 8050] [--host 127.0.0.1]``, which the ``lmd4ml``
+command (:mod:`lmd4ml.cli`) hands over whole.
 
 Served by waitress, bound to loopback unless ``--host`` says otherwise. Bound beyond it, the
 server asks every client for a token (:mod:`lmd4ml.dashboard.auth`), made up unless
@@ -216,5 +217,5 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``lmd4ml`` console script."""
+    """``lmd4ml dashboard``: ``argv`` starts with "dashboard"."""
     serve(configure(argv))

@@ -1,4 +1,4 @@
-"""Export a stored run to CSV, JSON or TensorBoard event files.
+"""Export a stored run: CSV, JSON, or through any live sink after the fact (TensorBoard).
 
 Example:
   >>> import tempfile, numpy as np
@@ -9,9 +9,11 @@ Example:
   ...     w.append(1, {"loss": 0.25})
   >>> to_csv(load_run(out), f"{out}/run.csv")
   >>> print(open(f"{out}/run.csv").read(), end="")
-  step,loss,hist[0],hist[1]
-  0,0.5,3,1
-  1,0.25,,
+  step,key,value
+  0,loss,0.5
+  0,hist[0],3
+  0,hist[1],1
+  1,loss,0.25
 """
 
 from __future__ import annotations
@@ -20,13 +22,12 @@ import csv
 import json
 import os
 import pathlib
-import struct
-from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
 
-from lmd4ml.telemetry.store import Run
+from lmd4ml.telemetry.sinks import TensorBoardSink
+from lmd4ml.telemetry.store import STATUSES, Run
 
 
 def _element_names(key: str, shape: tuple[int, ...]) -> list[str]:
@@ -45,32 +46,35 @@ def _as_text(values: np.ndarray) -> np.ndarray:
 
 
 def to_csv(run: Run, path: str | os.PathLike) -> None:
-    """Write one row per step: ``step``, then every element of every field.
+    """Write the run in long form, ``step,key,value``: one row per element of every field at
+    every step it was tracked, by step, then fields in the run's order, then elements.
 
-    A scalar field is one column named after it; an array field is flattened in C order into
-    columns ``name[i]`` (``name[i,j]`` for 2-D, …). Booleans are written as 0/1, floats as the
-    shortest text that reads back (as their dtype) to the same value, ``nan``/``inf`` as such;
-    a field not tracked at a step leaves its cells empty.
+    A scalar field's key is its name; an array's elements are ``name[i]`` (``name[i,j]`` for
+    2-D, …, C order). Booleans are written as 0/1, floats as the shortest text that reads
+    back (as their dtype) to the same value, ``nan``/``inf`` as such. A field not tracked at
+    a step has no rows there.
     """
-    steps = run.steps()
-    header = ["step"]
-    blocks = [steps.astype(str)[:, None].astype(object)]
+    # Empty arrays first: a run without fields still concatenates.
+    steps, keys, values = [np.empty(0, np.int64)], [np.empty(0, object)], [np.empty(0, object)]
     for key in run.keys:
-        field_steps, values = run[key]
-        header += _element_names(key, values.shape[1:])
-        block = np.full((len(steps), int(np.prod(values.shape[1:]))), "", dtype=object)
-        block[np.searchsorted(steps, field_steps)] = _as_text(values.reshape(len(values), -1))
-        blocks.append(block)
+        field_steps, field_values = run[key]
+        names = np.array(_element_names(key, field_values.shape[1:]), dtype=object)
+        steps.append(np.repeat(field_steps, names.size))
+        keys.append(np.tile(names, len(field_steps)))
+        values.append(_as_text(field_values.reshape(-1)).astype(object))
+    # Stable: within a step, the fields stay in the run's order and the elements in theirs.
+    order = np.argsort(np.concatenate(steps), kind="stable")
+    columns = [np.concatenate(column)[order].tolist() for column in (steps, keys, values)]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(np.concatenate(blocks, axis=1).tolist())
+        writer.writerow(["step", "key", "value"])
+        writer.writerows(zip(*columns, strict=True))
 
 
 def to_json(run: Run, path: str | os.PathLike) -> None:
-    """Write ``{"metadata": ..., "fields": {name: {"shape", "dtype", "steps", "values"}}}``.
-
-    ``values`` holds one (nested) list per step in ``steps``. Non-finite floats are written as
+    """Write ``{"metadata", "steps", "times", "fields": {name: {"shape", "dtype", "steps",
+    "values"}}}``: every step of the run and its wall time (:meth:`Run.times`), then each
+    field's steps and one (nested) list of values per step. Non-finite floats are written as
     ``NaN``/``Infinity``, which Python's ``json`` reads back but strict JSON parsers reject.
     """
     fields = {}
@@ -83,156 +87,46 @@ def to_json(run: Run, path: str | os.PathLike) -> None:
             "values": values.tolist(),
         }
     with open(path, "w") as f:
-        json.dump({"metadata": run.metadata, "fields": fields}, f)
+        clock = {"steps": run.steps().tolist(), "times": run.times().tolist()}
+        json.dump({"metadata": run.metadata, **clock, "fields": fields}, f)
 
 
-# Protocol-buffer wire format, just what tensorflow.Event needs.
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int64 as ten bytes, as protobuf does
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _bytes_field(number: int, data: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def _double_field(number: int, value: float) -> bytes:
-    return _varint(number << 3 | 1) + struct.pack("<d", value)
-
-
-def _histogram(counts: np.ndarray, edges: np.ndarray) -> bytes:
-    """A tensorflow.HistogramProto of per-bin counts; min/max are the outer edges of the
-    non-empty bins, sum and sum_squares take every count at its bin's centre."""
-    nonempty = np.flatnonzero(counts)
-    low, high = (edges[nonempty[0]], edges[nonempty[-1] + 1]) if nonempty.size else edges[[0, -1]]
-    centres = (edges[:-1] + edges[1:]) / 2
-    counts = counts.astype(np.float64)
-    return b"".join(
-        [
-            _double_field(1, low),
-            _double_field(2, high),
-            _double_field(3, counts.sum()),
-            _double_field(4, counts @ centres),
-            _double_field(5, counts @ centres**2),
-            _bytes_field(6, edges[1:].astype("<f8").tobytes()),
-            _bytes_field(7, counts.astype("<f8").tobytes()),
-        ]
-    )
-
-
-def _summary_values(key: str, values: np.ndarray, edges: np.ndarray | None) -> list[list[bytes]]:
-    """Per step, the encoded Summary.Value entries of one field."""
-    if edges is not None:
-        return [
-            [_bytes_field(1, key.encode()) + _bytes_field(5, _histogram(v, edges))] for v in values
-        ]
-    tags = [_bytes_field(1, name.encode()) for name in _element_names(key, values.shape[1:])]
-    flat = values.reshape(len(values), -1).astype("<f4")
-    # simple_value is field 2, a 32-bit float (wire type 5).
-    return [[tag + b"\x15" + x.tobytes() for tag, x in zip(tags, row, strict=True)] for row in flat]
-
-
-def _crc32c_table() -> np.ndarray:
-    """CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) of every byte value."""
-    table = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        table = np.where(table & 1, (table >> 1) ^ 0x82F63B78, table >> 1)
-    return table
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def _masked_crc32c(messages: list[bytes]) -> list[int]:
-    """TFRecord's masked CRC-32C of each message.
-
-    Plain Python would cost a loop step per byte; instead, messages of equal length are
-    stacked and processed one byte column at a time for all of them at once.
-
-    Example:
-      >>> [hex(c) for c in _masked_crc32c([b"123456789", b""])]  # CRC-32C 0xe3069283, 0x0
-      ['0xc78ab0e5', '0xa282ead8']
+def replay(run: Run, sink: Any) -> None:
+    """Send a stored run through a live sink, as if it were training: ``start`` with the
+    run's metadata (plus its ``name`` and ``run_dir``) and layout, ``write`` every step with
+    its values and wall time (the run's start time for a run of format version 1, which kept
+    no clock), ``close`` with the run's status ("incomplete" for one still marked running:
+    killed, or training now). A sink that raises is closed as "failed" and the error goes on.
     """
-    crcs = np.empty(len(messages), np.uint32)
-    by_length: dict[int, list[int]] = {}
-    for i, message in enumerate(messages):
-        by_length.setdefault(len(message), []).append(i)
-    for length, indices in by_length.items():
-        data = b"".join(messages[i] for i in indices)
-        columns = np.frombuffer(data, np.uint8).reshape(len(indices), length).T
-        crc = np.full(len(indices), 0xFFFFFFFF, np.uint32)
-        for column in columns:
-            crc = _CRC32C_TABLE[(crc ^ column) & 0xFF] ^ (crc >> 8)
-        crcs[indices] = ~crc
-    return [((c >> 15 | c << 17) + 0xA282EAD8) & 0xFFFFFFFF for c in crcs.tolist()]
+    metadata = {**run.metadata, "name": run.path.name, "run_dir": str(run.path)}
+    steps, times = run.steps(), run.times()
+    times = np.where(np.isnan(times), float(run.metadata["start_time"]), times)
+    columns = {key: run[key] for key in run.keys}
+    cursor = dict.fromkeys(columns, 0)
+    sink.start(metadata, {key: (run.shapes[key], run.dtypes[key]) for key in run.keys})
+    try:
+        for step, wall_time in zip(steps.tolist(), times.tolist(), strict=True):
+            values = {}
+            for key, (field_steps, field_values) in columns.items():
+                at = cursor[key]
+                if at < len(field_steps) and field_steps[at] == step:
+                    values[key] = field_values[at]
+                    cursor[key] = at + 1
+            sink.write(step, wall_time, values)
+    except BaseException:
+        sink.close("failed")
+        raise
+    status = run.metadata["status"]
+    sink.close(status if status in STATUSES else "incomplete")
 
 
-def _tfrecords(records: list[bytes]) -> bytes:
-    """Records framed as TFRecord: length, its masked CRC, data, the data's masked CRC."""
-    lengths = [struct.pack("<Q", len(r)) for r in records]
-    length_crcs = _masked_crc32c(lengths)
-    data_crcs = _masked_crc32c(records)
-    return b"".join(
-        b"".join([n, struct.pack("<I", n_crc), r, struct.pack("<I", r_crc)])
-        for n, n_crc, r, r_crc in zip(lengths, length_crcs, records, data_crcs, strict=True)
-    )
-
-
-def _recorded_edges(run: Run, key: str, nbins: int) -> np.ndarray:
-    """The bin edges of histogram ``key`` as the run's metadata describes its quantity
-    (``quantities_by_key``: a ``GradHist1d`` of any name); else the bin indices 0…nbins."""
-    about = run.metadata.get("quantities_by_key", {}).get(key)
-    args = about.get("args", {}) if isinstance(about, dict) else {}
-    if about and about.get("kind") == "grad_hist_1d" and args.get("nbins") == nbins:
-        maxval = float(args["maxval"])
-        return np.linspace(-maxval, maxval, nbins + 1)
-    return np.arange(nbins + 1)
-
-
-def to_tensorboard(
-    run: Run, logdir: str | os.PathLike, bin_edges: Mapping[str, ArrayLike] | None = None
-) -> pathlib.Path:
-    """Write the run as a TensorBoard event file in ``logdir`` and return its path.
-
-    Scalar fields become scalar summaries. 1-D integer fields are taken as histogram counts
-    and become histogram summaries, with bins ``bin_edges[name]`` (``nbins + 1`` edges,
-    e.g. ``np.linspace(-maxval, maxval, nbins + 1)``), else those of the ``GradHist1d`` that
-    the run's metadata records under that key (whatever its ``name``), else the bin indices
-    0…nbins. Any other array becomes one scalar per element, tagged ``name[i]``. The store
-    keeps no per-step clock, so every event carries the run's start time. Exporting the
-    same run again replaces the file.
+def to_tensorboard(run: Run, logdir: str | os.PathLike) -> pathlib.Path:
+    """Write a stored run as TensorBoard event files in ``logdir/<run name>`` and return that
+    directory: :func:`replay` through :class:`~lmd4ml.telemetry.sinks.TensorBoardSink`, the
+    writer a live run uses (scalars grouped by ``/``, histograms with their bins' real edges,
+    2-D histograms as images, each step at its wall time). A run directory that already holds
+    event files is refused (``FileExistsError``).
     """
-    bin_edges = dict(bin_edges or {})
-    by_step: dict[int, list[bytes]] = {}
-    for key in run.keys:
-        steps, values = run[key]
-        edges = None
-        if values.ndim == 2 and values.dtype.kind in "iu":
-            nbins = values.shape[1]
-            edges = np.asarray(bin_edges.pop(key, _recorded_edges(run, key, nbins)), np.float64)
-            if edges.shape != (nbins + 1,):
-                raise ValueError(
-                    f"to_tensorboard: {key!r} has {nbins} bins but {edges.shape} bin edges"
-                )
-        for step, entries in zip(steps.tolist(), _summary_values(key, values, edges), strict=True):
-            by_step.setdefault(step, []).extend(entries)
-    if bin_edges:
-        raise ValueError(f"to_tensorboard: bin_edges for {sorted(bin_edges)}, not histogram fields")
-
-    start = float(run.metadata["start_time"])
-    wall_time = _double_field(1, start)
-    events = [wall_time + _bytes_field(3, b"brain.Event:2")]
-    for step in sorted(by_step):
-        summary = b"".join(_bytes_field(1, value) for value in by_step[step])
-        # step is field 2, an int64 varint (wire type 0).
-        events.append(wall_time + b"\x10" + _varint(step) + _bytes_field(5, summary))
-    logdir = pathlib.Path(logdir)
-    logdir.mkdir(parents=True, exist_ok=True)
-    path = logdir / f"events.out.tfevents.{int(start)}.lmd4ml"
-    path.write_bytes(_tfrecords(events))
-    return path
+    sink = TensorBoardSink(logdir)
+    replay(run, sink)
+    return sink.path

@@ -8,13 +8,14 @@ committed step without blocking the writer. ``RunWriter`` commits in batches, at
 ``commit_every`` seconds, so a killed run loses at most the steps appended since its last
 commit.
 
-Layout of the file (format ``lmd4ml-run``, version 1):
+Layout of the file (format ``lmd4ml-run``, version 2):
 
 * ``meta(key, value)``: JSON values for ``format``, ``version``, ``start_time``,
   ``end_time`` (Unix seconds), ``status``, ``metadata`` (the caller's dict) and, for a run
   whose recording stopped early, ``error`` (why);
 * ``fields(idx, name, shape, dtype)``: the layout, in the writer's order;
-* ``steps(step)``: every appended step;
+* ``steps(step, time)``: every appended step and its wall time (Unix seconds); version 1
+  files, which kept no clock, have ``steps(step)`` alone and still open;
 * ``v<idx>(step, value)``: one table per field, the value's raw bytes (C order, the
   layout's dtype and shape); a step the caller left the field out of has no row.
 
@@ -52,7 +53,9 @@ from typing import Any
 import numpy as np
 
 FORMAT = "lmd4ml-run"
-VERSION = 1
+VERSION = 2
+# The first version whose steps table keeps each step's wall time.
+_CLOCK_VERSION = 2
 DB_NAME = "run.sqlite"
 _RUN_KEYS = ("format", "version", "start_time", "end_time", "status")
 # How a run can end; "running" is its status until then (or forever, if it was killed).
@@ -76,7 +79,7 @@ _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE fields (idx INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,"
     " shape TEXT NOT NULL, dtype TEXT NOT NULL)",
-    "CREATE TABLE steps (step INTEGER PRIMARY KEY)",
+    "CREATE TABLE steps (step INTEGER PRIMARY KEY, time REAL NOT NULL)",
 )
 
 
@@ -95,6 +98,17 @@ def default_run_name() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
+def plain_name(name: object) -> bool:
+    """Whether ``name`` names a directory right inside another: a string, not empty, ``.``
+    or ``..``, without a slash, backslash or NUL.
+
+    Example:
+      >>> plain_name("baseline"), plain_name("../x"), plain_name(""), plain_name(3)
+      (True, False, False, False)
+    """
+    return isinstance(name, str) and name not in ("", ".", "..") and not re.search(r"[/\\\0]", name)
+
+
 def new_run_dir(runs_dir: str | os.PathLike, name: str | None = None) -> pathlib.Path:
     """Create and return a fresh run directory ``runs_dir/<name>``.
 
@@ -107,7 +121,7 @@ def new_run_dir(runs_dir: str | os.PathLike, name: str | None = None) -> pathlib
       'baseline'
     """
     runs_dir = pathlib.Path(runs_dir)
-    if name is not None and (name in ("", ".", "..") or re.search(r"[/\\]", name)):
+    if name is not None and not plain_name(name):
         raise ValueError(f"new_run_dir: name must be a plain directory name, got {name!r}")
     runs_dir.mkdir(parents=True, exist_ok=True)
     while True:
@@ -242,7 +256,7 @@ class RunWriter:
         self._buffer: dict[int, list[tuple[int, bytes]]] = {
             i: [] for i, _, _ in self.layout.values()
         }
-        self._steps: list[tuple[int]] = []
+        self._steps: list[tuple[int, float]] = []
         self._last_step: int | None = None
         # The file is built under another name and renamed into place, so that a reader
         # never finds a half-initialised run.
@@ -266,11 +280,15 @@ class RunWriter:
         self._identity = _identity(self.path)
         self._last_commit = time.monotonic()
 
-    def append(self, step: int, values: Mapping[str, Any]) -> None:
-        """Buffer the values of one step; commit if ``commit_every`` seconds have passed."""
+    def append(self, step: int, values: Mapping[str, Any], wall_time: float | None = None) -> None:
+        """Buffer the values of one step, taken at ``wall_time`` (Unix seconds, default now);
+        commit if ``commit_every`` seconds have passed."""
         if self._conn is None:
             raise ValueError(f"RunWriter: {self.path} is closed")
         step = int(step)
+        wall_time = time.time() if wall_time is None else float(wall_time)
+        if not math.isfinite(wall_time):
+            raise ValueError(f"RunWriter: wall_time of step {step} is {wall_time}, not a time")
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(
                 f"RunWriter: step {step} after step {self._last_step}; steps must increase"
@@ -290,7 +308,7 @@ class RunWriter:
         # Buffered only once every value is valid, so a rejected step leaves nothing behind.
         for idx, blob in rows:
             self._buffer[idx].append((step, blob))
-        self._steps.append((step,))
+        self._steps.append((step, wall_time))
         self._last_step = step
         if time.monotonic() - self._last_commit >= self.commit_every:
             self.flush()
@@ -376,9 +394,9 @@ class RunWriter:
 class Run:
     """A stored run, as returned by ``load_run``.
 
-    ``metadata``, ``keys`` and ``shapes`` (of each key's value at one step) are read once;
-    ``run[key]``, ``thin`` and ``steps()`` read the file on every call, so a run that is
-    still being written shows every step committed so far.
+    ``metadata``, ``keys``, ``shapes`` and ``dtypes`` (of each key's value at one step) are
+    read once; ``run[key]``, ``thin``, ``steps()`` and ``times()`` read the file on every call,
+    so a run that is still being written shows every step committed so far.
     """
 
     def __init__(self, db: pathlib.Path, metadata: dict, layout: Layout):
@@ -386,6 +404,7 @@ class Run:
         self.metadata = metadata
         self.keys = list(layout)
         self.shapes = {key: shape for key, (_, shape, _) in layout.items()}
+        self.dtypes = {key: dtype for key, (_, _, dtype) in layout.items()}
         self._db = db
         self._layout = layout
 
@@ -455,6 +474,34 @@ class Run:
             conn.text_factory = bytes
             (steps,) = conn.execute("SELECT group_concat(step) FROM steps").fetchone()
             return np.sort(_integers(steps))
+
+    def times(self) -> np.ndarray:
+        """The wall time of every step of :meth:`steps`, in its order: float64 Unix seconds
+        at which the step's values were taken; NaN throughout for a run of format version 1,
+        which kept no clock.
+
+        Example:
+          >>> import tempfile
+          >>> with RunWriter(tempfile.mkdtemp(), {}, {"x": ((), "int64")}) as writer:
+          ...     writer.append(0, {"x": 1}, wall_time=1700000000.25)
+          ...     writer.append(5, {"x": 2}, wall_time=1700000001.5)
+          >>> load_run(writer.path).times().tolist()
+          [1700000000.25, 1700000001.5]
+        """
+        if self.metadata["version"] < _CLOCK_VERSION:
+            return np.full(len(self.steps()), np.nan)
+        with _reading(self._db) as conn:
+            conn.text_factory = bytes
+            # 17 significant digits read back to the same double; SQLite's default text of
+            # a REAL keeps 15 (10 µs of a Unix time).
+            steps, times = conn.execute(
+                "SELECT group_concat(step), group_concat(printf('%!.17g', time)) FROM steps"
+            ).fetchone()
+            steps = _integers(steps)
+            times = np.empty(0) if times is None else np.fromstring(times, np.float64, sep=",")
+            if len(times) != len(steps):
+                raise RunStoreError(f"{self._db}: damaged, its steps table lacks times")
+        return times[np.argsort(steps, kind="stable")]
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.metadata['status']!r}, keys={self.keys})"

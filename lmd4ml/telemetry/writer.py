@@ -190,9 +190,9 @@ class Telemetry:
         self._thread.start()
 
     def submit(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Queue one tracked step's metrics (host or device arrays); never blocks. The time
-        now is the step's wall time for the sinks."""
-        self._queue.put((step, time.time(), metrics))
+        """Queue one tracked step's metrics (host or device arrays); never blocks. The step's
+        wall time is now: the loop submits a step as soon as it has fetched its values."""
+        self._queue.put((step, metrics, time.time()))
 
     def _open_ring(self, capacity: int) -> None:
         # A run without live view still trains and is kept.
@@ -214,7 +214,7 @@ class Telemetry:
         for label, sink in self._sinks.items():
             self._guarded(label, "at the end", sink.close, self._status)
 
-    def _write(self, step: int, wall_time: float, metrics: Mapping[str, Any]) -> None:
+    def _write(self, step: int, metrics: Mapping[str, Any], wall_time: float) -> None:
         # The names are fixed by the layout; naming every leaf again would cost more than
         # writing it.
         values = {
@@ -225,7 +225,7 @@ class Telemetry:
         if self.ring is not None:
             self._guarded(RING, step, self.ring.write, step, values)
         if self.store is not None:
-            self._guarded(STORE, step, self.store.append, step, values)
+            self._guarded(STORE, step, self.store.append, step, values, wall_time)
         for label, sink in self._sinks.items():
             self._guarded(label, step, sink.write, step, wall_time, values)
 
