@@ -319,13 +319,29 @@ def fenced_doctests(docstring: str) -> str:
     return "\n".join([*out, "```"] if indent is not None else out)
 
 
-class DoctestFences(griffe.Extension):
-    """A griffe extension (mkdocs.yml loads it for mkdocstrings): :func:`fenced_doctests` on
-    every docstring, so that the examples the doctests run render as code."""
+def plain_roles(docstring: str) -> str:
+    """Write the docstrings' Sphinx roles as Markdown code: ``:func:`~pkg.mod.f``` as
+    ```f```, the full path without the ``~``.
+
+    Example:
+      >>> plain_roles("See :func:`~lmd4ml.stats.histogram` and :mod:`lmd4ml.stats.ghost`.")
+      'See `histogram` and `lmd4ml.stats.ghost`.'
+    """
+
+    def code(match: re.Match) -> str:
+        return f"`{match[2].rsplit('.', 1)[-1] if match[1] else match[2]}`"
+
+    return re.sub(r":(?:mod|func|class|meth|attr|data|obj|exc):`(~?)([^`]+)`", code, docstring)
+
+
+class MarkdownDocstrings(griffe.Extension):
+    """A griffe extension (mkdocs.yml loads it for mkdocstrings): the docstrings, written for
+    doctest and Sphinx-style roles, made Markdown (:func:`fenced_doctests`,
+    :func:`plain_roles`) before they are rendered."""
 
     def on_object(self, *, obj: griffe.Object, **kwargs: object) -> None:
         if obj.docstring is not None:
-            obj.docstring.value = fenced_doctests(obj.docstring.value)
+            obj.docstring.value = fenced_doctests(plain_roles(obj.docstring.value))
 
 
 def on_files(files: Files, config: MkDocsConfig) -> Files:

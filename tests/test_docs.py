@@ -54,11 +54,10 @@ def test_site_builds_strict_with_every_public_name_and_the_readme(tmp_path):
     for module in ("presets", "schedules", "stats", "telemetry.store", "telemetry.export"):
         page = site / "api" / f"lmd4ml.{module}" / "index.html"
         assert f"lmd4ml.{module}" in page.read_text(), module
+    stats = (site / "api" / "lmd4ml.stats" / "index.html").read_text()
     # lm.stats.histogram is the function, not the submodule griffe sees under that name.
-    assert (
-        'id="lmd4ml.stats.histogram.histogram"'
-        in (site / "api" / "lmd4ml.stats" / "index.html").read_text()
-    )
+    assert 'id="lmd4ml.stats.histogram.histogram"' in stats
+    assert ":mod:`" not in stats and "<code>per_sample</code>" in stats  # roles as code
 
     readme = (ROOT / "README.md").read_text()
     home = text((site / "index.html").read_text())
