@@ -13,8 +13,9 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 # What a copy of the repository for the docs build leaves out: caches, build outputs, runs.
 NOT_SOURCES = shutil.ignore_patterns(
-    ".git", "__pycache__", "*.egg-info", "build", "site", "runs", "test-artifacts", ".*cache"
-)
+    ".git", "__pycache__", "*.egg-info", "build", "site", "runs", "test-artifacts", ".venv",
+    ".*cache",
+)  # fmt: skip
 
 
 def build(root: Path, site: Path) -> subprocess.CompletedProcess:
