@@ -93,6 +93,7 @@ def trained(tmp_path_factory) -> dict[str, Any]:
     (one of which breaks), read back from its store."""
     runs = tmp_path_factory.mktemp("runs")
     sink, broken, it = ListSink(), BrokenSink(), learner()
+    tensorboard = lm.TensorBoardSink(runs / "tb")
     before = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -105,7 +106,7 @@ def trained(tmp_path_factory) -> dict[str, Any]:
             run_name="all",
             eval_fn=distance,
             config={"batch_size": 8, "decay": optax.cosine_decay_schedule(0.1, 100)},
-            sinks=[sink, broken],
+            sinks=[sink, broken, tensorboard],
             progress=False,
         )
     after = time.time()
@@ -117,6 +118,7 @@ def trained(tmp_path_factory) -> dict[str, Any]:
         "broken": broken,
         "warnings": [str(w.message) for w in caught],
         "times": (before, after),
+        "tensorboard": runs / "tb" / "all",
     }
 
 
@@ -396,3 +398,20 @@ def test_the_loops_share_the_run_writing_and_neither_imports_the_other():
     assert "lmd4ml.monitoring" not in imported("learner.py")
     assert "lmd4ml.learner" not in imported("monitoring.py")
     assert "lmd4ml.telemetry.runs" in imported("learner.py") & imported("monitoring.py")
+
+
+def test_a_live_tensorboard_sink_holds_what_the_store_holds(trained):
+    """A real sink from lm.train: TensorBoard's own reader finds every step of the loss, the
+    user's value and the learning rate, at the store's wall times."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained["tensorboard"]), size_guidance={"scalars": 0})
+    events.Reload()
+    run = trained["run"]
+    clock = dict(zip(run.steps().tolist(), run.times().tolist(), strict=True))
+    for key in ["loss", "dist", "hyper/learning_rate"]:
+        steps, values = run[key]
+        scalars = events.Scalars(key)
+        assert [e.step for e in scalars] == steps.tolist()
+        np.testing.assert_allclose([e.value for e in scalars], values, rtol=1e-6)
+        np.testing.assert_allclose([e.wall_time for e in scalars], [clock[s] for s in steps])
