@@ -446,6 +446,7 @@ def test_the_figure_reads_like_cockpits(tmp_path):
     raw, smooth = traces_of(fig, "alpha", "scatter")[:2]
     steps, alphas = stored["alpha"]
     assert raw["opacity"] == figure.RAW_OPACITY and not raw["showlegend"]
+    assert (raw["meta"]["kind"], smooth["meta"]["kind"]) == ("raw", "lines")
     np.testing.assert_allclose(raw["y"], alphas)
     np.testing.assert_allclose(smooth["y"], ema(alphas, 0.5))
     assert raw["x"] == smooth["x"] == steps.tolist()

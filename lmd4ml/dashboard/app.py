@@ -60,7 +60,7 @@ body.dark button { background: #2a2d33; color: #ddd; border: 1px solid #555; }
 .runs label { display: grid; grid-template-columns: 24px 1fr; gap: 0 10px; align-items: center;
   cursor: pointer; padding: 1px 0; }
 .runs label > span:last-child > span { display: grid; grid-template-columns: var(--cols);
-  gap: 0 10px; }
+  gap: 0 10px; width: 100%; }
 .table span span { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .table .head span { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .runs { display: block; max-height: 132px; overflow-y: auto; }

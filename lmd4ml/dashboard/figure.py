@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -209,14 +210,20 @@ def _title(panel: Panel, many: bool, first_of_group: bool) -> str:
 
 
 def entry_names(fields: Sequence[str]) -> list[str]:
-    """Fields named in a panel's title, short: without the words they all begin with.
+    """Fields named in a panel's title, short: the leaves of one pytree quantity by their
+    paths, others without the words they all begin with.
 
     Example:
       >>> entry_names(["hess_max_ev_iterations", "hess_max_ev_converged"])
       ['iterations', 'converged']
+      >>> entry_names(["per_layer['a']", "per_layer['b']"])
+      ['a', 'b']
       >>> entry_names(["norm_test", "inner_test"]), entry_names(["tic", "tic_trace"])
       (['norm_test', 'inner_test'], ['tic', 'tic_trace'])
     """
+    keys = {re.split(r"[\[.]", f, maxsplit=1)[0] for f in fields}
+    if len(keys) == 1 and all(f != next(iter(keys)) for f in fields):
+        return [leaf_label(next(iter(keys)), f) for f in fields]
     words = [f.split("_") for f in fields]
     n = 0
     while all(len(w) > n + 1 and w[n] == words[0][n] for w in words):
@@ -450,7 +457,9 @@ class _Drawing:
         return len(self.runs) > 1
 
     def add(self, trace: dict, run: RunData | None, field: str, kind: str, steps) -> None:
-        """One trace, and what :func:`extend` needs to know of it (``run`` None: static)."""
+        """One trace, and what :func:`extend` needs to know of it (``run`` None: static).
+        Its ``meta`` says what it draws (panel, field, run) and as what (``kind``)."""
+        trace["meta"] = {**trace["meta"], "kind": kind}
         self.data.append(trace)
         if run is None:
             self.traces.append({"run": "", "field": field, "kind": "static", "n": 0, "last": -1})
