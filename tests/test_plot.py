@@ -71,6 +71,8 @@ def test_options_reach_the_figure_and_bad_ones_are_refused(trained):
     (loss,) = [t for t in fig.data if t.meta["field"] == "loss" and t.meta["kind"] == "lines"]
     assert fig.layout[loss.yaxis.replace("y", "yaxis")].type == "log"
     assert fig.layout.template.layout.paper_bgcolor == "rgb(17,17,17)"
+    # a static figure has no switches that would do nothing
+    assert not any(a.name for a in fig.layout.annotations) and fig.layout.uirevision is None
     with pytest.raises(ValueError, match=r"smoothing must be in \[0, 1\), got 1"):
         lm.plot(history, smoothing=1)
     with pytest.raises(TypeError, match=r"lm\.plot takes .* got dict"):

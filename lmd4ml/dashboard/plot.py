@@ -59,6 +59,7 @@ def plot(
         raise ImportError(INSTALL) from error
     from lmd4ml.dashboard.data import RunData
     from lmd4ml.dashboard.figure import figure
+    from lmd4ml.dashboard.inputs import LOG_TOGGLE
     from lmd4ml.learner import History
     from lmd4ml.telemetry.store import Run
 
@@ -75,6 +76,12 @@ def plot(
             f"or a run's directory; got {type(source).__name__}"
         )
     fig, _ = figure([run], smoothing, frozenset(log), dark)
+    # What only a live page uses: its zoom kept across updates, the panels' log switches.
+    layout = fig["layout"]
+    del layout["uirevision"]
+    layout["annotations"] = [
+        a for a in layout["annotations"] if not a.get("name", "").startswith(LOG_TOGGLE)
+    ]
     return go.Figure(fig)
 
 
