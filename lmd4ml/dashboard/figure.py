@@ -134,34 +134,32 @@ def band(half: float, reach: float, across: bool) -> tuple[list[float], list[flo
     return (ys, xs) if across else (xs, ys)
 
 
-def alpha_points(steps: np.ndarray, alphas: np.ndarray, budget: int = GAUGE_BUDGET) -> dict:
-    """The α gauge's two groups of points: ``"all"`` steps (``budget`` of them, spread over
-    the run) and the ``"recent"`` 10%, each ``(x, y, steps, α, mean α)``: α clipped to the
+def alpha_points(
+    steps: np.ndarray, alphas: np.ndarray, recent: bool, budget: int = GAUGE_BUDGET
+) -> tuple[list, list, list, list, float]:
+    """One group of the α gauge's points: all steps, or the ``recent`` 10% of them, as
+    ``(x, y, steps, α, mean α)``, at most ``budget`` spread over the group: α clipped to the
     gauge's edge ±``ALPHA_EDGE`` and placed on the parabola y = x². NaN α (no value at that
-    step) is left out.
+    step) is left out. Only the mean reads every value: a poll of a 10⁶-step run stays cheap.
 
     Example:
-      >>> points = alpha_points(np.arange(10), np.array([0.5] * 9 + [-3.0]))
-      >>> x, y, steps, alphas, mean = points["recent"]
-      >>> x, y, steps, alphas, round(mean, 2)
+      >>> alphas = np.array([0.5] * 9 + [-3.0])
+      >>> alpha_points(np.arange(10), alphas, recent=True)
       ([-1.5], [2.25], [9], [-3.0], -3.0)
-      >>> round(points["all"][4], 2)
-      0.15
+      >>> x, y, steps, _, mean = alpha_points(np.arange(10), alphas, recent=False, budget=3)
+      >>> x, steps, round(mean, 2)
+      ([0.5, 0.5, -1.5], [0, 5, 9], 0.15)
     """
-    keep = np.isfinite(alphas)
-    steps, alphas = steps[keep], np.asarray(alphas, np.float64)[keep]
-    recent = max(1, math.ceil(RECENT * len(alphas))) if len(alphas) else 0
-    out = {}
-    for name, (s, a) in {
-        "all": (steps, alphas),
-        "recent": (steps[len(steps) - recent :], alphas[len(alphas) - recent :]),
-    }.items():
-        mean = float(a.mean()) if len(a) else math.nan
-        pick = spread_indices(s, budget)
-        s, a = s[pick], a[pick]
-        x = np.clip(a, -ALPHA_EDGE, ALPHA_EDGE)
-        out[name] = (x.tolist(), (x**2).tolist(), s.tolist(), a.tolist(), mean)
-    return out
+    if recent:
+        start = len(steps) - math.ceil(RECENT * len(steps))
+        steps, alphas = steps[start:], alphas[start:]
+    finite = np.isfinite(alphas)
+    mean = float(np.mean(alphas, where=finite, dtype=np.float64)) if finite.any() else math.nan
+    pick = spread_indices(steps, budget)
+    pick = pick[finite[pick]]
+    a = alphas[pick].astype(np.float64)
+    x = np.clip(a, -ALPHA_EDGE, ALPHA_EDGE)
+    return x.tolist(), (x**2).tolist(), steps[pick].tolist(), a.tolist(), mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -587,7 +585,7 @@ def _draw_image(d: _Drawing, panel: Panel, place: _Place) -> None:
 def _alpha_trace(kind: str, run: RunData, field: str) -> dict:
     """The values of one of the α gauge's traces: its points and, in its name, their mean."""
     column = run.columns[field]
-    x, y, steps, alphas, mean = alpha_points(column.steps, column.values)[kind.split("_")[1]]
+    x, y, steps, alphas, mean = alpha_points(column.steps, column.values, kind == "alpha_recent")
     what = "all" if kind == "alpha_all" else f"last {RECENT:.0%}"
     symbols = ["circle" if abs(a) <= ALPHA_EDGE else f"triangle-{'right' if a > 0 else 'left'}"
                for a in alphas]  # fmt: skip
