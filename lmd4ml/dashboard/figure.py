@@ -234,8 +234,10 @@ def _log_toggle(panel: Panel, place: _Place, on: bool) -> dict[str, Any]:
     """The panel's log-scale switch: an annotation the page reports clicks on."""
     return {
         "text": "log ✓" if on else "log", "name": LOG_TOGGLE + panel.title,
-        "captureevents": True, "x": place.x1, "y": place.y1, "xref": "paper", "yref": "paper",
-        "xanchor": "right", "yanchor": "bottom", "showarrow": False, "font": {"size": 11},
+        # Just right of the panel, on its title's line: the title keeps the panel's width.
+        "captureevents": True, "x": place.x1, "xshift": 4, "y": place.y1, "xref": "paper",
+        "yref": "paper", "xanchor": "left", "yanchor": "bottom", "showarrow": False,
+        "font": {"size": 11},
         "bordercolor": GREY, "borderwidth": 1, "borderpad": 2,
         "bgcolor": "rgba(31,119,180,0.35)" if on else "rgba(0,0,0,0)",
         "hovertext": "switch the value axis between linear and log scale",
