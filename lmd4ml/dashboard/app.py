@@ -1,7 +1,8 @@
 """The Dash app: one page showing the runs of a runs directory, live while they train.
 
-Every callback's work is a plain function of its inputs (:func:`update`, :func:`run_options`,
-:func:`csv_download`, :func:`toggle_pause`), so tests call them without a browser. What the
+Every callback's work is a plain function of its inputs (:func:`update`, :func:`run_table`,
+:func:`toggle_log`, :func:`csv_download`, :func:`toggle_pause`), so tests call them without a
+browser. What the
 browser sends is checked first (:mod:`lmd4ml.dashboard.inputs`): a request not shaped as one
 of the page's callbacks gets a 400, and the values a callback gets are made valid or refused.
 The runs they read are only those the app listed in its runs directory: a chosen run comes
@@ -350,7 +351,7 @@ def create_app(
     def _pause(clicks):
         return toggle_pause(inputs.clicks(clicks))
 
-    # On the body, so that the dropdown's menu (rendered outside the page) follows the theme.
+    # On the body, so that the whole page (its runs table included) follows the theme.
     app.clientside_callback(
         "(theme) => { document.body.className = theme; return window.dash_clientside.no_update; }",
         Output("page", "title"),

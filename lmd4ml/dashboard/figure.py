@@ -45,6 +45,7 @@ GAUGE_BUDGET = 500  # α values placed on the gauge's parabola, of all steps
 ROW_PX = 240
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
 DASHES = ("solid", "dot", "dash", "longdash", "dashdot")
+DASH_GLYPHS = ("━", "┈", "╌", "─ ─", "-·-")  # each dash as a title names it
 GREY = "#999999"
 RAW_OPACITY = 0.25  # the raw series behind a smoothed one, as TensorBoard draws it
 ALPHA_EDGE = 1.5  # the α gauge's half width: α beyond it sits at the edge, as a triangle
@@ -199,7 +200,7 @@ def _title(panel: Panel, many: bool, first_of_group: bool) -> str:
         return title
     names = entry_names(panel.fields)
     if many:
-        keys = [f"{f} ({DASHES[e % len(DASHES)]})" for e, f in enumerate(names)]
+        keys = [f"{DASH_GLYPHS[e % len(DASHES)]} {f}" for e, f in enumerate(names)]
     else:
         keys = [
             f"<span style='color:{COLORS[e % len(COLORS)]}'>━ {f}</span>"
