@@ -62,7 +62,7 @@ def server_times(n_steps: int, reps: int) -> None:
 
         def timed(view, redraw):
             start = time.perf_counter()
-            out = app.update(cache, listing, [], 0.0, False, False, view, redraw)
+            out = app.update(cache, listing, [], 0.0, (), False, view, redraw)
             to_json_plotly(out[0])  # how Dash encodes the response
             return time.perf_counter() - start, out[1]
 

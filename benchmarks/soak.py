@@ -157,7 +157,7 @@ def page_times(path: Path, reps: int) -> None:
 
     def timed(view: dict | None, redraw: bool, smoothing: float = 0.0) -> tuple[float, dict]:
         start = time.perf_counter()
-        out = app.update(cache, listing, [str(path)], smoothing, False, False, view, redraw)
+        out = app.update(cache, listing, [str(path)], smoothing, (), False, view, redraw)
         to_json_plotly(out[0])  # how Dash encodes the response
         return time.perf_counter() - start, out[1]
 

@@ -1,6 +1,7 @@
 """lmd4ml: Cockpit's training diagnostics for any JAX model, inside one compiled optax step."""
 
 from lmd4ml import presets, schedules, stats
+from lmd4ml.dashboard.plot import plot
 from lmd4ml.learner import History, Learner, train
 from lmd4ml.monitoring import Recorder, metrics, monitor
 from lmd4ml.quantities import (
@@ -73,6 +74,7 @@ __all__ = [
     "load_run",
     "metrics",
     "monitor",
+    "plot",
     "presets",
     "quantity",
     "replay",

@@ -1,5 +1,7 @@
 """The dashboard's data, panels and callbacks, as plain functions (no server, no browser)."""
 
+import csv
+import io
 import json
 import os
 import socket
@@ -12,10 +14,10 @@ import numpy as np
 import optax
 import plotly.io as pio
 import pytest
-from dash import Patch, no_update
+from dash import Patch, html, no_update
 
 import lmd4ml as lm
-from lmd4ml.dashboard import app, cli, figure
+from lmd4ml.dashboard import app, cli, figure, inputs
 from lmd4ml.dashboard.data import (
     VECTOR_ROWS,
     RunCache,
@@ -24,8 +26,8 @@ from lmd4ml.dashboard.data import (
     ema,
     minmax_indices,
 )
-from lmd4ml.dashboard.panels import plan
-from lmd4ml.telemetry import runs
+from lmd4ml.dashboard.panels import grid, leaf_label, plan
+from lmd4ml.telemetry import runs, store
 from lmd4ml.telemetry.store import RunWriter, new_run_dir
 from lmd4ml.telemetry.writer import Telemetry
 
@@ -46,6 +48,59 @@ def fake_run(runs_dir, name, fields, n_steps, pid=None, status="finished", **met
     for step in range(n_steps):
         writer.append(step, {k: rng.integers(0, 9, s) if "hist" in k else rng.random(s)
                              for k, s in fields.items()})  # fmt: skip
+    if status == "running":
+        writer.flush()
+    else:
+        writer.close(status)
+    return writer
+
+
+LEAVES = [f"grad_norm['layers'][{i}]['{w}']" for i in range(3) for w in ("kernel", "bias")]
+KINDS = {
+    "loss": "loss",
+    "grad_norm": "grad_norm",
+    "alpha": "alpha",
+    "norm_test": "norm_test",
+    "inner_test": "inner_test",
+    "ortho_test": "ortho_test",
+    "grad_hist_1d": "grad_hist_1d",
+    "hess_trace": "hess_trace",
+    "hyper/learning_rate": "hyperparameter",
+    "val_acc": "user",
+}
+
+
+def cockpit_values(step: int, lr: float) -> dict[str, object]:
+    """Made-up values of every kind of panel at ``step``: each a known function of it (α
+    beyond the gauge's edge every 7th step, validation accuracy every 5th, no Hessian
+    trace before step 1000)."""
+    values = {
+        "loss": 2.3 * np.exp(-10 * lr * step), "grad_norm['total']": 1 + 0.01 * step,
+        "alpha": 2.5 if step % 7 == 3 else -1 + 0.05 * step, "norm_test": 0.5 + 0.01 * step,
+        "inner_test": 0.2, "ortho_test": 20.0, "grad_hist_1d": np.arange(8) * step,
+        "hyper/learning_rate": lr * min(1.0, (step + 1) / 10),
+    }  # fmt: skip
+    values |= {leaf: 10.0**-i * (step + 1) for i, leaf in enumerate(LEAVES)}
+    if step % 5 == 4:
+        values["val_acc"] = 1 - 0.9 * np.exp(-step / 20)
+    return values
+
+
+def cockpit_run(runs_dir, name, n_steps, lr=0.01, status="finished", **metadata):
+    """A stored run with a panel of every kind, as lm.train records it: quantity kinds,
+    histogram bins, the user's config, hyperparameters and values, the steps it expects."""
+    fields = {key: ((), "float32") for key in KINDS if key not in ("grad_norm", "grad_hist_1d")}
+    fields |= {leaf: ((), "float32") for leaf in ["grad_norm['total']", *LEAVES]}
+    fields["grad_hist_1d"] = ((8,), "int64")
+    metadata = {
+        "keys": list(KINDS), "pid": os.getpid(), "total_steps": n_steps,
+        "quantities_by_key": {k: {"class": None, "kind": kind} for k, kind in KINDS.items()},
+        "axes": {"grad_hist_1d": {"gradient": np.linspace(-0.35, 0.35, 8).tolist()}},
+        "config": {"lr": lr, "batch_size": 64, "optimizer": {"name": "adam"}}, **metadata,
+    }  # fmt: skip
+    writer = RunWriter(new_run_dir(runs_dir, name), metadata, fields)
+    for step in range(n_steps):
+        writer.append(step, cockpit_values(step, lr))
     if status == "running":
         writer.flush()
     else:
@@ -114,8 +169,17 @@ def test_cockpit_keys_go_to_their_groups():
     assert found[("GRADIENTS", "2-D gradient histogram")][0] == "image"
     assert found[("CURVATURE", "TIC")][1] == ("tic_diag", "tic_trace")
     assert found[("CURVATURE", "top Hessian eigenvalue")][0] == "lines"
-    assert found[("LOSS", "mini-batch loss")][1] == ("loss",)
+    assert found[("PERFORMANCE", "mini-batch loss")][1] == ("loss",)
+    # Cockpit's gauges beside their series: α on its parabola, the tests in the plane
+    assert found[("STEP SIZE", "α gauge")] == ("alpha", ("alpha",))
+    assert found[("GRADIENTS", "gradient tests gauge")] == (
+        "tests", ("norm_test", "inner_test", "ortho_test")
+    )  # fmt: skip
     assert not any(p.group == "MORE" for p in panels)
+    # a value axis titled with what it shows and its unit
+    units = {p.title: p.unit for p in panels}
+    assert units["gradient norm"] == "‖g‖₂ (loss / θ)"
+    assert units["suggested batch sizes"] == "batch size (samples)"
 
 
 def test_hess_max_ev_siblings_share_a_curvature_panel_whatever_the_name():
@@ -140,14 +204,51 @@ def test_custom_quantities_get_a_plot_from_their_shape():
     assert panels["per_layer"].fields == ("per_layer['a']", "per_layer['b']")
     assert panels["per_layer"].group == "MORE"
     # only what is tracked: no gradient or curvature panels for this run
-    assert {p.group for p in panels.values()} == {"LOSS", "MORE"}
+    assert {p.group for p in panels.values()} == {"PERFORMANCE", "MORE"}
+
+
+def test_cockpits_bottom_row_and_layers_past_four_leaves():
+    leaves = [f"grad_norm['l{i}']" for i in range(6)]
+    shapes = {
+        "loss": (),
+        "hyper/learning_rate": (),
+        "hyper/b1": (),
+        "val_acc": (),
+        "val_loss": (),
+        **dict.fromkeys(leaves, ()),
+        "few['a']": (),
+        "few['b']": (),
+    }
+    kinds = {"hyper/learning_rate": "hyperparameter", "hyper/b1": "hyperparameter",
+             "val_acc": "user", "val_loss": "user"}  # fmt: skip
+    keys = ["loss", "grad_norm", "hyper/learning_rate", "hyper/b1", "val_acc", "val_loss",
+            "few"]  # fmt: skip
+    panels = plan(keys, shapes, kinds)
+    drawn = [(p.group, p.kind, p.title, p.fields, p.unit) for p in panels]
+    assert drawn == [
+        ("HYPERPARAMETERS", "lines", "learning_rate", ("hyper/learning_rate",), "learning_rate"),
+        ("HYPERPARAMETERS", "lines", "b1", ("hyper/b1",), "b1"),
+        # six leaves: one heatmap of labelled rows, not six lines
+        ("STEP SIZE", "layers", "grad_norm by layer", ("grad_norm",), "‖g‖₂ (loss / θ)"),
+        ("PERFORMANCE", "lines", "mini-batch loss", ("loss",), "loss (batch mean)"),
+        ("PERFORMANCE", "lines", "val_acc", ("val_acc",), "val_acc"),
+        ("PERFORMANCE", "lines", "val_loss", ("val_loss",), "val_loss"),
+        ("MORE", "lines", "few", ("few['a']", "few['b']"), "few"),  # two leaves: lines
+    ]  # fmt: skip
+    # below Cockpit's columns, the bottom row fills the grid's width, its last panel spanning
+    # what is left; other quantities come after
+    places, n_rows, n_cols = grid(panels)
+    assert (n_rows, n_cols) == (4, 3)
+    assert places == [(2, 1, 1), (2, 2, 1), (1, 1, 1), (2, 3, 1), (3, 1, 1), (3, 2, 2),
+                      (4, 1, 1)]  # fmt: skip
+    assert leaf_label("grad_norm", "grad_norm['layers'][2]['kernel']") == "layers/2/kernel"
 
 
 def test_full_figure_then_patches_then_a_redraw_past_the_budget(tmp_path):
     fields = {"loss": (), "grad_hist_1d": (20,), "grad_hist_2d": (4, 5), "mine": ()}
     fake_run(tmp_path, "r", fields, 50, status="running")
     cache, listing = RunCache(), app.Listing(tmp_path)
-    fig, view, status = app.update(cache, listing, [], 0.0, False, False, None, redraw=True)
+    fig, view, status = app.update(cache, listing, [], 0.0, (), False, None, redraw=True)
     kinds = {(t["meta"]["field"], t["type"]) for t in fig["data"]}
     assert kinds == {("loss", "scatter"), ("grad_hist_1d", "heatmap"), ("grad_hist_1d", "bar"),
                      ("grad_hist_2d", "heatmap"), ("mine", "scatter")}  # fmt: skip
@@ -159,7 +260,7 @@ def test_full_figure_then_patches_then_a_redraw_past_the_budget(tmp_path):
     run = cache.get(str(tmp_path / "r"))
     column = run.columns["loss"]
     column.extend(np.arange(50, 53), np.array([0.5, np.nan, 0.25]))
-    out, view2, _ = app.update(cache, listing, [], 0.0, False, False, view, redraw=False)
+    out, view2, _ = app.update(cache, listing, [], 0.0, (), False, view, redraw=False)
     assert isinstance(out, Patch)
     ops = out.to_plotly_json()["operations"]
     i = next(i for i, t in enumerate(fig["data"]) if t["meta"]["field"] == "loss")
@@ -173,13 +274,13 @@ def test_full_figure_then_patches_then_a_redraw_past_the_budget(tmp_path):
     ]
     assert view2["traces"][i]["n"] == 53
     # nothing new: the page is left alone (a replot costs it far more than a poll)
-    out, view2, _ = app.update(cache, listing, [], 0.0, False, False, view2, redraw=False)
+    out, view2, _ = app.update(cache, listing, [], 0.0, (), False, view2, redraw=False)
     assert out is no_update and view2["traces"][i]["n"] == 53
 
     # a trace past twice its budget: the whole figure again, thinned
     n = 2 * figure.LINE_BUDGET
     column.extend(np.arange(53, 53 + n), np.random.default_rng(0).random(n))
-    out, _, _ = app.update(cache, listing, [], 0.0, False, False, view2, redraw=False)
+    out, _, _ = app.update(cache, listing, [], 0.0, (), False, view2, redraw=False)
     assert isinstance(out, dict)
     assert len(out["data"][i]["x"]) <= figure.LINE_BUDGET + 2
 
@@ -190,9 +291,7 @@ def test_histograms_are_drawn_over_their_bin_centres(tmp_path):
     axes = runs.base_metadata([hist_1d, hist_2d], ["a", "b"], {})["axes"]
     fields = {"grad_hist_1d": (20,), "grad_hist_2d": (4, 5), "unbinned": (3,)}
     fake_run(tmp_path, "r", fields, 5, axes=axes)
-    fig, _, _ = app.update(
-        RunCache(), app.Listing(tmp_path), [], 0.0, False, False, None, redraw=True
-    )
+    fig, _, _ = app.update(RunCache(), app.Listing(tmp_path), [], 0.0, (), False, None, redraw=True)
     by = {(t["meta"]["field"], t["type"]): t for t in fig["data"]}
     centres = np.linspace(-0.5, 0.5, 21)[:-1] + 0.025
     np.testing.assert_allclose(by["grad_hist_1d", "heatmap"]["y"], centres)
@@ -219,8 +318,9 @@ def test_options_and_overlay_redraw_with_one_trace_per_run(tmp_path):
     fake_run(tmp_path, "b", {"loss": ()}, 20)
     cache, listing = RunCache(), app.Listing(tmp_path)
     paths = [str(tmp_path / "a"), str(tmp_path / "b")]
-    fig, _, status = app.update(cache, listing, paths, 0.9, True, True, None, redraw=False)
-    loss = [t for t in fig["data"] if t["meta"]["field"] == "loss"]
+    logged = frozenset({"gradient norm", "mini-batch loss"})
+    fig, _, status = app.update(cache, listing, paths, 0.9, logged, True, None, redraw=False)
+    loss = [t for t in fig["data"] if t["meta"]["field"] == "loss" and t.get("opacity") is None]
     assert [len(t["x"]) for t in loss] == [30, 20]
     assert fig["layout"]["showlegend"] and fig["layout"]["template"]["layout"]["paper_bgcolor"]
     assert all(fig["layout"][f"yaxis{s}"]["type"] == "log" for s in ("", "2"))
@@ -229,7 +329,7 @@ def test_options_and_overlay_redraw_with_one_trace_per_run(tmp_path):
     _, values = lm.load_run(paths[0])["loss"]
     np.testing.assert_allclose(loss[0]["y"], ema(values, 0.9))
     # the newest run is shown when none is chosen
-    fig, _, _ = app.update(cache, listing, [], 0.0, False, False, None, redraw=True)
+    fig, _, _ = app.update(cache, listing, [], 0.0, (), False, None, redraw=True)
     assert {t["meta"]["run"] for t in fig["data"]} == {"b"}
 
 
@@ -238,9 +338,9 @@ def test_a_killed_run_says_so_and_a_damaged_one_is_listed_disabled(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "run.sqlite").write_bytes(b"not a database")
     listing = app.Listing(tmp_path)
-    options = {o["value"].rsplit("/", 1)[-1]: o for o in app.run_options(listing)}
+    options = {o["value"].rsplit("/", 1)[-1]: o for o in app.run_table(listing)[0]}
     assert options["broken"]["disabled"] and not options["killed"]["disabled"]
-    _, _, status = app.update(RunCache(), listing, [], 0.0, False, False, None, redraw=True)
+    _, _, status = app.update(RunCache(), listing, [], 0.0, (), False, None, redraw=True)
     assert "TRAINING PROCESS GONE" in str(status) and "12 stored steps" in str(status)
 
 
@@ -276,9 +376,8 @@ def test_pause_csv_and_the_command_line(tmp_path, capsys):
     fake_run(tmp_path, "r", {"loss": (), "v": (2,)}, 3)
     download = app.csv_download(app.Listing(tmp_path), [])
     assert download["filename"] == "r.csv"
-    header, *rows = download["content"].splitlines()  # lm.to_csv's long form
-    assert header == "step,key,value" and len(rows) == 3 * 3
-    assert [row.split(",")[:2] for row in rows[:3]] == [["0", "loss"], ["0", "v[0]"], ["0", "v[1]"]]
+    _, loss = lm.load_run(tmp_path / "r")["loss"]
+    assert download["content"].splitlines()[:2] == ["step,run,key,value", f"0,r,loss,{loss[0]!s}"]
     with pytest.raises(SystemExit):
         cli.main(["dashboard", str(tmp_path / "nope")])
     assert "expected the runs_dir" in capsys.readouterr().err
@@ -312,3 +411,225 @@ def test_training_goes_on_when_its_dashboard_dies(tmp_path, capsys):
     assert history.dashboard_url == f"http://127.0.0.1:{port}/"  # the URL it serves on
     assert len(history["step"]) == 9
     assert lm.list_runs(tmp_path)[-1]["status"] == "finished"
+
+
+def traces_of(fig: dict, field: str, kind: str | None = None) -> list[dict]:
+    """The traces drawing ``field`` (of plotly type ``kind``)."""
+    return [t for t in fig["data"] if t["meta"]["field"] == field and kind in (None, t["type"])]
+
+
+def axis_of(fig: dict, trace: dict, axis: str) -> dict:
+    """The layout of the x or y ``axis`` a trace is drawn on."""
+    return fig["layout"][trace[f"{axis}axis"].replace(axis, f"{axis}axis")]
+
+
+def test_the_figure_reads_like_cockpits(tmp_path):
+    cockpit_run(tmp_path, "r", 40)
+    stored = lm.load_run(tmp_path / "r")
+    fig, view = figure.figure([RunData(tmp_path / "r")], 0.5, {"grad_norm by layer"})
+    json.loads(pio.to_json(fig))  # what Dash sends must serialise
+    layout = fig["layout"]
+
+    # value axes titled with their units; every heatmap has a colour bar saying what it shows
+    (loss,) = [t for t in traces_of(fig, "loss") if "opacity" not in t]
+    assert axis_of(fig, loss, "y")["title"]["text"] == "loss (batch mean)"
+    assert axis_of(fig, loss, "x")["title"]["text"] == "step"
+    heatmaps = [t for t in fig["data"] if t["type"] == "heatmap"]
+    assert {t["meta"]["field"] for t in heatmaps} == {"grad_hist_1d", "grad_norm"}
+    assert {t["colorbar"]["title"]["text"] for t in heatmaps} == {
+        "log₁₀(1 + count)", "log₁₀ ‖g‖₂ (loss / θ)"
+    }  # fmt: skip
+
+    # smoothing: the raw series drawn faint behind the smoothed one, as TensorBoard does
+    raw, smooth = traces_of(fig, "alpha", "scatter")[:2]
+    steps, alphas = stored["alpha"]
+    assert raw["opacity"] == figure.RAW_OPACITY and not raw["showlegend"]
+    assert (raw["meta"]["kind"], smooth["meta"]["kind"]) == ("raw", "lines")
+    np.testing.assert_allclose(raw["y"], alphas)
+    np.testing.assert_allclose(smooth["y"], ema(alphas, 0.5))
+    assert raw["x"] == smooth["x"] == steps.tolist()
+
+    # log scale per panel: the layers' colours here, α's negative values still on a linear axis
+    (layers,) = traces_of(fig, "grad_norm", "heatmap")
+    assert layers["y"] == [
+        "total",
+        *(f"layers/{i}/{w}" for i in range(3) for w in ("kernel", "bias")),
+    ]
+    _, values = stored[LEAVES[2]]
+    np.testing.assert_allclose(np.array(layers["z"])[:, 3], np.log10(values), rtol=1e-6)
+    assert axis_of(fig, smooth, "y").get("type") is None and min(raw["y"]) < 0
+    toggles = {a["name"]: a["text"] for a in layout["annotations"] if a.get("name")}
+    assert toggles[inputs.LOG_TOGGLE + "grad_norm by layer"] == "log ✓"
+    assert toggles[inputs.LOG_TOGGLE + "α (alpha)"] == "log"
+    # α, layers, the tests' lines, latest histogram, Hessian trace, lr, loss, val_acc
+    assert len(toggles) == 8
+    # ... nothing in the main legend for one run: no stray "trace 15"
+    assert all(t["showlegend"] is False or t.get("legend") for t in fig["data"])
+
+    # Cockpit's α gauge: every step on the parabola, the last 10% (4 steps) apart, α beyond
+    # the edge at the edge
+    gauge = {t["meta"]["field"]: t for t in fig["data"] if t["xaxis"] == raw["xaxis"]}
+    (every, recent) = [t for t in traces_of(fig, "alpha") if t["mode"] == "markers"]
+    assert [a for _, a in recent["customdata"]] == pytest.approx(alphas[-4:].tolist())
+    assert recent["x"] == pytest.approx(np.clip(alphas[-4:], -1.5, 1.5).tolist())
+    assert recent["y"] == pytest.approx((np.clip(alphas[-4:], -1.5, 1.5) ** 2).tolist())
+    assert every["name"] == f"all: mean {alphas.mean():.2f}" and len(every["x"]) == 40
+    assert recent["marker"]["symbol"] == ["circle", "circle", "triangle-right", "circle"]
+    assert gauge  # drawn on its own axes, not the α series'
+
+    # the gradient-tests gauge: the latest norm test as a circle, inner and ortho as bands
+    (circle,) = [t for t in traces_of(fig, "norm_test") if t.get("fill")]
+    (inner,) = [t for t in traces_of(fig, "inner_test") if t.get("fill")]
+    (ortho,) = [t for t in traces_of(fig, "ortho_test") if t.get("fill")]
+    norm = stored["norm_test"][1][-1]
+    assert np.hypot(circle["x"], circle["y"]) == pytest.approx(figure.symlog(norm))
+    assert max(inner["y"]) == pytest.approx(figure.symlog(0.2))
+    assert max(ortho["x"]) == pytest.approx(figure.symlog(figure.TESTS_EDGE))  # 20: at the edge
+    assert ortho["name"] == "ortho_test 20" and circle["name"] == f"norm_test {norm:.3g}"
+
+    # Cockpit's bottom row, and a panel without values that says so instead of empty axes
+    panels = {t["meta"]["panel"] for t in fig["data"]}
+    assert {"learning_rate", "mini-batch loss", "val_acc"} <= panels
+    empty = [a for a in layout["annotations"] if a["text"] == figure.EMPTY]
+    assert len(empty) == 1
+    for trace in traces_of(fig, "hess_trace"):  # raw and smoothed
+        assert axis_of(fig, trace, "x")["visible"] is False and trace["x"] == []
+    assert view["key"] == figure.view_key([str(tmp_path / "r")], 0.5, ["grad_norm by layer"], False)
+
+
+def test_an_overlay_names_runs_by_their_settings_and_shows_each_runs_heatmaps(tmp_path):
+    cockpit_run(tmp_path, "a", 30, lr=0.01)
+    cockpit_run(tmp_path, "b", 20, lr=0.003)
+    runs = [RunData(tmp_path / "a"), RunData(tmp_path / "b")]
+    fig, _ = figure.figure(runs)
+    legend = [t["name"] for t in fig["data"] if t["showlegend"] and not t.get("legend")]
+    assert legend == ["a (lr=0.01)", "b (lr=0.003)"]  # the settings that differ, once each
+    assert all(isinstance(t["showlegend"], bool) and t.get("name") for t in fig["data"])
+    for field in ("grad_hist_1d", "grad_norm"):  # a heatmap for every run, titled by it
+        drawn = traces_of(fig, field, "heatmap")
+        assert [t["meta"]["run"] for t in drawn] == ["a", "b"]
+        assert len({t["yaxis"] for t in drawn}) == 2
+    titles = [a["text"] for a in fig["layout"]["annotations"]]
+    assert "<b>gradient histogram</b> · b" in titles
+    assert [t["meta"]["run"] for t in traces_of(fig, "grad_hist_1d", "bar")] == ["a", "b"]
+    loss = [t for t in traces_of(fig, "loss")]
+    assert [t["line"]["color"] for t in loss] == list(figure.COLORS[:2])
+
+
+def apply(fig: dict, patch: Patch) -> dict:
+    """``fig`` after the Dash ``patch`` (its Assign and Extend operations)."""
+    fig = json.loads(json.dumps(fig))
+    for op in patch.to_plotly_json()["operations"]:
+        *path, last = op["location"]
+        target = fig
+        for part in path:
+            target = target[part]
+        if op["operation"] == "Assign":
+            target[last] = op["params"]["value"]
+        else:
+            assert op["operation"] == "Extend", op
+            target[last].extend(op["params"]["value"])
+    return fig
+
+
+def close(a: object, b: object) -> bool:
+    """Whether two JSON values are equal, numbers up to rounding (a smoothed series
+    continued step by step, against the same smoothed whole)."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, float | int) and isinstance(b, float | int):
+        return bool(np.isclose(a, b, rtol=1e-9, atol=1e-12))
+    return a == b
+
+
+def test_new_steps_patch_every_kind_of_trace_as_a_redraw_would_draw_it(tmp_path):
+    cockpit_run(tmp_path, "r", 30, status="running")
+    cache, listing = RunCache(), app.Listing(tmp_path)
+    logged = frozenset({"grad_norm by layer"})
+    fig, view, _ = app.update(cache, listing, [], 0.5, logged, False, None, redraw=True)
+    run = cache.get(tmp_path / "r")
+    for step in range(30, 36):  # as the ring brings them
+        for field, value in cockpit_values(step, 0.01).items():
+            run.columns[field].extend(np.array([step]), np.array([value]))
+    patch, view, _ = app.update(cache, listing, [], 0.5, logged, False, view, redraw=False)
+    assert isinstance(patch, Patch)
+    patched = apply(fig, patch)
+    fresh, fresh_view = figure.figure([run], 0.5, logged)
+    assert view["traces"] == fresh_view["traces"]
+    for old, new in zip(patched["data"], fresh["data"], strict=True):
+        for key in ("x", "y", "z", "name", "customdata", "marker"):
+            assert close(old.get(key), new.get(key)), (old["meta"], key)
+    # a panel's first values: redrawn, so that it no longer says it has none
+    run.columns["hess_trace"].extend(np.array([36]), np.array([7.0]))
+    out, _, _ = app.update(cache, listing, [], 0.5, logged, False, view, redraw=False)
+    assert isinstance(out, dict) and figure.EMPTY not in json.dumps(out["layout"]["annotations"])
+
+
+def test_no_runs_or_no_steps_show_a_message_not_empty_axes(tmp_path):
+    cache, listing = RunCache(), app.Listing(tmp_path)
+    fig, view, _ = app.update(cache, listing, [], 0.0, (), False, None, redraw=True)
+    assert fig["data"] == [] and view is None
+    assert fig["layout"]["xaxis"] == {"visible": False} == fig["layout"]["yaxis"]
+    assert f"no runs yet in {tmp_path}" in fig["layout"]["annotations"][0]["text"]
+    cockpit_run(tmp_path, "r", 0, status="running")
+    fig, view, _ = app.update(cache, app.Listing(tmp_path), [], 0.0, (), False, None, True)
+    assert fig["data"] == [] and view is None
+    assert fig["layout"]["annotations"][0]["text"].startswith("r: no steps recorded yet")
+
+
+def test_the_status_line_says_how_far_a_run_is_and_how_long_it_has_left(tmp_path, monkeypatch):
+    cockpit_run(tmp_path, "r", 50, status="running", total_steps=200)
+    line = app.describe(RunData(tmp_path / "r"))  # running, no ring yet: starting
+    assert "r · step 49 of 200 (25%)" in str(line) and "ETA" not in str(line)
+    (bar,) = [c for c in line.children if isinstance(c, html.Progress)]
+    assert (bar.value, bar.max) == ("50", "200")
+    # with the store's per-step clock, the speed and the time left: 10 steps a second
+    monkeypatch.setattr(store.Run, "times", lambda run: 1.8e9 + 0.1 * run.steps(), raising=False)
+    line = str(app.describe(RunData(tmp_path / "r")))
+    assert "step 49 of 200 (25%) · ETA 15 s · 10 steps/s" in line
+    cockpit_run(tmp_path, "done", 50)
+    assert "■ FINISHED" in str(app.describe(RunData(tmp_path / "done")))
+
+
+def test_the_runs_table_tells_runs_apart_and_the_csv_holds_every_value(tmp_path):
+    cockpit_run(tmp_path, "a", 3, lr=0.01)
+    fake_run(tmp_path, "b", {"loss": (), "h": (2, 2)}, 2, config={"lr": 0.5, "batch_size": 64})
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "run.sqlite").write_bytes(b"not a database")
+    listing = app.Listing(tmp_path)
+    options, head, _ = app.run_table(listing)
+
+    def cells(component) -> list[str]:
+        return [c.children for c in component.children]
+
+    # the settings that differ (a setting one run lacks too), not batch_size: the same in both
+    assert cells(head)[1:] == ["run", "status", "steps", "started", "lr", "optimizer.name"]
+    rows = {o["value"].rsplit("/", 1)[-1]: (cells(o["label"]), o["disabled"]) for o in options}
+    assert rows["a"][0][:3] == ["a", "finished", "3 / 3"] and rows["a"][0][4:] == ["0.01", "adam"]
+    assert rows["b"][0][:3] == ["b", "finished", "2"] and rows["b"][0][4:] == ["0.5", ""]
+    assert rows["broken"][1] and not rows["a"][1]
+
+    download = app.csv_download(listing, [str(tmp_path / "a"), str(tmp_path / "b")])
+    assert download["filename"] == "2-runs.csv"
+    table = list(csv.reader(io.StringIO(download["content"])))
+    assert table[0] == ["step", "run", "key", "value"]
+    for name in ("a", "b"):
+        run = lm.load_run(tmp_path / name)
+        for key in run.keys:
+            steps, values = run[key]
+            names = [f"{key}[{','.join(map(str, i))}]" if i else key
+                     for i in np.ndindex(*values.shape[1:])]  # fmt: skip
+            for step, value in zip(steps, values, strict=True):
+                for element, x in zip(names, np.ravel(value), strict=True):
+                    assert [str(step), name, element, str(x)] in table
+    n = sum(len(lm.load_run(tmp_path / r)[k][0]) * int(np.prod(lm.load_run(tmp_path / r).shapes[k]))
+            for r in ("a", "b") for k in lm.load_run(tmp_path / r).keys)  # fmt: skip
+    assert len(table) == 1 + n
+
+
+def test_a_panels_log_toggle_switches_it_alone():
+    assert app.toggle_log("gradient norm", frozenset()) == ["gradient norm"]
+    assert app.toggle_log("gradient norm", frozenset({"gradient norm", "loss"})) == ["loss"]
+    assert app.toggle_log(None, frozenset({"loss"})) is no_update

@@ -4,6 +4,7 @@ Screenshots land in ``$LMD4ML_ARTIFACTS`` (default ``test-artifacts/`` in the re
 Needs Chromium (``apt-get install chromium``; ``.ci/run`` installs it) and playwright.
 """
 
+import math
 import os
 import re
 import shutil
@@ -14,17 +15,19 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from test_telemetry import child_env
+from test_dashboard import cockpit_run
 
 import lmd4ml as lm
+from lmd4ml.dashboard import inputs
 from lmd4ml.dashboard.data import minmax_indices, spread_indices
-from lmd4ml.dashboard.figure import HEATMAP_BUDGET, LINE_BUDGET
+from lmd4ml.dashboard.figure import HEATMAP_BUDGET, LINE_BUDGET, RAW_OPACITY
 
 playwright = pytest.importorskip("playwright.sync_api")
 
 ARTIFACTS = Path(os.environ.get("LMD4ML_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))
+# Processes started here import the lmd4ml under test, wherever it is installed from.
+HERE = {**os.environ, "PYTHONPATH": str(Path(lm.__file__).parents[1])}
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -63,14 +66,15 @@ TRAIN = textwrap.dedent(
     ]
     params = {"a": jnp.full((2, 3), 0.5), "b": jnp.full(3, 0.1)}
     learner = lm.Learner(params, loss_fn, Slow(), optax.adam(0.05), quantities)
-    lm.train(learner, epochs=int(sys.argv[2]), runs_dir="runs", run_name="live",
+    lm.train(learner, epochs=int(sys.argv[2]), runs_dir="runs", run_name=sys.argv[3],
              dashboard=int(sys.argv[1]), progress=False)
     """
 )
 FIELDS = {
-    "loss": "scatter", "grad_norm": "scatter", "distance": "scatter", "update_size": "scatter",
-    "norm_test": "scatter", "per_layer['a']": "scatter", "per_layer['b']": "scatter",
-    "grad_hist_1d": ("heatmap", "bar"), "grad_b": "heatmap", "grad_a": "heatmap",
+    "loss": "lines", "grad_norm": "lines", "distance": "lines", "update_size": "lines",
+    "norm_test": ("lines", "norm_circle"), "per_layer['a']": "lines",
+    "per_layer['b']": "lines", "grad_hist_1d": ("heatmap", "bars"), "grad_b": "heatmap",
+    "grad_a": "image",
 }  # fmt: skip
 
 
@@ -114,23 +118,33 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def traces(page) -> dict[tuple[str, str, str], int]:
-    """(run, field, trace type) -> points drawn, from the page's plotly figure."""
+    """(run, field, kind) -> points drawn, from the page's plotly figure (a gauge's static
+    parts left out)."""
     found = page.evaluate(
         """() => {
         const gd = document.querySelector('#cockpit .js-plotly-plot');
-        return gd && gd.data ? gd.data.map(t => [t.meta.run, t.meta.field, t.type,
-            t.type === 'bar' ? t.y.length : t.x ? t.x.length : t.z.length]) : [];
+        return gd && gd.data ? gd.data.filter(t => t.meta.kind !== 'static').map(t => [t.meta.run,
+            t.meta.field, t.meta.kind, t.type === 'bar' ? t.y.length : t.x ? t.x.length
+            : t.z.length]) : [];
         }"""
     )
     return {(run, field, kind): n for run, field, kind, n in found}
 
 
+def layout(page, expression: str):
+    """``expression`` of the page's figure, ``gd`` (its ``data``, ``_fullLayout``, …)."""
+    return page.evaluate(
+        f"() => {{ const gd = document.querySelector('#cockpit .js-plotly-plot'); "
+        f"return {expression}; }}"
+    )
+
+
 def newest(page) -> dict[tuple[str, str, str], int]:
-    """(run, field, trace type) -> the last step drawn, for the traces over steps."""
+    """(run, field, kind) -> the last step drawn, for the traces over steps."""
     found = page.evaluate(
         """() => document.querySelector('#cockpit .js-plotly-plot').data
-            .filter(t => t.type === 'scatter' || (t.type === 'heatmap' && t.transpose))
-            .map(t => [t.meta.run, t.meta.field, t.type, t.x[t.x.length - 1]])"""
+            .filter(t => t.meta.kind === 'lines' || t.meta.kind === 'heatmap')
+            .map(t => [t.meta.run, t.meta.field, t.meta.kind, t.x[t.x.length - 1]])"""
     )
     return {(run, field, kind): last for run, field, kind, last in found}
 
@@ -149,29 +163,36 @@ def open_page(browser, url: str):
 
 
 def expected(run_dir: Path) -> dict[tuple[str, str], int]:
-    """(field, trace type) -> the number of points a panel should hold: every stored step,
-    or as many as the server thins them to."""
+    """(field, kind) -> the number of points a panel should hold: every stored step, or as
+    many as the server thins them to."""
     run = lm.load_run(run_dir)
     out = {}
     for field, kinds in FIELDS.items():
         steps, values = run[field]
         for kind in (kinds,) if isinstance(kinds, str) else kinds:
-            if kind == "bar":
+            if kind == "bars":
                 out[field, kind] = 20
             elif kind == "heatmap":
                 out[field, kind] = len(spread_indices(steps, HEATMAP_BUDGET))
+            elif kind == "image":
+                out[field, kind] = 3  # a 2×3 matrix: its latest value, 3 columns
+            elif kind == "norm_circle":
+                out[field, kind] = 73  # the gauge's circle, of the latest value
             else:
                 out[field, kind] = len(minmax_indices(values.astype(float), LINE_BUDGET))
-    out["grad_a", "heatmap"] = 3  # a 2×3 matrix: its latest value as an image, 3 columns
     return out
 
 
 def test_live_run_grows_keeps_zoom_and_survives_its_training_being_killed(browser, tmp_path):
     port = free_port()
     (tmp_path / "train.py").write_text(TRAIN)
+    # Its live ring is named after it: one of its own, whatever else runs beside the test.
+    name = f"live-{os.getpid()}"
+    run_dir = tmp_path / "runs" / name
     train = subprocess.Popen(
-        [sys.executable, "train.py", str(port), "1000"], stdout=subprocess.PIPE, text=True
-    )
+        [sys.executable, "train.py", str(port), "1000", name], stdout=subprocess.PIPE, text=True,
+        env=HERE,
+    )  # fmt: skip
     server = None
     try:
         line = train.stdout.readline()
@@ -181,13 +202,14 @@ def test_live_run_grows_keeps_zoom_and_survives_its_training_being_killed(browse
         wait_for(lambda: lm.list_runs("runs"), 60, "the run to start")
         page, errors = wait_for(lambda: _try_open(browser, url), 30, "the server")
         wait_for(lambda: "LIVE" in status(page), 30, "the page to show the run live")
-        wait_for(lambda: len(traces(page)) == 11, 30, "every panel")
+        wait_for(lambda: len(traces(page)) == len(expected(run_dir)), 30,
+                 "every panel")  # fmt: skip
         # The run opens before its first step has finished (compiling it, checking that
         # samples do not interact): panels may stand empty for a poll or two.
         wait_for(lambda: None not in newest(page).values(), 30, "the first values")
         first = traces(page)
         first_steps = newest(page)
-        assert {(f, k) for _, f, k in first} == set(expected(tmp_path / "runs/live"))
+        assert {(f, k) for _, f, k in first} == set(expected(run_dir))
         wait_for(lambda: "steps/s" in status(page), 10, "the training speed")
 
         # zoom on one step axis: the linked ones follow, and polls keep it
@@ -210,8 +232,10 @@ def test_live_run_grows_keeps_zoom_and_survives_its_training_being_killed(browse
 
         kill(train)
         wait_for(lambda: "TRAINING PROCESS GONE" in status(page), 20, "the page to say so")
-        want = expected(tmp_path / "runs/live")
-        drawn = wait_for(lambda: traces(page) if len(traces(page)) == 11 else None, 10, "redraw")
+        want = expected(run_dir)
+        drawn = wait_for(
+            lambda: traces(page) if len(traces(page)) == len(want) else None, 10, "redraw"
+        )
         assert {(f, k): n for (_, f, k), n in drawn.items()} == want
         page.screenshot(path=ARTIFACTS / "dashboard-killed.png", full_page=True)
         assert not errors
@@ -221,64 +245,102 @@ def test_live_run_grows_keeps_zoom_and_survives_its_training_being_killed(browse
             kill(server)
 
 
-def make_run(name: str, epochs: int, lr: float) -> None:
-    def loss_fn(w, batch):
-        x, y = batch
-        return (x @ w - y) ** 2
-
-    rng = np.random.default_rng(0)
-    data = [(rng.normal(size=(16, 3)), rng.normal(size=16)) for _ in range(5)]
-    import optax
-
-    quantities = [lm.Loss(), lm.GradNorm(), lm.Distance(), lm.UpdateSize(), lm.NormTest()]
-    learner = lm.Learner(np.zeros(3), loss_fn, data, optax.sgd(lr), quantities)
-    lm.train(learner, epochs=epochs, runs_dir="runs", run_name=name, progress=False)
-
-
-def test_replay_overlay_themes_and_csv(browser, tmp_path):
-    make_run("first", 8, 0.05)
-    make_run("second", 12, 0.02)
+def test_the_page_reads_like_cockpits_overlays_runs_and_downloads_them(browser, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
     port = free_port()
     # With a token, which the page's every request (layout, callbacks, download) must carry
     # in the cookie that the printed URL sets.
     server = subprocess.Popen(
         [sys.executable, "-m", "lmd4ml.dashboard", "runs", "--port", str(port),
          "--token", "browser-test-token"],
-        stdout=subprocess.PIPE, text=True, env=child_env(),
+        stdout=subprocess.PIPE, text=True, env=HERE,
     )  # fmt: skip
     try:
         url = server.stdout.readline().split(": ", 1)[1].strip()
         assert url == f"http://127.0.0.1:{port}/?token=browser-test-token"
         page, errors = wait_for(lambda: _try_open(browser, url), 30, "the server")
-        wait_for(lambda: "FINISHED" in status(page), 20, "the newest run")
-        drawn = traces(page)
-        assert {run for run, _, _ in drawn} == {"second"}
-        assert set(drawn.values()) == {60}
+        # nothing to show: a message, not empty axes
+        wait_for(lambda: "no runs yet" in page.text_content("#cockpit"), 10, "the empty state")
+        assert layout(page, "gd.querySelectorAll('.xtick, .ytick').length") == 0
+        page.screenshot(path=ARTIFACTS / "dashboard-empty.png", full_page=True)
 
-        page.click("#runs")
-        page.locator(".dash-dropdown-option", has_text="second (finished, 60 steps)").click()
-        page.locator(".dash-dropdown-option", has_text="first (finished, 40 steps)").click()
-        page.keyboard.press("Escape")
-        wait_for(lambda: {r for r, _, _ in traces(page)} == {"first", "second"}, 20, "overlay")
+        # runs as lm.train records them; the newest (still running) is shown by itself
+        cockpit_run(runs, "a", 60, lr=0.01)
+        cockpit_run(runs, "b", 40, lr=0.003, status="interrupted")
+        cockpit_run(runs, "c", 30, lr=0.001, status="running", total_steps=120)
+        wait_for(lambda: "step 29 of 120 (25%)" in status(page), 20, "the newest run")
+        assert page.locator("#status progress").get_attribute("value") == "30"
         drawn = traces(page)
-        assert drawn["first", "loss", "scatter"] == 40 and drawn["second", "loss", "scatter"] == 60
+        assert {run for run, _, _ in drawn} == {"c"}
+        # value axes titled with their units, a colour bar for each heatmap
+        titles = layout(page, "Object.entries(gd._fullLayout).filter(([k]) => /^yaxis/.test(k))"
+                              ".map(([, a]) => a.title.text)")  # fmt: skip
+        assert {"loss (batch mean)", "α (step on the fitted parabola)", "gradient",
+                "learning_rate", "val_acc"} <= set(titles)  # fmt: skip
+        assert layout(page, "gd.querySelectorAll('.colorbar').length") == 2  # layers, histogram
+        # the layers × steps heatmap's rows are the layers
+        rows = layout(page, "gd.data.find(t => t.meta.kind === 'layers').y")
+        assert rows == ["total", *(f"layers/{i}/{w}" for i in range(3) for w in ("kernel", "bias"))]
+        # Cockpit's gauges: the last 10% of α apart from the rest, the tests in the plane
+        assert drawn["c", "alpha", "alpha_recent"] == math.ceil(30 / 10)
+        assert drawn["c", "alpha", "alpha_all"] == 30
+        legends = layout(page, "Array.from(gd.querySelectorAll('.legend3text'))"
+                               ".map(e => e.textContent)")  # fmt: skip
+        assert legends == ["norm_test 0.79", "inner_test 0.2", "ortho_test 20"]
+
+        # smoothing: the raw series faint behind each smoothed line
+        page.focus("#smoothing .dash-slider-thumb")
+        page.keyboard.press("End")
+        for _ in range(9):
+            page.keyboard.press("ArrowLeft")
+        wait_for(lambda: ("c", "loss", "raw") in traces(page), 10, "the raw series")
+        lines = layout(page, "gd.data.filter(t => t.meta.kind === 'lines').length")
+        opacities = layout(page, "gd.data.filter(t => t.meta.kind === 'raw').map(t => t.opacity)")
+        assert opacities == [RAW_OPACITY] * lines
+
+        # log scale on the loss's panel alone: α's values below 0 stay on a linear axis
+        names = layout(page, "gd.layout.annotations.map(a => a.name || '')")
+        toggle = names.index(inputs.LOG_TOGGLE + "mini-batch loss")
+        page.locator(f"#cockpit g.annotation[data-index='{toggle}']").click()
+
+        def axis_type(kind: str, field: str) -> str:
+            trace = f"gd.data.find(t => t.meta.kind === '{kind}' && t.meta.field === '{field}')"
+            return layout(page, f"gd._fullLayout[{trace}.yaxis.replace('y', 'yaxis')].type")
+
+        wait_for(lambda: axis_type("lines", "loss") == "log", 10, "the loss in log scale")
+        assert axis_type("lines", "alpha") == "linear"
+        assert min(layout(page, "gd.data.find(t => t.meta.kind === 'raw' && "
+                                "t.meta.field === 'alpha').y")) < 0  # fmt: skip
+        page.screenshot(path=ARTIFACTS / "dashboard-cockpit.png", full_page=True)
+
+        # an overlay from the runs table: runs named by the setting that differs, each run's
+        # heatmaps, no stray legend entries
+        rows = page.locator("#runs label")
+        assert [rows.nth(i).inner_text().split("\n")[0] for i in range(3)] == ["c", "b", "a"]
+        rows.nth(1).click()
+        rows.nth(2).click()
+        wait_for(lambda: {r for r, _, _ in traces(page)} == {"a", "b"}, 20, "the overlay")
+        entries = layout(page, "Array.from(gd.querySelectorAll('.legendtext'))"
+                               ".map(e => e.textContent)")  # fmt: skip
+        assert entries == ["b (lr=0.003)", "a (lr=0.01)"]
+        drawn = traces(page)
+        assert drawn["a", "grad_hist_1d", "heatmap"] == 60
+        assert drawn["b", "grad_hist_1d", "heatmap"] == 40
+        assert drawn["a", "grad_norm", "layers"] == 60 and drawn["b", "grad_norm", "layers"] == 40
         page.get_by_text("dark").click()
-        page.get_by_text("log y").click()
-        wait_for(
-            lambda: page.evaluate(
-                "() => document.querySelector('#cockpit .js-plotly-plot')._fullLayout"
-                ".yaxis.type === 'log'"
-            ),
-            10,
-            "log scale",
-        )
+        wait_for(lambda: layout(page, "gd._fullLayout.paper_bgcolor") == "rgb(17,17,17)", 10,
+                 "the dark theme")  # fmt: skip
         page.screenshot(path=ARTIFACTS / "dashboard-overlay-dark.png", full_page=True)
 
+        # the CSV: every value of both runs, one row each
         with page.expect_download() as download:
             page.click("#csv")
-        text = Path(download.value.path()).read_text()
-        # long form: a row for each of the 5 quantities at each of the 60 steps
-        assert text.startswith("step,key,value") and len(text.splitlines()) == 1 + 60 * 5
+        lines = Path(download.value.path()).read_text().splitlines()
+        assert lines[0] == "step,run,key,value"
+        values = sum(len(run[key][0]) * math.prod(run.shapes[key]) for name in ("a", "b")
+                     for run in [lm.load_run(runs / name)] for key in run.keys)  # fmt: skip
+        assert len(lines) == 1 + values and {line.split(",")[1] for line in lines[1:]} == {"a", "b"}
         assert not errors
     finally:
         kill(server)

@@ -53,11 +53,18 @@ def callback(app, output: str, values: dict[str, object], changed: str) -> dict:
 
 
 UPDATE = "..cockpit.figure...view.data...status.children.."
+TABLE = "..runs.options...runs-head.children...table.style.."
+LOG = "logged.data"
+
+
+def cells(label: dict) -> list[str]:
+    """The cells of a runs-table row, as a callback's JSON answer holds its label."""
+    return [cell["props"]["children"] for cell in label["props"]["children"]]
 
 
 def show(client, app, selected) -> dict:
     """What the page gets back for the run chooser's value ``selected``."""
-    values = {"runs.value": selected, "smoothing.value": 0, "logy.value": [],
+    values = {"runs.value": selected, "smoothing.value": 0, "logged.data": [],
               "theme.value": "light"}  # fmt: skip
     body = callback(app, UPDATE, values, "runs.value")
     answer = client.post("/_dash-update-component", json=body)
@@ -118,7 +125,7 @@ def test_only_listed_runs_are_shown_or_downloaded(places, watched):
     runs, outside = places["runs"], places["outside"]
     app = dash_app.create_app(runs)
     client = app.server.test_client()
-    assert [o["value"] for o in dash_app.run_options(dash_app.Listing(runs))] == [
+    assert [o["value"] for o in dash_app.run_table(dash_app.Listing(runs))[0]] == [
         str(runs / "mine")
     ]
     crafted = [
@@ -171,7 +178,7 @@ def test_a_token_is_asked_of_every_request_and_set_as_a_cookie(places):
         for query in ("", "?token=wrong-token", "?token=t0ken-for-the-tests-", "?token=é"):
             answer = client.get(path + query)
             assert (answer.status_code, answer.text) == (403, auth.FORBIDDEN), path + query
-    crafted = callback(app, "runs.options", {}, "list-tick.n_intervals")
+    crafted = callback(app, TABLE, {}, "list-tick.n_intervals")
     assert client.post("/_dash-update-component", json=crafted).status_code == 403
     client.set_cookie("lmd4ml-token-80", "wrong-token")
     assert client.get("/").status_code == 403
@@ -184,7 +191,9 @@ def test_a_token_is_asked_of_every_request_and_set_as_a_cookie(places):
     # the cookie alone, as the page's own requests carry it
     assert client.get("/_dash-layout").status_code == 200
     options = client.post("/_dash-update-component", json=crafted).json["response"]
-    assert [o["label"] for o in options["runs"]["options"]] == ["mine (finished, 5 steps)"]
+    assert [cells(o["label"])[:3] for o in options["runs"]["options"]] == [
+        ["mine", "finished", "5"]
+    ]
     assert {t["meta"]["run"] for t in show(client, app, [])["cockpit"]["figure"]["data"]} == {
         "mine"
     }
@@ -214,14 +223,14 @@ def test_the_command_serves_with_waitress_and_asks_for_its_token(places):
             assert page.headers["Server"] == "waitress"
             cookie = page.headers["Set-Cookie"].split(";")[0]
         app = dash_app.create_app(places["runs"])  # the same callbacks, to build a request
-        body = callback(app, "runs.options", {}, "list-tick.n_intervals")
+        body = callback(app, TABLE, {}, "list-tick.n_intervals")
         request = urllib.request.Request(
             f"{base}/_dash-update-component", json.dumps(body).encode(),
             {"Content-Type": "application/json", "Cookie": cookie},
         )  # fmt: skip
         with urllib.request.urlopen(request, timeout=10) as answer:
             options = json.load(answer)["response"]["runs"]["options"]
-        assert [o["label"] for o in options] == ["mine (finished, 5 steps)"]
+        assert [cells(o["label"])[:3] for o in options] == [["mine", "finished", "5"]]
     finally:
         server.kill()
         server.wait()
@@ -344,7 +353,7 @@ def test_any_arguments_start_a_valid_server_or_exit_with_a_usage_error(argv, mon
 
 PAUSE = "..tick.disabled...pause.children...paused.children.."
 # Every callback of the page, as app.callback_map names them (the clientside one included).
-CALLBACKS = [UPDATE, "runs.options", PAUSE, "page.title", "download.data"]
+CALLBACKS = [UPDATE, TABLE, LOG, PAUSE, "page.title", "download.data"]
 
 
 def post(client, body) -> object:
@@ -357,9 +366,17 @@ def post(client, body) -> object:
 def test_each_value_is_made_valid_in_one_place():
     assert [inputs.smoothing(v) for v in (0.3, 1, 10**400, -math.inf, math.nan, "0.5", [], True)
             ] == [0.3, 0.99, 0.99, 0.0, 0.0, 0.0, 0.0, 0.0]  # fmt: skip
-    assert [inputs.log_y(v) for v in (["log"], [], None, "log", {"log": 1}, [["log"]])] == [
-        True, False, False, False, False, False
+    assert [inputs.logged(v) for v in (["loss"], [], None, "loss", {"loss": 1}, [["loss"]])] == [
+        {"loss"}, set(), set(), set(), set(), set()
     ]  # fmt: skip
+    many = [str(i) for i in range(1000)] + ["x" * (inputs.MAX_TITLE + 1), 7, None]
+    assert len(inputs.logged(many)) == inputs.MAX_LOGGED and inputs.logged(many[-3:]) == set()
+    click = {"index": 0, "annotation": {"name": inputs.LOG_TOGGLE + "loss"}}
+    assert inputs.log_click(click) == "loss"
+    for bad in ({"annotation": {"name": "loss"}}, {"annotation": {"name": inputs.LOG_TOGGLE}},
+                {"annotation": {"name": inputs.LOG_TOGGLE + "x" * 201}}, {"annotation": "log:x"},
+                {"annotation": {"name": ["log:x"]}}, ["log:x"], "log:x", None):  # fmt: skip
+        assert inputs.log_click(bad) is None, bad
     assert [inputs.dark(v) for v in ("dark", "light", None, ["dark"])] == [True, *[False] * 3]
     assert [inputs.clicks(v) for v in (5, 0, -1, None, "3", 2.0, 10**30)] == [5, 0, 0, 0, 0, 0,
                                                                               10**30]  # fmt: skip
@@ -384,7 +401,7 @@ def test_a_request_not_shaped_as_a_callback_gets_400_unrun(places, capsys):
     client = app.server.test_client()
     good = callback(app, UPDATE, {}, "runs.value")
     assert inputs.callback_problem(good, app.callback_map) is None
-    state_less = callback(app, "runs.options", {}, "list-tick.n_intervals")
+    state_less = callback(app, TABLE, {}, "list-tick.n_intervals")
     del state_less["state"]  # as Dash's page sends a callback without states
     assert post(client, state_less).status_code == 200
     crafted = [
@@ -410,15 +427,16 @@ def test_a_request_not_shaped_as_a_callback_gets_400_unrun(places, capsys):
 def test_crafted_values_get_an_answer_and_refusals_a_message(places, watched, capsys):
     app = dash_app.create_app(places["runs"])
     client = app.server.test_client()
-    base = {"runs.value": [], "smoothing.value": 0, "logy.value": [], "theme.value": "light",
+    base = {"runs.value": [], "smoothing.value": 0, "logged.data": [], "theme.value": "light",
             "tick.n_intervals": 3}  # fmt: skip
     drawn = post(client, callback(app, UPDATE, base, "runs.value")).json["response"]
     view = drawn["view"]["data"]
     trace = view["traces"][0]
     crafted = [
         {"smoothing.value": 1}, {"smoothing.value": "0.5"}, {"smoothing.value": math.nan},
-        {"smoothing.value": -math.inf}, {"smoothing.value": 10**400}, {"logy.value": None},
-        {"logy.value": "log"}, {"logy.value": [{"a": []}] * 10_000}, {"theme.value": {"x": 1}},
+        {"smoothing.value": -math.inf}, {"smoothing.value": 10**400}, {"logged.data": None},
+        {"logged.data": "log"}, {"logged.data": [{"a": []}] * 10_000}, {"theme.value": {"x": 1}},
+        {"logged.data": ["x" * 100] * 5000},
         {"view.data": [1]}, {"view.data": {"key": view["key"]}},
         {"view.data": {**view, "traces": [{**trace, "run": str(places["outside"] / "secret")}]}},
         {"view.data": {**view, "traces": [{**trace, "field": "nope"}]}},
@@ -445,14 +463,14 @@ def test_crafted_values_get_an_answer_and_refusals_a_message(places, watched, ca
 def test_a_view_that_does_not_fit_its_runs_is_redrawn(tmp_path):
     fake_run(tmp_path, "r", {"loss": (), "h": (4,)}, 5, status="running")
     cache, listing = RunCache(), dash_app.Listing(tmp_path)
-    _, view, _ = dash_app.update(cache, listing, [], 0.5, False, False, None, redraw=True)
+    _, view, _ = dash_app.update(cache, listing, [], 0.5, (), False, None, redraw=True)
     cache.get(str(tmp_path / "r")).columns["h"].extend(np.arange(5, 7), np.ones((2, 4)))
-    out, _, _ = dash_app.update(cache, listing, [], 0.5, False, False, view, redraw=False)
+    out, _, _ = dash_app.update(cache, listing, [], 0.5, (), False, view, redraw=False)
     assert isinstance(out, Patch)  # the view as drawn: new steps patched in
     heatmap = next(t for t in view["traces"] if t["field"] == "h" and t["kind"] == "heatmap")
     for change in ({"kind": "lines"}, {"run": "elsewhere"}, {"field": "nope"}):
         crafted = inputs.view({**view, "traces": [{**heatmap, **change}]})
-        out, new, _ = dash_app.update(cache, listing, [], 0.5, False, False, crafted, False)
+        out, new, _ = dash_app.update(cache, listing, [], 0.5, (), False, crafted, False)
         assert isinstance(out, dict) and new["traces"] != crafted["traces"], change
 
 
@@ -532,7 +550,9 @@ JSON = st.recursive(
                                                                 max_size=4),
     max_leaves=8,
 )  # fmt: skip
-ODD = [0.5, 0.99, 1, -1, 2**63, "log", ["log"], "dark", "lines", "heatmap", "loss", "..", ""]
+ODD = [0.5, 0.99, 1, -1, 2**63, "log", ["log"], "dark", "lines", "heatmap", "loss", "..", "",
+       "log:mini-batch loss", ["mini-batch loss"], {"annotation": {"name": "log:mini-batch loss"}},
+       {"annotation": {"name": "log:" + "x" * 300}}]  # fmt: skip
 
 
 @pytest.fixture
@@ -541,8 +561,9 @@ def page(places):
     and values a crafted request might try (the runs directory's and the outside's paths)."""
     app = dash_app.create_app(places["runs"])
     client = app.server.test_client()
-    values = {"runs.value": [], "smoothing.value": 0, "logy.value": [], "theme.value": "light",
+    values = {"runs.value": [], "smoothing.value": 0, "logged.data": [], "theme.value": "light",
               "tick.n_intervals": 1, "list-tick.n_intervals": 1, "pause.n_clicks": 1,
+              "cockpit.clickAnnotationData": None,
               "csv.n_clicks": 1}  # fmt: skip
     values["view.data"] = show(client, app, [])["view"]["data"]
     paths = [str(places[d] / r) for d in ("runs", "outside") for r in ("mine", "secret", "link")]

@@ -205,7 +205,7 @@ def test_the_dashboard_draws_a_renamed_histogram_as_a_histogram(
     assert run.metadata["quantities_by_key"]["narrow"]["kind"] == "grad_hist_1d"
 
     fig, _, _ = app.update(
-        app.RunCache(), app.Listing(tmp_path), [], 0.0, False, False, None, redraw=True
+        app.RunCache(), app.Listing(tmp_path), [], 0.0, (), False, None, redraw=True
     )
     panels = figure.runs_plan([app.RunCache().get(tmp_path / "names-dash")])
     by_field = {(f, p.kind): p for p in panels for f in p.fields}
@@ -232,6 +232,7 @@ def test_a_run_without_kinds_is_planned_as_before() -> None:
     new = plan(["narrow", "noise"], shapes, {"narrow": "grad_hist_1d", "noise": "norm_test"})
     assert [(p.group, p.kind, p.fields) for p in new] == [
         ("GRADIENTS", "lines", ("noise",)),
+        ("GRADIENTS", "tests", ("noise", "", "")),  # the gauge's circle: a norm test
         ("GRADIENTS", "heatmap", ("narrow",)),
         ("GRADIENTS", "bars", ("narrow",)),
     ]

@@ -1,7 +1,8 @@
 """The Dash app: one page showing the runs of a runs directory, live while they train.
 
-Every callback's work is a plain function of its inputs (:func:`update`, :func:`run_options`,
-:func:`csv_download`, :func:`toggle_pause`), so tests call them without a browser. What the
+Every callback's work is a plain function of its inputs (:func:`update`, :func:`run_table`,
+:func:`toggle_log`, :func:`csv_download`, :func:`toggle_pause`), so tests call them without a
+browser. What the
 browser sends is checked first (:mod:`lmd4ml.dashboard.inputs`): a request not shaped as one
 of the page's callbacks gets a 400, and the values a callback gets are made valid or refused.
 The runs they read are only those the app listed in its runs directory: a chosen run comes
@@ -15,7 +16,6 @@ point budget.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -25,11 +25,10 @@ from typing import Any
 import flask
 from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 
-from lmd4ml.dashboard import inputs
+from lmd4ml.dashboard import inputs, tables
 from lmd4ml.dashboard.auth import is_loopback, require_local_host, require_token
 from lmd4ml.dashboard.data import RunCache, RunData
-from lmd4ml.dashboard.figure import extend, figure, view_key
-from lmd4ml.telemetry.export import to_csv
+from lmd4ml.dashboard.figure import extend, figure, message, view_key
 from lmd4ml.telemetry.store import DB_NAME, RunStoreError, inside, list_runs, load_run
 
 # Each update replots the whole figure, 0.2-0.4 s of CPU in headless Chromium on 2 cores:
@@ -55,8 +54,21 @@ body.dark { background: #111; color: #ddd; color-scheme: dark;
 body.dark button { background: #2a2d33; color: #ddd; border: 1px solid #555; }
 .bar { display: flex; flex-wrap: wrap; gap: 14px; align-items: center; }
 .bar h1 { font-size: 18px; margin: 0 8px 0 0; }
-.runs { flex: 1 1 280px; max-width: 480px; }
+.table { flex: 1 1 520px; max-width: 900px; font-size: 13px; }
+/* A row is the checkbox, then the cells of its label (a span of spans), in the header's grid. */
+.table .head { display: grid; grid-template-columns: 24px var(--cols); gap: 0 10px;
+  font-weight: 600; color: #888; border-bottom: 1px solid #8884; }
+.runs label { display: grid; grid-template-columns: 24px 1fr; gap: 0 10px; align-items: center;
+  cursor: pointer; padding: 1px 0; }
+.runs label > span:last-child > span { display: grid; grid-template-columns: var(--cols);
+  gap: 0 10px; width: 100%; }
+.table span span { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.table .head span { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.runs { display: block; max-height: 132px; overflow-y: auto; }
+.runs label { width: 100%; box-sizing: border-box; }
+.runs label:hover { background: #8881; }
 .status { margin: 6px 0; font-size: 14px; }
+.status progress { width: 120px; height: 10px; margin: 0 6px; vertical-align: middle; }
 .status .live { color: #2ca02c; font-weight: 600; }
 .status .ended { color: #888; font-weight: 600; }
 .status .dead { color: #d62728; font-weight: 600; }
@@ -99,15 +111,22 @@ class Listing:
         return None
 
 
-def run_options(listing: Listing) -> list[dict]:
-    """The run chooser's options, newest first; damaged runs are listed but disabled."""
+def run_table(listing: Listing) -> tuple[list[dict], html.Div, str]:
+    """The runs table: the chooser's options (newest first; damaged runs listed but
+    disabled), each a row of cells (name, status, steps of total, start, the settings that
+    differ between runs), its header, and the CSS grid columns of both."""
+    runs = listing()
+    columns = tables.differing(runs)
+    head = [*tables.HEADER, *columns]
     options = []
-    for run in reversed(listing()):
-        label = f"{run['name']} ({run['status']}, {run['n_steps']} steps)"
-        options.append(
-            {"label": label, "value": run["path"], "disabled": run["status"] == "damaged"}
-        )
-    return options
+    for run in reversed(runs):
+        cells = tables.row(run, columns)
+        options.append({
+            "label": html.Span([html.Span(c, title=c) for c in cells]), "value": run["path"],
+            "disabled": run["status"] == "damaged",
+        })  # fmt: skip
+    widths = " ".join(["minmax(160px, 2fr)", "100px", "90px", "90px", *["1fr"] * len(columns)])
+    return options, html.Div([html.Span(), *(html.Span(h) for h in head)], className="head"), widths
 
 
 def chosen(listing: Listing, selected: object) -> tuple[list[Path], str | None]:
@@ -125,15 +144,19 @@ def chosen(listing: Listing, selected: object) -> tuple[list[Path], str | None]:
 
 
 def describe(run: RunData) -> html.Span:
-    """One run's state for the status line: live with step and steps/s, ended, or killed."""
+    """One run's state for the status line: live with its progress (step of the total it
+    expects, a bar, speed and time left), ended, or killed."""
     step = run.last_step
     state = run.state
-    if state == "live":
+    total = tables.total_steps(run.metadata)
+    if state in ("live", "starting"):
         rate = run.steps_per_second()
         speed = f" · {rate:.0f} steps/s" if rate is not None else ""
-        return html.Span(
-            [html.Span("● LIVE", className="live"), f" {run.name} · step {step}{speed}"]
-        )
+        done = tables.progress(step, total, rate)
+        bar = [html.Progress(value=str(max(step + 1, 0)), max=str(total))] if total else []
+        badge = "● LIVE" if state == "live" else "◌ STARTING"
+        text = f" {run.name} · " + (done if done else f"step {step}") + speed
+        return html.Span([html.Span(badge, className="live"), *bar, text])
     if state == "killed":
         pid = run.metadata.get("pid")
         return html.Span(
@@ -143,10 +166,9 @@ def describe(run: RunData) -> html.Span:
                 f"showing its {_n(run)} stored steps, last step {step}",
             ]
         )
-    if state == "starting":
-        return html.Span([html.Span("◌ STARTING", className="live"), f" {run.name}"])
+    of = f" of {total} expected" if total and state != "finished" else ""
     return html.Span(
-        [html.Span(f"■ {state.upper()}", className="ended"), f" {run.name} · {_n(run)} steps"]
+        [html.Span(f"■ {state.upper()}", className="ended"), f" {run.name} · {_n(run)} steps{of}"]
     )
 
 
@@ -159,15 +181,16 @@ def update(
     listing: Listing,
     selected: object,
     smoothing: float,
-    logy: bool,
+    log: frozenset[str],
     dark: bool,
     view: dict | None,
     redraw: bool,
 ) -> tuple[Any, dict | None, list]:
     """One poll or option change: ``(figure or Patch, view, status line)``.
 
-    ``redraw`` asks for the full figure (an option changed); otherwise new steps are sent as
-    a Patch when the drawn figure can take them.
+    ``log`` names the panels shown in log scale. ``redraw`` asks for the full figure (an
+    option changed); otherwise new steps are sent as a Patch when the drawn figure can take
+    them. With no run, or none with a value yet, the figure is a message, not empty axes.
     """
     with cache.lock:
         paths, refused = chosen(listing, selected)
@@ -181,17 +204,29 @@ def update(
             runs.append(run)
             status.append(html.Div(describe(run)))
         if not runs:
-            message = f"no runs yet in {listing.runs_dir}: waiting for lm.train(runs_dir=...)"
-            waiting = [] if refused else [html.Div(message)]
-            return {"data": [], "layout": {}}, None, [*status, *waiting]
-        key = view_key([str(r.path) for r in runs], smoothing, logy, dark)
+            text = "" if refused else f"no runs yet in {listing.runs_dir}: waiting for lm.train"
+            waiting = [html.Div(text)] if text else []
+            return message(text or "nothing to show", dark), None, [*status, *waiting]
+        if not any(c.n for run in runs for c in run.columns.values()):
+            names = ", ".join(run.name for run in runs)
+            text = f"{names}: no steps recorded yet (the first one compiles)"
+            return message(text, dark), None, status
+        key = view_key([str(r.path) for r in runs], smoothing, log, dark)
         if not redraw and view is not None and view.get("key") == key:
             patched = extend(runs, view, smoothing)
             if patched is not None:
                 patch, new_view = patched
                 return (no_update if patch is None else patch), new_view, status
-        fig, new_view = figure(runs, smoothing, logy, dark)
+        fig, new_view = figure(runs, smoothing, log, dark)
         return fig, new_view, status
+
+
+def toggle_log(title: str | None, logged: frozenset[str]) -> list[str] | Any:
+    """The panels in log scale after a click on the log toggle of panel ``title`` (None: not
+    a toggle, nothing changes)."""
+    if title is None:
+        return no_update
+    return sorted(logged ^ {title})
 
 
 def toggle_pause(clicks: int | None) -> tuple[bool, str, str]:
@@ -201,16 +236,22 @@ def toggle_pause(clicks: int | None) -> tuple[bool, str, str]:
 
 
 def csv_download(listing: Listing, selected: object) -> dict:
-    """The first shown run as CSV (one row per step), for ``dcc.Download``."""
+    """Every value of the shown runs (those chosen, or the newest) as CSV in long format,
+    ``step, run, key, value`` (:func:`lmd4ml.dashboard.tables.long_csv`), for
+    ``dcc.Download``."""
     paths, refused = chosen(listing, selected)
     if refused:
         return {"content": refused + "\n", "filename": "refused.txt"}
     if not paths:
         return no_update
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run.csv"
-        to_csv(load_run(paths[0]), out)
-        return {"content": out.read_text(), "filename": f"{paths[0].name}.csv"}
+    runs = []
+    for path in paths:
+        try:
+            runs.append(load_run(path))
+        except RunStoreError as error:  # damaged or removed since it was listed
+            return {"content": f"cannot read {path.name}: {error}\n", "filename": "error.txt"}
+    name = paths[0].name if len(paths) == 1 else f"{len(paths)}-runs"
+    return {"content": tables.long_csv(runs), "filename": f"{name}.csv"}
 
 
 def create_app(
@@ -227,13 +268,17 @@ def create_app(
     if token is not None:
         require_token(app.server, token)
     app.index_string = _PAGE
+    options, head, widths = run_table(listing)
     controls = [
         html.H1("lmd4ml"),
-        dcc.Dropdown(
-            id="runs", options=run_options(listing), value=[], multi=True, className="runs",
-            placeholder="newest run (choose several to overlay them)",
+        html.Div(
+            id="table", className="table", style={"--cols": widths},
+            title="none ticked: the newest run; tick several to overlay them",
+            children=[
+                html.Div(head, id="runs-head"),
+                dcc.Checklist(id="runs", options=options, value=[], className="runs"),
+            ],
         ),
-        dcc.Checklist(id="logy", options=[{"label": " log y", "value": "log"}], value=[]),
         html.Span("smoothing"),
         html.Div(
             dcc.Slider(id="smoothing", min=0, max=inputs.SMOOTHING_MAX, step=0.01, value=0,
@@ -256,6 +301,7 @@ def create_app(
             dcc.Interval(id="tick", interval=POLL_MS),
             dcc.Interval(id="list-tick", interval=3 * POLL_MS),
             dcc.Store(id="view"),
+            dcc.Store(id="logged", data=[]),
         ],
     )  # fmt: skip
 
@@ -266,20 +312,35 @@ def create_app(
         Input("tick", "n_intervals"),
         Input("runs", "value"),
         Input("smoothing", "value"),
-        Input("logy", "value"),
+        Input("logged", "data"),
         Input("theme", "value"),
         State("view", "data"),
     )
-    def _update(_, selected, smoothing, logy, theme, view):
+    def _update(_, selected, smoothing, logged, theme, view):
         redraw = ctx.triggered_id not in ("tick", None)
         return update(
-            cache, listing, selected, inputs.smoothing(smoothing), inputs.log_y(logy),
+            cache, listing, selected, inputs.smoothing(smoothing), inputs.logged(logged),
             inputs.dark(theme), inputs.view(view), redraw,
         )  # fmt: skip
 
-    @app.callback(Output("runs", "options"), Input("list-tick", "n_intervals"))
-    def _options(_):
-        return run_options(listing)
+    @app.callback(
+        Output("logged", "data"),
+        Input("cockpit", "clickAnnotationData"),
+        State("logged", "data"),
+        prevent_initial_call=True,
+    )
+    def _log(click, logged):
+        return toggle_log(inputs.log_click(click), inputs.logged(logged))
+
+    @app.callback(
+        Output("runs", "options"),
+        Output("runs-head", "children"),
+        Output("table", "style"),
+        Input("list-tick", "n_intervals"),
+    )
+    def _table(_):
+        options, head, widths = run_table(listing)
+        return options, head, {"--cols": widths}
 
     @app.callback(
         Output("tick", "disabled"),
@@ -290,7 +351,7 @@ def create_app(
     def _pause(clicks):
         return toggle_pause(inputs.clicks(clicks))
 
-    # On the body, so that the dropdown's menu (rendered outside the page) follows the theme.
+    # On the body, so that the whole page (its runs table included) follows the theme.
     app.clientside_callback(
         "(theme) => { document.body.className = theme; return window.dash_clientside.no_update; }",
         Output("page", "title"),

@@ -109,6 +109,23 @@ def ema(values: np.ndarray, weight: float, before: np.ndarray | None = None) -> 
     return averages
 
 
+def clock_rate(steps: np.ndarray, times: np.ndarray, window: int = 64) -> float | None:
+    """Training steps per second over the last ``window`` steps the store clocked (``times``:
+    Unix seconds aligned with ``steps``, NaN where unclocked), or None without two of them.
+
+    Example:
+      >>> clock_rate(np.array([0, 10, 20, 30]), np.array([np.nan, 100.0, 101.0, 102.0]))
+      10.0
+      >>> clock_rate(np.array([0, 1]), np.array([np.nan, np.nan])) is None
+      True
+    """
+    clocked = np.isfinite(times)
+    steps, times = steps[clocked][-window:], times[clocked][-window:]
+    if len(steps) < 2 or times[-1] <= times[0]:
+        return None
+    return float((steps[-1] - steps[0]) / (times[-1] - times[0]))
+
+
 def process_alive(pid: object) -> bool:
     """Whether process ``pid`` exists (a zombie not yet reaped counts as existing).
 
@@ -194,6 +211,11 @@ class RunData:
             for key in run.keys
         }
         self.shapes = {key: col.values.shape[1:] for key, col in self.columns.items()}
+        # The store's per-step clock gives an unfinished run's speed before two polls have
+        # (read only then: a finished run needs none, and a long run's clock is long).
+        # Stores of the version before the clock give NaN times, and no rate.
+        unfinished = run.metadata.get("status") not in STATUSES
+        self.clock_rate = clock_rate(run.steps(), run.times()) if unfinished else None
         self.version += 1
         self._read_at = time.monotonic()
 
@@ -212,9 +234,12 @@ class RunData:
         return "starting" if process_alive(self.metadata.get("pid")) else "killed"
 
     def steps_per_second(self) -> float | None:
-        """Training steps per second over the last few seconds, while live."""
-        if self.state != "live" or len(self._rate) < 2:
+        """Training steps per second over the last few seconds while live (before two
+        polls, and for a run followed through its store, from the store's clock)."""
+        if self.state not in ("live", "starting"):
             return None
+        if len(self._rate) < 2 or self.state == "starting":
+            return self.clock_rate
         (t0, s0), (t1, s1) = self._rate[0], self._rate[-1]
         return (s1 - s0) / (t1 - t0) if t1 > t0 else None
 

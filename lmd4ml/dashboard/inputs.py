@@ -6,8 +6,9 @@ These small pure functions are the one place where it is checked (no Dash here).
 (400, nothing runs); the values of its inputs and states, the only thing left free, then go
 through the functions below, which turn any JSON value into one its callback can use:
 
-- display options (smoothing, log y, theme, the pause button's clicks) become the nearest
-  valid value, or the default: a crafted value only changes what its sender sees;
+- display options (smoothing, the panels in log scale, a click on a panel's log toggle,
+  theme, the pause button's clicks) become the nearest valid value, or the default: a
+  crafted value only changes what its sender sees;
 - the view a page sends back is used only if it has the shape the server gave it, else the
   figure is redrawn, which makes a new one (:func:`view`);
 - the run choice decides what is read, so it is refused with a message rather than guessed
@@ -27,7 +28,15 @@ TOO_MANY = f"refused: at most {MAX_RUNS} runs are shown at once"
 # A page's callback requests are a few kB (a view lists each trace): a body past this is
 # answered 413 unread, so that no request makes the server parse megabytes of JSON.
 MAX_REQUEST_BYTES = 1 << 20
-KINDS = ("lines", "heatmap", "bars", "image")
+# What a view's traces may be (lmd4ml.dashboard.figure draws them).
+KINDS = (
+    "lines", "raw", "layers", "layers_log", "heatmap", "bars", "image", "alpha_all",
+    "alpha_recent", "norm_circle", "inner_band", "ortho_band", "static",
+)  # fmt: skip
+# A panel's log toggle is an annotation named this and the panel's title.
+LOG_TOGGLE = "log:"
+MAX_TITLE = 200  # characters of a panel title the page may name
+MAX_LOGGED = 64  # panels in log scale at once
 _STEPS = 2**63  # steps and counts are int64 on the server
 
 
@@ -45,9 +54,40 @@ def smoothing(value: object) -> float:
     return float(min(max(value, 0), SMOOTHING_MAX))
 
 
-def log_y(value: object) -> bool:
-    """The "log y" checklist's value: whether it is a list holding "log"."""
-    return isinstance(value, list) and "log" in value
+def _title(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_TITLE
+
+
+def logged(value: object) -> frozenset[str]:
+    """The panels in log scale, as the page keeps them: a list of panel titles. Other
+    entries are dropped; past ``MAX_LOGGED``, the rest too (titles of panels not drawn just
+    do nothing).
+
+    Example:
+      >>> sorted(logged(["loss", 3, "", "gradient norm"])), logged("loss")
+      (['gradient norm', 'loss'], frozenset())
+    """
+    if not isinstance(value, list):
+        return frozenset()
+    return frozenset([v for v in value if _title(v)][:MAX_LOGGED])
+
+
+def log_click(value: object) -> str | None:
+    """The title of the panel whose log toggle was clicked (a graph's
+    ``clickAnnotationData``), or None if the click was elsewhere or is malformed.
+
+    Example:
+      >>> log_click({"index": 3, "annotation": {"name": "log:gradient norm", "text": "log"}})
+      'gradient norm'
+      >>> log_click({"annotation": {"name": "title"}}), log_click([]), log_click(None)
+      (None, None, None)
+    """
+    annotation = value.get("annotation") if isinstance(value, dict) else None
+    name = annotation.get("name") if isinstance(annotation, dict) else None
+    if not isinstance(name, str) or not name.startswith(LOG_TOGGLE):
+        return None
+    title = name[len(LOG_TOGGLE) :]
+    return title if _title(title) else None
 
 
 def dark(value: object) -> bool:

@@ -30,16 +30,16 @@ from lmd4ml.telemetry.sinks import TensorBoardSink
 from lmd4ml.telemetry.store import STATUSES, Run
 
 
-def _element_names(key: str, shape: tuple[int, ...]) -> list[str]:
+def element_names(key: str, shape: tuple[int, ...]) -> list[str]:
     """Column or tag names of a field's elements: ``key``, ``key[i]``, ``key[i,j]``, …"""
     if not shape:
         return [key]
     return [f"{key}[{','.join(map(str, index))}]" for index in np.ndindex(*shape)]
 
 
-def _as_text(values: np.ndarray) -> np.ndarray:
-    # Booleans as 0/1 so that every cell parses as a number; floats come out as the shortest
-    # text that reads back to the same value of their own dtype.
+def as_text(values: np.ndarray) -> np.ndarray:
+    """Values as CSV cells: booleans as 0/1, so that every cell parses as a number; floats as
+    the shortest text that reads back to the same value of their own dtype."""
     if values.dtype == np.bool_:
         values = values.astype(np.uint8)
     return values.astype(str)
@@ -58,10 +58,10 @@ def to_csv(run: Run, path: str | os.PathLike) -> None:
     steps, keys, values = [np.empty(0, np.int64)], [np.empty(0, object)], [np.empty(0, object)]
     for key in run.keys:
         field_steps, field_values = run[key]
-        names = np.array(_element_names(key, field_values.shape[1:]), dtype=object)
+        names = np.array(element_names(key, field_values.shape[1:]), dtype=object)
         steps.append(np.repeat(field_steps, names.size))
         keys.append(np.tile(names, len(field_steps)))
-        values.append(_as_text(field_values.reshape(-1)).astype(object))
+        values.append(as_text(field_values.reshape(-1)).astype(object))
     # Stable: within a step, the fields stay in the run's order and the elements in theirs.
     order = np.argsort(np.concatenate(steps), kind="stable")
     columns = [np.concatenate(column)[order].tolist() for column in (steps, keys, values)]
