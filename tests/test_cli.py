@@ -163,7 +163,7 @@ for argv in (["ls", sys.argv[1]], ["export", sys.argv[1] + "/first", "--format",
         runpy.run_module("lmd4ml", run_name="__main__")
     except SystemExit as exit:
         print("exit", exit.code)
-print("lmd4ml.dashboard" in sys.modules)
+print("lmd4ml.dashboard.app" in sys.modules)
 """
     done = subprocess.run([sys.executable, "-c", code, str(runs)], capture_output=True,
                           text=True, env=child_env())  # fmt: skip
