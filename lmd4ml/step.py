@@ -144,7 +144,7 @@ def linearize_in_pass(
     The pass's backward pass yields every per-sample gradient's factors, and with them the
     losses ℓᵢ and Σᵢ ∇ℓᵢ (:func:`lmd4ml.stats.per_sample_pass` with ``linearize``): the
     step's own backward pass would do that work a second time (on 3c3d, a fifth of the
-    economy preset's step). Padded samples' losses are zero (:func:`lmd4ml.protocol.bind`),
+    economy preset's step). The step takes it where the activations outweigh the parameters. Padded samples' losses are zero (:func:`lmd4ml.protocol.bind`),
     so the sum is over the real ones. The loss's other outputs (model state, aux) come from
     a forward pass of which XLA keeps only what they need; the VJP is built only if a
     quantity calls it.
@@ -455,7 +455,12 @@ class InstrumentedStep:
             return new_state, {}, loss, aux
 
         declared = {s.name: s for q in due for s in q.per_sample}
-        if declared:
+        # Where the parameters outweigh the activations (a wide MLP), the step's own backward
+        # pass costs little beyond its weight gradients, and XLA streams g from it into the
+        # forward-mode passes; taken from the per-sample pass, g was held whole (10 M MLP:
+        # +33 MiB). Where activations outweigh them (convolutions, transformers), the pass
+        # saves a whole backward pass and the memory of its activations.
+        if declared and stats.per_sample.activations_outweigh(bound.loss, params, bound.inputs):
             lin = linearize_in_pass(bound, params, due, declared, self.memory_budget, data, mask)
         else:
             lin = linearize(bound.full, params, due, mask)

@@ -169,6 +169,30 @@ def test_untracked_step_is_a_plain_optax_step(mlp_case: models.Case, optimizer: 
     assert int(untracked.step) == int(tracked.step) == len(mlp_case.batches)
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["activations_outweigh", "params_outweigh"])
+def test_the_gradient_from_the_per_sample_pass_is_the_steps(wide: bool) -> None:
+    """Where activations outweigh the parameters the tracked step takes ℓᵢ and g from the
+    per-sample pass (``linearize_in_pass``), else from a backward pass of its own: either
+    way the update is plain optax's, padded samples left out, in float64 to 1e-12."""
+    rng = np.random.default_rng(0)
+    # A weight-decayed table of 4,000 parameters that no activation depends on, or of 4.
+    params = {"w": jnp.asarray(rng.normal(size=(3, 4))), "v": jnp.asarray(rng.normal(size=4)),
+              "r": jnp.asarray(rng.normal(size=4000 if wide else 4))}  # fmt: skip
+
+    def loss_fn(p, b):
+        return (jnp.tanh(b[0] @ p["w"]) @ p["v"] - b[1]) ** 2 + 1e-3 * jnp.sum(p["r"] ** 2)
+
+    x, y = jnp.asarray(rng.normal(size=(16, 3))), jnp.asarray(rng.normal(size=16))
+    assert lm.stats.per_sample.activations_outweigh(loss_fn, params, (x, y)) is not wide
+    step = lm.instrument(loss_fn, optax.adam(1e-2), [lm.Loss(), lm.NormTest()])
+    mask = jnp.arange(16) < 11
+    state, metrics = step(step.init(params), (x, y), mask=mask)
+    real = (x[:11], y[:11])
+    assert_trees_close(state.params, plain_optax_steps(loss_fn, optax.adam(1e-2), params, [real]),
+                       rtol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(metrics["loss"], jnp.mean(loss_fn(params, real)), rtol=1e-13)
+
+
 # ------------------------------------------------------------------------ custom quantities
 
 

@@ -153,6 +153,20 @@ def backward_bytes(loss_fn: LossFn, params: PyTree, batch: PyTree) -> int:
     return max(kept(2) - kept(1), 0)
 
 
+def activations_outweigh(loss_fn: LossFn, params: PyTree, batch: PyTree, floor: int = 0) -> bool:
+    """Whether a backward pass over the whole ``batch`` keeps more bytes of its forward pass
+    (B × :func:`backward_bytes`) than the parameters take, and than ``floor``.
+
+    Example:
+      >>> loss = lambda w, x: jnp.tanh(x @ w).sum(axis=1)
+      >>> w = jnp.ones((3, 100), jnp.float32)
+      >>> [activations_outweigh(loss, w, jnp.ones((n, 3))) for n in (8, 1)]  # w: 1,200 bytes
+      [True, False]
+    """
+    activations = batch_size(batch) * backward_bytes(loss_fn, params, batch)
+    return activations > max(_nbytes(params), floor)
+
+
 # Per-sample gradients are formed from factors a tile at a time: tiles that fit in cache are
 # fast, and a tile is a scan input, so XLA materialises the factors instead of fusing the
 # computation of each cotangent into every element of the outer products built from it (3×
@@ -292,14 +306,15 @@ def directional(
       ([0.0, 2.0, 4.0], [0.0, 1.0, 2.0])
     """
     # XLA shares this pass's primal values with the step's own forward pass at the same
-    # params. That keeps the forward's activations alive until the direction is known, and
+    # params, where the step has one (with per-sample statistics its gradient comes from
+    # the per-sample pass instead, whose forward is per sample, and this pass makes its own).
+    # That keeps the forward's activations alive until the direction is known, and
     # lets the terms of the direction's leaves be taken as the backward pass yields them, so
     # the direction is never held whole: right when activations are the smaller (an MLP).
     # Where they are the larger (a transformer), and more than the budget allows, a zero
     # taken from the direction makes the values distinct: the pass starts once the direction
     # exists and recomputes them (10–25% more time on the transformer and 3c3d benchmarks).
-    activations = batch_size(batch) * backward_bytes(loss_fn, params, batch)
-    if activations > max(_nbytes(params), memory_budget):
+    if activations_outweigh(loss_fn, params, batch, memory_budget):
         firsts = [jnp.real(x.ravel()[0]) for x in jax.tree.leaves((direction, after))]
         zero = 0 * jnp.nan_to_num(sum(firsts))
         params, batch = _distinct(loss_fn, params, batch, zero)
