@@ -144,8 +144,9 @@ def linearize_in_pass(
     The pass's backward pass yields every per-sample gradient's factors, and with them the
     losses ℓᵢ and Σᵢ ∇ℓᵢ (:func:`lmd4ml.stats.per_sample_pass` with ``linearize``): the
     step's own backward pass would do that work a second time (on 3c3d, a fifth of the
-    economy preset's step). The step takes it where the activations outweigh the parameters. Padded samples' losses are zero (:func:`lmd4ml.protocol.bind`),
-    so the sum is over the real ones. The loss's other outputs (model state, aux) come from
+    economy preset's step); the step takes it where the activations outweigh the parameters.
+    Padded samples' losses are zero (:func:`lmd4ml.protocol.bind`), so the sum is over the
+    real ones. The loss's other outputs (model state, aux) come from
     a forward pass of which XLA keeps only what they need; the VJP is built only if a
     quantity calls it.
 
