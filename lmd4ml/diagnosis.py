@@ -1036,25 +1036,31 @@ def format_finding(f: Finding) -> str:
     return f"{f.severity:<8} {f.code}  {steps}: {f.message}"
 
 
+SAID_BY_THE_LOOP = ("nonfinite",)
+"""Codes the training loops warn about themselves, which a live diagnosis keeps unsaid."""
+
+
 class LiveDiagnosis:
     """A sink (:class:`lmd4ml.telemetry.writer.Sink`) that diagnoses a run as it records,
     on the telemetry writer thread: it keeps the fields the rules read, runs
     :func:`diagnose` when the steps have grown by a tenth (at least ``window`` steps) since
     the last time and at the end, and warns once about each new finding (code and
-    severity: a warning that becomes an error is said again). ``findings`` holds the last
-    diagnosis; the run's store keeps it at the end (``run.metadata["findings"]``).
+    severity: a warning that becomes an error is said again). ``nonfinite`` is kept but not
+    said: the loop itself warns of the first NaN or Inf as soon as it fetches it
+    (:func:`lmd4ml.telemetry.runs.warn_if_nonfinite`). ``findings`` holds the last diagnosis;
+    the run's store keeps it at the end (``run.metadata["findings"]``).
 
     Example:
       >>> import warnings
       >>> live = LiveDiagnosis(window=2, min_windows=1, persist=1)
-      >>> live.start({}, {"loss": ((), "float64")})
+      >>> live.start({}, {"update_size": ((), "float64")})
       >>> with warnings.catch_warnings(record=True) as caught:
       ...     warnings.simplefilter("always")
-      ...     for step, loss in enumerate([1.0, float("nan")]):
-      ...         live.write(step, 0.0, {"loss": np.float64(loss)})
+      ...     for step in range(6):  # checked at steps 2, 4 and 6, and at the end
+      ...         live.write(step, 0.0, {"update_size": np.float64(0.0)})
       ...     live.close("finished")
       >>> [f.code for f in live.findings], len(caught)
-      (['nonfinite'], 1)
+      (['stalled'], 1)
     """
 
     def __init__(
@@ -1099,7 +1105,7 @@ class LiveDiagnosis:
                      thresholds=self.thresholds)
         )  # fmt: skip
         for f in self.findings:
-            if (f.code, f.severity) not in self._said:
+            if f.code not in SAID_BY_THE_LOOP and (f.code, f.severity) not in self._said:
                 self._said.add((f.code, f.severity))
                 warnings.warn(f"lmd4ml diagnosis: {format_finding(f)}", RuntimeWarning, 2)
 

@@ -15,6 +15,7 @@ from test_cli import run_cli
 import lmd4ml as lm
 from lmd4ml.describing import json_safe
 from lmd4ml.diagnosis import (
+    SAID_BY_THE_LOOP,
     Finding,
     Optimizer,
     Recorded,
@@ -126,7 +127,8 @@ def test_live_findings_said_once_and_stored(trained):
         assert stored == [f.as_dict() for f in lm.diagnose(run)]
         for code, severity in expected:
             lines = [m for m in said[name] if f"{severity:<8} {code} " in m]
-            assert len(lines) == 1, (name, code, said[name])
+            # NaN is said by the loop itself (warn_if_nonfinite), not again
+            assert len(lines) == (code not in SAID_BY_THE_LOOP), (name, code, said[name])
     # What the rules read besides the instruments is recorded.
     meta = lm.load_run(runs / "lr_too_large").metadata
     assert meta["batch_size"] == pathologies.BATCH
