@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 
 SEVERITIES = ("info", "warning", "error")
-DOCS = "https://github.com/lmd4ml/lmd4ml/blob/main/docs/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +65,14 @@ class Finding:
             "last_step": self.last_step,
             "message": self.message,
             "evidence": {k: _plain(v) for k, v in self.evidence.items()},
+            "docs": self.docs,
         }
+
+    @property
+    def docs(self) -> str:
+        """The page of the instrument the finding is read from, within the repository's
+        ``docs/`` (:data:`INSTRUMENT_PAGE`); ``docs/diagnosis.md`` explains the rule."""
+        return f"instruments/{INSTRUMENT_PAGE.get(self.code, 'README')}.md"
 
 
 def _plain(value: Any) -> Any:
@@ -267,13 +273,7 @@ class Recorded:
     @classmethod
     def from_run(cls, run: Any) -> Recorded:
         """A stored run (:class:`~lmd4ml.telemetry.store.Run`): the fields the rules read."""
-        described = run.metadata.get("quantities_by_key") or {}
-        wanted = []
-        for name in run.keys:
-            about = described.get(_base(name)) if isinstance(described, Mapping) else None
-            kind = about.get("kind") if isinstance(about, Mapping) else _base(name)
-            if kind in READ or name.startswith("hyper/"):
-                wanted.append(name)
+        wanted = [name for name in run.keys if read_by_rules(name, run.metadata)]
         return cls({name: run[name] for name in wanted}, run.metadata)
 
 
@@ -282,6 +282,60 @@ READ = frozenset(
      "grad_hist_1d", "hess_max_ev"}
 )  # fmt: skip
 """The instrument kinds the rules read."""
+
+
+def read_by_rules(field: str, metadata: Mapping[str, Any]) -> bool:
+    """Whether a rule reads the run's flat ``field``: an instrument of a kind in
+    :data:`READ` (by ``metadata["quantities_by_key"]``, else by its key), or a
+    hyperparameter.
+
+    Example:
+      >>> read_by_rules("grad_norm['0/w']", {}), read_by_rules("val_acc", {})
+      (True, False)
+    """
+    described = metadata.get("quantities_by_key")
+    about = described.get(_base(field)) if isinstance(described, Mapping) else None
+    kind = about.get("kind") if isinstance(about, Mapping) else _base(field)
+    return kind in READ or field.startswith("hyper/")
+
+
+class Thinned:
+    """A series kept in at most ``capacity`` values: when full, every other value is
+    dropped and from then on only every other one appended is kept (the stride doubles),
+    so that a live diagnosis of a run of any length holds bounded memory and its windows
+    still span the whole run.
+
+    Example:
+      >>> kept = Thinned((), capacity=4)
+      >>> for step in range(10):
+      ...     kept.append(step, float(step))
+      >>> kept.steps().tolist(), kept.stride
+      ([0, 4, 8], 4)
+    """
+
+    def __init__(self, shape: tuple[int, ...], capacity: int = 4096):
+        self.stride, self._seen, self._n = 1, 0, 0
+        self._steps = np.zeros(capacity, np.int64)
+        self._values = np.zeros((capacity, *shape), np.float64)
+
+    def append(self, step: int, value: Any) -> None:
+        # The j-th value appended (from 0) is kept while j is a multiple of the stride:
+        # halving keeps exactly those of the doubled stride.
+        seen, self._seen = self._seen, self._seen + 1
+        if seen % self.stride:
+            return
+        self._steps[self._n], self._values[self._n] = step, value
+        self._n += 1
+        if self._n == len(self._steps):
+            half = self._n // 2
+            self._steps[:half], self._values[:half] = self._steps[::2], self._values[::2]
+            self._n, self.stride = half, 2 * self.stride
+
+    def steps(self) -> np.ndarray:
+        return self._steps[: self._n].copy()
+
+    def values(self) -> np.ndarray:
+        return self._values[: self._n].copy()
 
 
 # ---------------------------------------------------------------------------------------
@@ -1074,24 +1128,22 @@ class LiveDiagnosis:
         self.findings: list[Finding] = []
         self._said: set[tuple[str, str]] = set()
         self._metadata: dict[str, Any] = {}
-        self._kept: dict[str, tuple[list[int], list[Any]]] = {}
+        self._kept: dict[str, Thinned] = {}
         self._steps = 0
         self._next = self.thresholds.window
 
     def start(self, metadata: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
         self._metadata = dict(metadata)
-        described = self._metadata.get("quantities_by_key") or {}
-        for name in fields:
-            about = described.get(_base(name)) if isinstance(described, Mapping) else None
-            kind = about.get("kind") if isinstance(about, Mapping) else _base(name)
-            if kind in READ or name.startswith("hyper/"):
-                self._kept[name] = ([], [])
+        self._kept = {
+            name: Thinned(tuple(shape))
+            for name, (shape, _) in fields.items()
+            if read_by_rules(name, metadata)
+        }
 
     def write(self, step: int, wall_time: float, values: Mapping[str, np.ndarray]) -> None:
         for name, value in values.items():
             if name in self._kept:
-                self._kept[name][0].append(step)
-                self._kept[name][1].append(np.array(value, np.float64))
+                self._kept[name].append(step, value)
         self._steps += 1
         if self._steps >= self._next:
             self._next = max(self._steps + self.thresholds.window, int(self._steps * 1.1))
@@ -1099,7 +1151,7 @@ class LiveDiagnosis:
 
     def check(self) -> None:
         """Diagnose what has been recorded so far; warn about what is new."""
-        fields = {name: (s, np.array(v)) for name, (s, v) in self._kept.items() if s}
+        fields = {name: (k.steps(), k.values()) for name, k in self._kept.items() if k.steps().size}
         self.findings = list(
             diagnose(Recorded(fields, self._metadata), silence=self.silence,
                      thresholds=self.thresholds)

@@ -125,3 +125,171 @@ def train(name: str, runs_dir: str | Path | None, **kwargs) -> lm.History:
     return lm.train(
         learner, schedules=schedules, runs_dir=runs_dir, run_name=name, progress=False, **kwargs
     )
+
+
+def svg_plot(
+    series: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    title: str,
+    lines: dict[str, float] | None = None,
+    span: tuple[int, int] | None = None,
+    log: bool = False,
+    size: tuple[int, int] = (520, 220),
+) -> str:
+    """A small SVG line plot of ``series`` (label: (steps, values)), with dashed horizontal
+    ``lines`` (label: value; a rule's zone) and the steps ``span`` of a finding shaded.
+    Non-finite values are left out (a gap)."""
+    width, height, pad = *size, 44
+    values = [v for _, v in series.values()] + [np.array(list((lines or {}).values()))]
+    finite = np.concatenate([v[np.isfinite(v) & ((v > 0) if log else True)] for v in values])
+    lo, hi = float(finite.min()), float(finite.max())
+    tf = np.log10 if log else (lambda v: v)
+    lo, hi = tf(lo), tf(hi)
+    hi = hi if hi > lo else lo + 1
+    first = min(int(s[0]) for s, _ in series.values())
+    last = max(int(s[-1]) for s, _ in series.values())
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        x = pad + (step - first) / max(last - first, 1) * (width - 2 * pad)
+        y = height - pad + (tf(value) - lo) / (hi - lo) * (2 * pad - height)
+        return round(x, 1), round(y, 1)
+
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+        f'font-family="sans-serif" font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{pad}" y="16" font-size="13">{title}</text>',
+    ]
+    if span is not None:
+        (x0, _), (x1, _) = xy(span[0], 10**lo if log else lo), xy(span[1], 10**lo if log else lo)
+        out.append(
+            f'<rect x="{x0}" y="{pad - 14}" width="{max(x1 - x0, 2)}" '
+            f'height="{height - 2 * pad + 14}" fill="#ffdd99" opacity="0.6"/>'
+        )
+    for label, value in (lines or {}).items():
+        (x0, y), (x1, _) = xy(first, value), xy(last, value)
+        out.append(
+            f'<line x1="{x0}" y1="{y}" x2="{x1}" y2="{y}" stroke="#555" stroke-dasharray="4 3"/>'
+        )
+        out.append(f'<text x="{x1 + 3}" y="{y + 4}" fill="#555">{label}</text>')
+    for i, (label, (steps, vals)) in enumerate(series.items()):
+        keep = np.isfinite(vals) & ((vals > 0) if log else True)
+        points = " ".join(
+            f"{x},{y}" for x, y in (xy(s, v) for s, v in zip(steps[keep], vals[keep], strict=True))
+        )
+        colour = colours[i % len(colours)]
+        out.append(
+            f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>'
+        )
+        out.append(
+            f'<text x="{width - pad - 150}" y="{30 + 13 * i}" fill="{colour}">{label}</text>'
+        )
+    axis = lambda v: f"{10**v:.3g}" if log else f"{v:.3g}"  # noqa: E731
+    out += [
+        f'<text x="2" y="{height - pad + 4}">{axis(lo)}</text>',
+        f'<text x="2" y="{pad + 4}">{axis(hi)}</text>',
+        f'<text x="{pad}" y="{height - pad + 16}">step {first}</text>',
+        f'<text x="{width - pad - 40}" y="{height - pad + 16}">step {last}</text>',
+        "</svg>",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def plots(out_dir: Path) -> None:
+    """The example plots of docs/diagnosis.md: one pathology run per code, the instrument
+    its rule reads, the rule's zone and the finding's steps."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, lm.History] = {}
+
+    def run(name: str) -> lm.History:
+        if name not in runs:
+            runs[name] = train(name, None, diagnose=False)
+        return runs[name]
+
+    def span(history: lm.History, code: str) -> tuple[int, int]:
+        f = next(f for f in lm.diagnose(history) if f.code == code)
+        return f.first_step, f.last_step
+
+    def key(history: lm.History, name: str) -> tuple[np.ndarray, np.ndarray]:
+        value = history[name]
+        return history.steps(name), np.asarray(value["total"] if isinstance(value, dict) else value)
+
+    h = run("nan_batch")
+    figures = {
+        "nonfinite": svg_plot(
+            {"loss": key(h, "loss")},
+            title="nan_batch: loss (NaN from step 25)",
+            span=span(h, "nonfinite"),
+        )
+    }
+    h = run("lr_too_large")
+    figures["lr_too_large"] = svg_plot(
+        {"loss": key(h, "loss")},
+        title="lr_too_large: loss, η = 3/λ_max",
+        span=span(h, "lr_too_large"),
+        log=True,
+    )
+    steps, lam = key(h, "hess_max_ev")
+    figures["edge_of_stability"] = svg_plot(
+        {"η·λ_max": (steps, 3.0 / LAM * lam)},
+        title="lr_too_large: η·λ_max",
+        lines={"2": 2.0, "0.9·2": 1.8},
+        span=span(h, "edge_of_stability"),
+    )
+    h = run("lr_too_small")
+    steps, alpha = key(h, "alpha")
+    figures["lr_too_small"] = svg_plot(
+        {"α + 1": (steps, alpha + 1)},
+        title="lr_too_small: α + 1, η = 0.001/λ_max",
+        lines={"α −0.99": 0.01, "α 0": 1.0},
+        span=span(h, "lr_too_small"),
+        log=True,
+    )
+    h = run("noise")
+    figures["noise_dominated"] = svg_plot(
+        {"norm test": key(h, "norm_test")},
+        title="noise (labels shuffled): norm test",
+        lines={"1": 1.0, "0.9": 0.9},
+        span=span(h, "noise_dominated"),
+    )
+    h = run("vanishing")
+    layers = {
+        f"layer {i}": (h.steps("grad_norm"), np.asarray(h["grad_norm"][f"{i}/0"]))
+        for i in (0, 4, 8)
+    }
+    figures["vanishing_gradients"] = svg_plot(
+        layers,
+        title="vanishing (9 sigmoid layers): gradient norm per layer",
+        span=span(h, "vanishing_gradients"),
+        log=True,
+    )
+    h = run("exploding")
+    figures["exploding_gradients"] = svg_plot(
+        {"grad_norm": key(h, "grad_norm")},
+        title="exploding (weights ×4): gradient norm",
+        lines={"100": 100.0},
+        span=span(h, "exploding_gradients"),
+        log=True,
+    )
+    h = run("stalled")
+    figures["stalled"] = svg_plot(
+        {"distance": key(h, "distance"), "update size": key(h, "update_size")},
+        title="stalled (η = 0): distance and update size",
+        span=span(h, "stalled"),
+    )
+    h = run("healthy_sgd")
+    figures["healthy_sgd"] = svg_plot(
+        {"norm test": key(h, "norm_test"), "loss": key(h, "loss")},
+        title="healthy SGD: norm test and loss, no finding",
+        lines={"1": 1.0},
+    )
+    for code, svg in figures.items():
+        (out_dir / f"{code}.svg").write_text(svg)
+
+
+if __name__ == "__main__":
+    import sys
+
+    jax.config.update("jax_enable_x64", True)
+    plots(Path(sys.argv[1]))

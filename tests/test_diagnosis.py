@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pathologies
 import pytest
-from test_cli import run_cli
+from test_cli import ROOT, run_cli
 
 import lmd4ml as lm
 from lmd4ml.describing import json_safe
@@ -381,4 +381,10 @@ def test_bad_input(tmp_path):
 
 def test_finding_as_dict_is_json():
     f = Finding("nonfinite", "error", 3, 4, "NaN.", {"x": np.float64("nan"), "l": ["a"]})
-    assert json.loads(json.dumps(f.as_dict()))["evidence"] == {"x": "nan", "l": ["a"]}
+    as_json = json.loads(json.dumps(f.as_dict()))
+    assert as_json["evidence"] == {"x": "nan", "l": ["a"]}
+    assert as_json["docs"] == "instruments/loss.md"
+    # every code's page exists
+    for code in lm.diagnosis.RULES:
+        page = Finding(code, "info", 0, 0, ".").docs
+        assert (ROOT / "docs" / page).is_file(), page
