@@ -248,11 +248,11 @@ class Recorded:
             if _leaf(name) not in (None, "total")
         }
 
-    def array(self, kind: str) -> tuple[np.ndarray, np.ndarray, Mapping[str, Any]]:
-        """An array-valued instrument's series and its settings (``args``)."""
+    def array(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """An array-valued instrument's series: values of shape (steps, ...)."""
         for name in self._kinds.get(kind, []):
-            about = self.metadata.get("quantities_by_key", {}).get(_base(name), {})
-            return (*self.fields[name], about.get("args", {}) if isinstance(about, dict) else {})
+            if self.fields[name][1].ndim >= 2:
+                return self.fields[name]
         raise Skip(f"needs {kind}, which was not tracked")
 
     @classmethod
@@ -517,7 +517,8 @@ def batch_size(metadata: Mapping[str, Any]) -> int | None:
     """The run's batch size: recorded by ``lm.train`` / ``lm.Recorder``, else the user's
     ``config["batch_size"]``; None when neither says."""
     config = metadata.get("config")
-    for value in (metadata.get("batch_size"), (config or {}).get("batch_size")):
+    config = config if isinstance(config, Mapping) else {}
+    for value in (metadata.get("batch_size"), config.get("batch_size")):
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
@@ -740,10 +741,13 @@ def rule_noise_dominated(r: Recorded, t: Thresholds) -> list[Finding]:
 
 def _central_and_edge(r: Recorded, t: Thresholds) -> tuple[Windows, Windows] | None:
     """Window medians of the fractions of per-sample gradient elements in the histogram's
-    two central bins and in its two edge bins; None without ``grad_hist_1d``."""
+    two central bins and in its two edge bins; None without ``grad_hist_1d``, or with fewer
+    than 4 bins (where centre and edges overlap)."""
     if not r.has("grad_hist_1d"):
         return None
-    steps, counts, _ = r.array("grad_hist_1d")
+    steps, counts = r.array("grad_hist_1d")
+    if counts.shape[1] < 4:
+        return None
     total = counts.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         frac = counts / np.where(total > 0, total, np.nan)[:, None]
@@ -1058,8 +1062,9 @@ def diagnose(
 
     Returns:
       A :class:`Diagnosis`: the findings in :data:`RULES` order, and ``skipped``, each rule
-      not applied with why. A rule that raises on the values (a bug of its own) is reported
-      as skipped with the error, never as a finding.
+      not applied with why. A rule that fails on values it cannot read (a damaged run's
+      metadata or shapes) is reported as skipped with the error, never as a finding, so
+      that the other rules still speak.
     """
     silence, t = settings(silence, thresholds, overrides)
     recorded = as_recorded(source)
@@ -1072,6 +1077,8 @@ def diagnose(
             findings += rule(recorded, t)
         except Skip as why:
             skipped[code] = str(why)
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
+            skipped[code] = f"failed on this run's values: {type(error).__name__}: {error}"
     return Diagnosis(findings, skipped)
 
 

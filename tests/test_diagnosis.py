@@ -379,6 +379,19 @@ def test_bad_input(tmp_path):
         lm.Recorder(tmp_path, optimizer="sgd")
 
 
+def test_odd_values_and_metadata_do_not_stop_the_other_rules():
+    """A store's metadata and fields are anyone's: odd ones skip a rule, never crash."""
+    odd = recorded(
+        hess_max_ev=np.ones(40),
+        update_size=np.zeros(40),
+        grad_hist_1d=np.ones((40, 1)),  # one bin: no central pair
+        meta={"optimizer": {"function": "optax.chain", "update_fns": 7}, "config": [1]},
+    )
+    findings = lm.diagnose(odd)
+    assert [f.code for f in findings] == ["stalled"]
+    assert findings.skipped["edge_of_stability"].startswith("failed on this run's values")
+
+
 def test_finding_as_dict_is_json():
     f = Finding("nonfinite", "error", 3, 4, "NaN.", {"x": np.float64("nan"), "l": ["a"]})
     as_json = json.loads(json.dumps(f.as_dict()))
