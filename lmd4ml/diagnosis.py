@@ -352,10 +352,16 @@ class Windows:
 
 
 def windows(
-    steps: np.ndarray, values: np.ndarray, t: Thresholds, *, keep_exact: float | None = None
+    steps: np.ndarray,
+    values: np.ndarray,
+    t: Thresholds,
+    *,
+    what: str = "values",
+    keep_exact: float | None = None,
 ) -> Windows:
     """Medians of ``window`` consecutive finite values (NaN and ±inf left out; values equal
-    to ``keep_exact`` too, if given); ``Skip`` for fewer than ``min_windows`` windows.
+    to ``keep_exact`` too, if given); ``Skip`` for fewer than ``min_windows`` windows,
+    naming the series ``what``.
 
     Example:
       >>> w = windows(np.arange(30), np.arange(30.0), Thresholds())
@@ -369,8 +375,8 @@ def windows(
     n = len(values) // t.window
     if n < t.min_windows:
         raise Skip(
-            f"too few steps: {len(values)} usable values, {t.min_windows} windows of "
-            f"{t.window} needed"
+            f"too few steps of {what}: {len(values)} usable values, {t.min_windows} windows "
+            f"of {t.window} needed"
         )
     cut = n * t.window
     # The last values form the last window: the end of a run matters most.
@@ -576,7 +582,7 @@ def rule_lr_too_large(r: Recorded, t: Thresholds) -> list[Finding]:
     loss diverges (its last window ``diverge`` times its first, or non-finite after finite
     values that grew so)."""
     steps, loss = r.scalar("loss")
-    lw = windows(steps, loss, t)
+    lw = windows(steps, loss, t, what="loss")
     finite = np.isfinite(loss)
     bad = np.flatnonzero(~finite)
     before = loss[: bad[0]] if bad.size else loss[:0]
@@ -601,7 +607,7 @@ def rule_lr_too_large(r: Recorded, t: Thresholds) -> list[Finding]:
             )
         ]
     if r.has("alpha"):
-        aw = windows(*r.scalar("alpha"), t)
+        aw = windows(*r.scalar("alpha"), t, what="alpha")
         span = persistent(aw.median > t.alpha_high, t.persist)
         if span is not None:
             peak = float(np.max(aw.median[span[0] : span[1] + 1]))
@@ -621,7 +627,7 @@ def rule_lr_too_large(r: Recorded, t: Thresholds) -> list[Finding]:
     span = persistent(rises, t.persist)
     if span is not None and r.has("update_size"):
         start, end = lw.median[max(span[0] - 1, 0)], lw.median[span[1]]
-        uw = windows(*r.scalar("update_size"), t)
+        uw = windows(*r.scalar("update_size"), t, what="update_size")
         shrinking = uw.median[-1] < 0.5 * uw.median[0]
         if _relative_change(start, end) >= t.loss_rise and end > start and not shrinking:
             return [
@@ -649,7 +655,7 @@ def rule_lr_too_small(r: Recorded, t: Thresholds) -> list[Finding]:
     steps, alpha = r.scalar("alpha")
     concave = float(np.mean(alpha[np.isfinite(alpha)] == -1.0)) if np.isfinite(alpha).any() else 0
     try:
-        aw = windows(steps, alpha, t, keep_exact=-1.0)
+        aw = windows(steps, alpha, t, what="alpha", keep_exact=-1.0)
     except Skip as why:
         if concave > 0.5:
             raise Skip(
@@ -657,7 +663,7 @@ def rule_lr_too_small(r: Recorded, t: Thresholds) -> list[Finding]:
                 "steps, which tell nothing of the step's length"
             ) from why
         raise
-    lw = windows(*r.scalar("loss"), t)
+    lw = windows(*r.scalar("loss"), t, what="loss")
     span = persistent(aw.median <= t.alpha_low, t.persist)
     change = _relative_change(lw.median[0], lw.median[-1])
     if span is None or change >= t.loss_flat:
@@ -689,8 +695,8 @@ def rule_noise_dominated(r: Recorded, t: Thresholds) -> list[Finding]:
     b = batch_size(r.metadata)
     findings = []
     if r.has("norm_test"):
-        nw = windows(*r.scalar("norm_test"), t)
-        lw = windows(*r.scalar("loss"), t)
+        nw = windows(*r.scalar("norm_test"), t, what="norm_test")
+        lw = windows(*r.scalar("loss"), t, what="loss")
         half = len(nw.median) // 2
         level = float(np.median(nw.median[half:]))
         lhalf = lw.median[len(lw.median) // 2 :]
@@ -719,7 +725,7 @@ def rule_noise_dominated(r: Recorded, t: Thresholds) -> list[Finding]:
             if not r.has("norm_test"):
                 raise Skip("needs the batch size for noise_scale, which the run does not record")
             return findings
-        sw = windows(*r.scalar("noise_scale"), t)
+        sw = windows(*r.scalar("noise_scale"), t, what="noise_scale")
         if sw.median[-1] >= t.critical_factor * b:
             findings.append(
                 _finding(
@@ -754,7 +760,9 @@ def _central_and_edge(r: Recorded, t: Thresholds) -> tuple[Windows, Windows] | N
     mid = counts.shape[1] // 2
     central = frac[:, mid - 1 : mid + 1].sum(axis=1) if counts.shape[1] % 2 == 0 else frac[:, mid]
     edge = frac[:, 0] + frac[:, -1]
-    return windows(steps, central, t), windows(steps, edge, t)
+    return windows(steps, central, t, what="grad_hist_1d"), windows(
+        steps, edge, t, what="grad_hist_1d"
+    )
 
 
 def rule_vanishing_gradients(r: Recorded, t: Thresholds) -> list[Finding]:
@@ -768,7 +776,10 @@ def rule_vanishing_gradients(r: Recorded, t: Thresholds) -> list[Finding]:
     if not layers and hist is None:
         raise Skip("needs grad_norm per layer (per_layer=True) or grad_hist_1d, not tracked")
     if layers:
-        by_layer = {name: windows(*series, t) for name, series in layers.items()}
+        by_layer = {
+            name: windows(*series, t, what=f"grad_norm[{name!r}]")
+            for name, series in layers.items()
+        }
         top = np.max([w.median for w in by_layer.values()], axis=0)
         small = {
             name: span
@@ -822,7 +833,7 @@ def rule_exploding_gradients(r: Recorded, t: Thresholds) -> list[Finding]:
     above ``grad_scale`` (a badly scaled initialisation), a window median ``spike`` times
     the one before it, or ``edge_mass`` of the per-sample gradient histogram in its edge
     bins for ``persist`` windows."""
-    gw = windows(*r.scalar("grad_norm"), t)
+    gw = windows(*r.scalar("grad_norm"), t, what="grad_norm")
     if gw.median[0] > t.grad_scale:
         return [
             _finding(
@@ -903,7 +914,7 @@ def rule_edge_of_stability(r: Recorded, t: Thresholds) -> list[Finding]:
         )
     steps, lam = r.scalar("hess_max_ev")
     sharp = _learning_rates(r, opt, steps) * lam
-    sw = windows(steps, sharp, t)
+    sw = windows(steps, sharp, t, what="hess_max_ev")
     limit = opt.stability_limit()
     for severity, factor, what in (
         ("warning", t.eos_beyond, "beyond"),
@@ -945,7 +956,7 @@ def rule_stalled(r: Recorded, t: Thresholds) -> list[Finding]:
         steps, values = r.scalar(kind)
         if kind == "distance":
             steps, values = steps[1:], np.abs(np.diff(values))
-        ws.append(windows(steps, values, t))
+        ws.append(windows(steps, values, t, what=kind))
     n = min(len(w.median) for w in ws)  # the last n windows of each: both end at the end
     flags = np.all([w.median[-n:] <= t.stall_size for w in ws], axis=0)
     w = Windows(ws[0].first[-n:], ws[0].last[-n:], ws[0].median[-n:])

@@ -313,7 +313,7 @@ def test_spike_in_the_gradient_norm():
 def test_too_few_steps_skip_rules():
     findings = lm.diagnose(recorded(loss=np.linspace(2, 1, 25), alpha=np.full(25, 3.0)))
     assert findings == []
-    assert findings.skipped["lr_too_large"].startswith("too few steps: 25 usable values")
+    assert findings.skipped["lr_too_large"].startswith("too few steps of loss: 25 usable values")
     assert lm.diagnose(recorded(loss=np.linspace(2, 1, 25)), window=5) == []
 
 
