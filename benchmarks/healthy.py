@@ -12,6 +12,7 @@ Usage (from the repository root, so that ``lmd4ml`` is this checkout's)::
 
     PYTHONPATH=. python benchmarks/healthy.py --model 3c3d --steps 80 --batch-size 32
     PYTHONPATH=. python benchmarks/healthy.py --model transformer --steps 80 --width 64 --layers 2
+    PYTHONPATH=. python benchmarks/healthy.py --optimizer momentum --hess-every 2
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=64, help="transformer width")
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
     parser.add_argument("--seq-len", type=int, default=32, help="transformer sequence length")
+    parser.add_argument(
+        "--hess-every",
+        type=int,
+        default=0,
+        help="track the top Hessian eigenvalue every k steps too (the edge-of-stability rule, "
+        "for --optimizer momentum); 0: not",
+    )
     parser.add_argument("--runs-dir", default=None, help="keep the run here (default: a temp dir)")
     args = parser.parse_args(argv)
 
@@ -80,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     data = [jax.tree.map(jnp.asarray, batch) for batch in data]
     lr = rates[args.optimizer]
     tx = optax.adam(lr) if args.optimizer == "adam" else optax.sgd(lr, momentum=0.9)
-    learner = lm.Learner(problem.params, problem.loss_fn, data, tx, lm.presets.economy())
+    quantities = lm.presets.economy() + ([lm.HessMaxEV()] if args.hess_every else [])
+    schedules = {"hess_max_ev": args.hess_every} if args.hess_every else {}
+    learner = lm.Learner(problem.params, problem.loss_fn, data, tx, quantities)
     runs_dir = args.runs_dir or tempfile.mkdtemp()
-    history = lm.train(learner, runs_dir=runs_dir, progress=False)
+    history = lm.train(learner, schedules=schedules, runs_dir=runs_dir, progress=False)
     findings = lm.diagnose(history)
     loss = history["loss"]
     print(
