@@ -500,10 +500,10 @@ def optimizer_facts(desc: Any) -> Optimizer:
         if inner != "optax.sgd":
             return Optimizer()
         p = parts[0]
+        momentum = _number(p.get("momentum")) or 0.0
         return Optimizer(
-            "sgd", _number(p.get("learning_rate")), _number(p.get("momentum")) or 0.0,
-            p.get("nesterov") is True,
-        )  # fmt: skip
+            "sgd", _number(p.get("learning_rate")), momentum, p.get("nesterov") is True
+        )
     rated = {"optax.scale", "optax.scale_by_schedule"} & set(names)
     if not rated or not all(n in _PLAIN for n in names):
         return Optimizer()
@@ -534,8 +534,10 @@ def batch_size(metadata: Mapping[str, Any]) -> int | None:
 # The rules: each a pure function (recorded series, thresholds) -> findings, or Skip.
 
 
-def _finding(code: str, severity: str, w: Windows, span: tuple[int, int], message: str,
-             **evidence: Any) -> Finding:  # fmt: skip
+def _finding(
+    code: str, severity: str, w: Windows, span: tuple[int, int], message: str, **evidence: Any
+) -> Finding:
+    """A finding that holds over the windows ``span`` (first and last index) of ``w``."""
     return Finding(code, severity, int(w.first[span[0]]), int(w.last[span[1]]), message, evidence)
 
 
@@ -1170,10 +1172,8 @@ class LiveDiagnosis:
     def check(self) -> None:
         """Diagnose what has been recorded so far; warn about what is new."""
         fields = {name: (k.steps(), k.values()) for name, k in self._kept.items() if k.steps().size}
-        self.findings = list(
-            diagnose(Recorded(fields, self._metadata), silence=self.silence,
-                     thresholds=self.thresholds)
-        )  # fmt: skip
+        recorded = Recorded(fields, self._metadata)
+        self.findings = list(diagnose(recorded, silence=self.silence, thresholds=self.thresholds))
         for f in self.findings:
             if f.code not in SAID_BY_THE_LOOP and (f.code, f.severity) not in self._said:
                 self._said.add((f.code, f.severity))
