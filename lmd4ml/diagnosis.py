@@ -122,6 +122,7 @@ class Thresholds:
     Noise (``norm_test``, ``noise_scale``):
       norm_test_close: the norm test's median over the second half of the run at or above
         this counts as close to its pure-noise value 1 (with the loss barely moving).
+      norm_test_target: the norm test's value a suggested batch size aims at.
       critical_factor: B_simple's median over the last window this many times the batch
         size: the batch is far below the critical batch size.
 
@@ -154,6 +155,7 @@ class Thresholds:
     loss_rise: float = 0.05
     diverge: float = 10.0
     norm_test_close: float = 0.9
+    norm_test_target: float = 0.5
     critical_factor: float = 10.0
     layer_ratio: float = 1e-3
     central_mass: float = 0.99
@@ -692,8 +694,8 @@ def rule_noise_dominated(r: Recorded, t: Thresholds) -> list[Finding]:
     median over the second half of the run at or above ``norm_test_close`` with the loss
     barely moving there (``loss_flat``) means the steps follow noise; or the critical batch
     size B_simple (``noise_scale``) over its last window ``critical_factor`` times the batch
-    size or more. The batch size the statistics suggest: B·(norm test) for the norm test to
-    pass at 1, or B_simple."""
+    size or more. The batch size the statistics suggest: the norm test scales as 1/B, so
+    B·median/``norm_test_target`` brings it to the target; or B_simple."""
     b = batch_size(r.metadata)
     findings = []
     if r.has("norm_test"):
@@ -704,7 +706,8 @@ def rule_noise_dominated(r: Recorded, t: Thresholds) -> list[Finding]:
         lhalf = lw.median[len(lw.median) // 2 :]
         change = _relative_change(lhalf[0], lhalf[-1])
         if level >= t.norm_test_close and change < t.loss_flat:
-            suggest = f" (about {math.ceil(b * level / 0.5)} samples)" if b else ""
+            wanted = math.ceil(b * level / t.norm_test_target) if b else None
+            suggest = f" (about {wanted} samples)" if b else ""
             findings.append(
                 _finding(
                     "noise_dominated",
@@ -717,7 +720,7 @@ def rule_noise_dominated(r: Recorded, t: Thresholds) -> list[Finding]:
                     f"larger batch{suggest} or a smaller learning rate.",
                     norm_test_median=level,
                     loss_change=change,
-                    **({"suggested_batch_size": math.ceil(b * level / 0.5)} if b else {}),
+                    **({"suggested_batch_size": wanted} if b else {}),
                 )
             )
     elif not r.has("noise_scale"):
