@@ -2,6 +2,7 @@
 
 from lmd4ml import presets, schedules, stats
 from lmd4ml.dashboard.plot import plot
+from lmd4ml.diagnosis import Diagnosis, Finding, Thresholds, diagnose
 from lmd4ml.learner import History, Learner, train
 from lmd4ml.monitoring import Recorder, metrics, monitor
 from lmd4ml.quantities import (
@@ -39,8 +40,10 @@ __version__ = "0.1.0"
 __all__ = [
     "CABS",
     "Alpha",
+    "Diagnosis",
     "Distance",
     "EarlyStopping",
+    "Finding",
     "GradHist1d",
     "GradHist2d",
     "GradNorm",
@@ -67,8 +70,10 @@ __all__ = [
     "TICDiag",
     "TICTrace",
     "TensorBoardSink",
+    "Thresholds",
     "UpdateSize",
     "WandbSink",
+    "diagnose",
     "instrument",
     "list_runs",
     "load_run",

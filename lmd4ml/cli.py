@@ -4,6 +4,7 @@
 
     lmd4ml ls RUNS_DIR                 the runs there: name, status, steps, start time, path
     lmd4ml export RUN_DIR --format csv|json|tensorboard [--out PATH] [--force]
+    lmd4ml diagnose RUN_DIR [--json]   what the instruments say is wrong (lm.diagnose)
     lmd4ml dashboard RUNS_DIR [...]    the live dashboard (lmd4ml.dashboard.cli)
 
 ``ls`` and ``export`` need nothing beyond lmd4ml itself (``--format tensorboard`` needs the
@@ -11,6 +12,8 @@
 line, which behaves as it always has and needs the ``dashboard`` extra. Exit status: 0 done,
 1 the command could not do it (a run that cannot be read, an output already there, a missing
 extra), 2 a usage error (argparse's message: a missing directory, a bad format).
+``diagnose`` exits 1 also when any finding is an error, so that a CI job or a sweep can gate
+on training health.
 
 Example:
   >>> main(["ls", "/no/such/dir"])
@@ -22,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -130,6 +134,34 @@ def export_command(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     return 0
 
 
+def diagnose_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``lmd4ml diagnose``: the findings, one a line (or ``--json``), the rules skipped;
+    status 1 when a finding is an error or the run cannot be read."""
+    from lmd4ml.diagnosis import diagnose, format_finding
+
+    if not _is_dir(args.run_dir):
+        parser.error(f"RUN_DIR {args.run_dir!r} is not a directory")
+    try:
+        findings = diagnose(args.run_dir)
+    except (RunStoreError, ValueError) as error:
+        return _fail(f"lmd4ml diagnose: {printable(error)}")
+    if args.json:
+        report = {
+            "run": str(args.run_dir),
+            "findings": [f.as_dict() for f in findings],
+            "skipped": findings.skipped,
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        for finding in findings:
+            print(printable(format_finding(finding)))
+        if not findings:
+            print(f"{printable(args.run_dir)}: no findings")
+        for code, why in findings.skipped.items():
+            print(f"skipped {code}: {printable(why)}", file=sys.stderr)
+    return 1 if findings.worst == "error" else 0
+
+
 def _fail(message: str) -> int:
     print(message, file=sys.stderr)
     return 1
@@ -163,6 +195,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--force", action="store_true", help="overwrite a CSV or JSON file")
     export.set_defaults(run=export_command, parser=export)
+    diagnosis = commands.add_parser(
+        "diagnose",
+        help="say what the instruments of a run show is wrong; status 1 on an error",
+        description="Apply lm.diagnose's rules to the run in RUN_DIR: each finding's "
+        "severity, code, steps and message (with the evidence and what to try), and the "
+        "rules skipped on stderr. Exit status 1 when any finding is an error.",
+    )
+    diagnosis.add_argument("run_dir", metavar="RUN_DIR", help="one run's directory")
+    diagnosis.add_argument(
+        "--json", action="store_true", help="print findings and skipped rules as JSON"
+    )
+    diagnosis.set_defaults(run=diagnose_command, parser=diagnosis)
     # Parsed by the dashboard's own command line, which main hands it to: listed for --help.
     commands.add_parser(
         "dashboard",

@@ -18,12 +18,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from lmd4ml import protocol, stats
-from lmd4ml.describing import json_safe
 from lmd4ml.quantities import Quantity
 from lmd4ml.schedules import Schedule, as_schedule
 from lmd4ml.stats import LossFn, PyTree
 from lmd4ml.step import InstrumentedStep, Metrics, instrument
 from lmd4ml.telemetry.runs import (
+    HYPER,
     Recording,
     StopSignals,
     Terminated,
@@ -45,7 +45,9 @@ class History(dict):
     which any quantity was tracked, and ``history.steps(key)`` those of one key, the same
     unless quantities have schedules of their own. Hyperparameters (``hyper/<name>``) are
     kept at the steps of the instruments, ``eval_fn``'s values at the steps it was called
-    at. ``dashboard_url`` is the URL the dashboard was served on, or None.
+    at. ``dashboard_url`` is the URL the dashboard was served on, or None; ``metadata`` what
+    the run records about itself (:func:`run_metadata`: quantities, config, optimizer, batch
+    size), which ``lm.diagnose`` reads beside the values.
     """
 
     def __init__(
@@ -53,10 +55,12 @@ class History(dict):
         values: dict[str, Any],
         steps: dict[str, np.ndarray],
         dashboard_url: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ):
         super().__init__(values)
         self._steps = steps
         self.dashboard_url = dashboard_url
+        self.metadata = dict(metadata or {})
 
     def steps(self, key: str) -> np.ndarray:
         """The steps at which ``key`` was tracked, int64."""
@@ -237,7 +241,11 @@ def _keep(learner: Learner, step: int, values: Metrics, keep: bool, instruments:
         learner.first_nonfinite = step
 
 
-def as_history(learner: Learner, dashboard_url: str | None = None) -> History:
+def as_history(
+    learner: Learner,
+    dashboard_url: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> History:
     """The learner's history so far (see :class:`History`)."""
     values: dict[str, Any] = {"step": np.asarray(learner.history["step"], dtype=np.int64)}
     steps = {}
@@ -246,7 +254,7 @@ def as_history(learner: Learner, dashboard_url: str | None = None) -> History:
         if rows := learner.history.get(key):
             values[key] = jax.tree.map(lambda *leaf_rows: np.stack(leaf_rows), *rows)
             steps[key] = np.asarray(learner.tracked_steps[key], dtype=np.int64)
-    return History(values, steps, dashboard_url)
+    return History(values, steps, dashboard_url, metadata)
 
 
 def run_metadata(
@@ -256,21 +264,32 @@ def run_metadata(
     hyper: Sequence[str] = (),
     user: Sequence[str] = (),
     total_steps: int | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """What a run of ``train`` records: :func:`~lmd4ml.telemetry.runs.base_metadata`, the
-    model and the optimizer (described readably: :func:`lmd4ml.describing.json_safe`)."""
+    model, the optimizer (described readably: :func:`lmd4ml.describing.json_safe`; its
+    ``optimizer_kind`` as :func:`lmd4ml.diagnosis.optimizer_facts` reads it) and the batch
+    size (the first batch's; this process's share under ``jax.distributed``)."""
     params = learner.state.params
     leaves = jax.tree_util.tree_leaves_with_path(params)
     quantities, keys = learner.step.quantities, learner.step.metric_keys
     return {
-        **base_metadata(quantities, keys, config, hyper=hyper, user=user, total_steps=total_steps),
+        **base_metadata(
+            quantities,
+            keys,
+            config,
+            hyper=hyper,
+            user=user,
+            total_steps=total_steps,
+            batch_size=batch_size,
+            optimizer=learner.step.optimizer,
+        ),
         "model": {
             "kind": "nnx.Module" if learner._module else type(params).__name__,
             "class": type(learner._module).__name__ if learner._module else None,
             "n_params": int(sum(np.size(x) for _, x in leaves)),
             "shapes": {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in leaves},
         },
-        "optimizer": json_safe(learner.step.optimizer),
     }
 
 
@@ -344,7 +363,7 @@ def _open_run(
     hyper = hyperparameters(learner.state.opt_state)
     user_shapes = {key: jax.ShapeDtypeStruct((), np.float64) for key in user}
     recording.open(
-        metadata(hyper=list(hyper), user=list(user)),
+        metadata(hyper=list(hyper), user=list(user), batch_size=stats.batch_size(batch)),
         {**stats.host_shapes(shapes), **hyper, **user_shapes},
     )
 
@@ -366,6 +385,7 @@ def train(
     eval_every: Schedule | None = None,
     config: Mapping[str, Any] | None = None,
     sinks: Sequence[Sink] = (),
+    diagnose: bool | Mapping[str, Any] = True,
 ) -> History | Run | None:
     """Train ``learner`` for ``epochs`` passes over its batches, tracking its quantities.
 
@@ -417,6 +437,13 @@ def train(
       sinks: other places each recorded step goes, from the writer thread
         (:class:`lmd4ml.telemetry.writer.Sink`: TensorBoard, W&B, MLflow); also with
         ``runs_dir=None``. One that raises is reported once and not called again.
+      diagnose: read the instruments as they are recorded (:mod:`lmd4ml.diagnosis`), on the
+        writer thread: each new finding (a learning rate too large, NaN, vanishing
+        gradients...) is warned about once, with its steps and what to try, and kept in the
+        run (``run.metadata["findings"]``). ``False`` turns it off; a mapping gives
+        ``lm.diagnose``'s keyword arguments (``silence=[...]``, thresholds). Only a run that
+        is written (a ``runs_dir`` or sinks) is diagnosed live; ``lm.diagnose(history)``
+        diagnoses any afterwards.
 
     Ctrl-C and SIGTERM stop training cleanly at the end of the step under way
     (:class:`~lmd4ml.telemetry.runs.StopSignals`; a second one stops at once): every step so
@@ -476,7 +503,14 @@ def train(
     config = {**recorded, **check_config(config, own=recorded)}
     total_steps = None if total is None else learner.steps_done + total
     metadata = functools.partial(run_metadata, learner, config, total_steps=total_steps)
-    recording = Recording(runs_dir, run_name, sinks=sinks, dashboard=dashboard)
+
+    def current_history() -> History:
+        """The history so far, with the metadata a run of it records."""
+        hyper = [key for key in learner.tracked_steps if key.startswith(HYPER)]
+        about = metadata(hyper=hyper, user=evaluate.keys or [], batch_size=shaper.size)
+        return as_history(learner, recording.dashboard_url, about)
+
+    recording = Recording(runs_dir, run_name, sinks=sinks, dashboard=dashboard, diagnose=diagnose)
     progress = progress and writes_telemetry()  # several processes: process 0 alone reports
     bar = tqdm(total=total, unit="step", disable=not progress, dynamic_ncols=True)
     pending: tuple[int, Metrics, Metrics] | None = None  # a tracked step's device values
@@ -547,7 +581,7 @@ def train(
                     recording.record(step, evaluated(step), complete=False)
                 if on_epoch is not None:
                     record_pending()
-                    on_epoch(epoch + 1, as_history(learner, recording.dashboard_url))
+                    on_epoch(epoch + 1, current_history())
             if evaluate.due is not None and evaluate.due(learner.steps_done):
                 step = learner.steps_done
                 recording.record(step, evaluated(step), complete=True)
@@ -572,7 +606,7 @@ def train(
                 )
             warnings.warn(message, RuntimeWarning, stacklevel=2)
     if history:
-        return as_history(learner, recording.dashboard_url)
+        return current_history()
     return _stored(recording)
 
 

@@ -456,6 +456,14 @@ class Recorder:
         (:class:`lmd4ml.telemetry.writer.Sink`).
       extra_keys: names of ``extra`` values first logged after the run has opened.
       total_steps: the updates the loop expects to take, for the dashboard's progress.
+      batch_size: samples per step, for ``lm.diagnose`` (the batch size a noisy gradient
+        calls for is read against it); recorded with the run.
+      optimizer: the optax optimizer your loop uses (the one ``lm.monitor`` wraps), recorded
+        readably with its kind, for ``lm.diagnose`` (the learning rate and momentum of the
+        edge-of-stability rule).
+      diagnose: diagnose the run as it is recorded, as in ``lm.train``: each new finding
+        warned about once and kept in the run; ``False`` turns it off, a mapping gives
+        ``lm.diagnose``'s keyword arguments.
 
     Example:
       >>> import tempfile, jax.numpy as jnp, optax, lmd4ml as lm
@@ -483,16 +491,30 @@ class Recorder:
         sinks: Sequence[Sink] = (),
         extra_keys: Sequence[str] = (),
         total_steps: int | None = None,
+        batch_size: int | None = None,
+        optimizer: optax.GradientTransformation | None = None,
+        diagnose: bool | Mapping[str, Any] = True,
     ):
         if total_steps is not None:
             checks.check_int("lm.Recorder: total_steps", total_steps, 1)
+        if batch_size is not None:
+            checks.check_int("lm.Recorder: batch_size", batch_size, 1)
+        if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError(
+                "lm.Recorder: optimizer must be an optax optimizer (optax.sgd(0.1), say), got "
+                f"{type(optimizer).__name__}"
+            )
         if isinstance(extra_keys, str):
             raise TypeError(f"extra_keys must be a list of names, got the string {extra_keys!r}")
         self.quantities = tuple(quantities)
         self.config = check_config(config)
         self.total_steps = total_steps
+        self.batch_size = batch_size
+        self.optimizer = optimizer
         self._declared = [check_user_name(k, ["step"], "extra_keys") for k in extra_keys]
-        self._recording = Recording(runs_dir, run_name, sinks=sinks, dashboard=dashboard)
+        self._recording = Recording(
+            runs_dir, run_name, sinks=sinks, dashboard=dashboard, diagnose=diagnose
+        )
         self.dashboard_url = self._recording.dashboard_url
         self._pending: _Logged | None = None
         self._last_step = -1
@@ -572,6 +594,8 @@ class Recorder:
             hyper=list(hyper),
             user=self._declared,
             total_steps=self.total_steps,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
         )
         self._recording.open(metadata, {**stats.host_shapes(metrics), **hyper, **user})
 

@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from lmd4ml.describing import json_safe
+from lmd4ml.diagnosis import LiveDiagnosis, optimizer_facts
 from lmd4ml.quantities.base import Quantity, describe_keys
 from lmd4ml.telemetry.ring import RESERVED_FIELDS
 from lmd4ml.telemetry.store import default_run_name, new_run_dir
@@ -69,8 +70,11 @@ def base_metadata(
     hyper: Sequence[str] = (),
     user: Sequence[str] = (),
     total_steps: int | None = None,
+    batch_size: int | None = None,
+    optimizer: Any = None,
 ) -> dict[str, Any]:
-    """What every run records about itself: quantities, keys, config, versions and process.
+    """What every run records about itself: quantities, keys, config, versions and process,
+    and what ``lm.diagnose`` reads beside the instruments: the batch size and the optimizer.
 
     ``quantities_by_key`` says for each key what it is (its class, the kind that readers
     such as the dashboard treat it as, and its settings:
@@ -78,7 +82,10 @@ def base_metadata(
     ``name=`` of its own is still read as what it is; ``hyper`` and ``user`` keys are
     described as hyperparameters and user values. ``config`` is kept readably
     (:func:`lmd4ml.describing.json_safe`). ``total_steps``: the step the run is expected to
-    end before (its last step + 1), or None.
+    end before (its last step + 1), or None. ``batch_size``: samples per step, or None.
+    ``optimizer``: the optax transformation (or its description), kept readably with its
+    ``optimizer_kind`` ("sgd", "adaptive" or "unknown": :func:`lmd4ml.diagnosis.optimizer_facts`);
+    None records neither.
 
     Example:
       >>> import lmd4ml as lm
@@ -94,6 +101,13 @@ def base_metadata(
     described = {k: d for q in quantities for k, d in describe_keys(q).items()}
     described.update({key: dict(HYPER_KIND) for key in hyper})
     described.update({key: dict(USER_KIND) for key in user})
+    about_optimizer = {}
+    if optimizer is not None:
+        description = json_safe(optimizer)
+        about_optimizer = {
+            "optimizer": description,
+            "optimizer_kind": optimizer_facts(description).kind,
+        }
     return {
         "quantities": [repr(q) for q in quantities],
         "quantities_by_key": described,
@@ -101,6 +115,8 @@ def base_metadata(
         "keys": [*keys, *hyper, *user],
         "config": json_safe(dict(config)),
         "total_steps": total_steps,
+        "batch_size": batch_size,
+        **about_optimizer,
         "versions": {
             name: importlib.metadata.version(name)
             for name in ("lmd4ml", "jax", "jaxlib", "flax", "optax", "numpy")
@@ -346,6 +362,30 @@ def serve_dashboard(runs_dir: str | os.PathLike | None, dashboard: bool | int) -
     return url
 
 
+def live_diagnosis(diagnose: Any) -> LiveDiagnosis | None:
+    """The live diagnosis ``diagnose`` asks for: ``True`` the defaults, a mapping the keyword
+    arguments of :class:`~lmd4ml.diagnosis.LiveDiagnosis`, ``False`` none.
+
+    Example:
+      >>> live_diagnosis({"silence": ["stalled"], "window": 20}).thresholds.window
+      20
+      >>> live_diagnosis("yes")
+      Traceback (most recent call last):
+      ...
+      TypeError: diagnose must be True, False or a mapping of lm.diagnose's keyword ...
+    """
+    if diagnose is True:
+        return LiveDiagnosis()
+    if diagnose is False:
+        return None
+    if not isinstance(diagnose, Mapping):
+        raise TypeError(
+            "diagnose must be True, False or a mapping of lm.diagnose's keyword arguments "
+            f"(silence=, thresholds by name), got {type(diagnose).__name__}"
+        )
+    return LiveDiagnosis(**diagnose)
+
+
 class Recording:
     """One run as a training loop records it: opened once, fed step by step, closed once.
 
@@ -358,6 +398,12 @@ class Recording:
     are fetched later): :meth:`record` merges the pieces of one step and hands the step to
     the writer when it is ``complete``, or when a later step comes, or at :meth:`close`.
     Steps go to the writer in increasing order.
+
+    ``diagnose`` (True, or the keyword arguments of
+    :class:`~lmd4ml.diagnosis.LiveDiagnosis`: ``silence``, thresholds) diagnoses the run as it
+    is written, on the writer thread: each new finding is warned about once, and the store
+    keeps the findings (``run.metadata["findings"]``); ``False`` turns it off. A run that is
+    not written (no ``runs_dir``, no sinks) is not diagnosed live: ``lm.diagnose(history)``.
 
     Example:
       >>> import tempfile
@@ -379,8 +425,10 @@ class Recording:
         *,
         sinks: Sequence[Sink] = (),
         dashboard: bool | int = False,
+        diagnose: bool | Mapping[str, Any] = True,
     ):
         sinks = check_sinks(sinks)
+        self.live = live_diagnosis(diagnose)
         self.dashboard_url = serve_dashboard(runs_dir, dashboard)
         writes = writes_telemetry()
         self.runs_dir = runs_dir if writes else None
@@ -404,7 +452,11 @@ class Recording:
         to value, or its ``jax.eval_shape``), which fixes the keys it can record."""
         run_dir = None if self.runs_dir is None else new_run_dir(self.runs_dir, self.run_name)
         name = run_dir.name if run_dir is not None else self.run_name or default_run_name()
-        self.telemetry = Telemetry(run_dir, metadata, shapes, self.sinks, name)
+        live = () if self.live is None else (self.live,)
+        notes = None if self.live is None else self.live.notes
+        self.telemetry = Telemetry(
+            run_dir, metadata, shapes, (*self.sinks, *live), name, notes=notes
+        )
 
     def record(self, step: int, values: Mapping[str, Any], *, complete: bool) -> None:
         """Add ``values`` (host or device arrays, by key) to step ``step``'s record; hand the

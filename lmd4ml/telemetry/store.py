@@ -11,8 +11,9 @@ commit.
 Layout of the file (format ``lmd4ml-run``, version 2):
 
 * ``meta(key, value)``: JSON values for ``format``, ``version``, ``start_time``,
-  ``end_time`` (Unix seconds), ``status``, ``metadata`` (the caller's dict) and, for a run
-  whose recording stopped early, ``error`` (why);
+  ``end_time`` (Unix seconds), ``status``, ``metadata`` (the caller's dict), for a run
+  whose recording stopped early ``error`` (why), and the notes written at its end
+  (:data:`NOTES`: ``findings``, ``lm.diagnose``'s findings as dicts);
 * ``fields(idx, name, shape, dtype)``: the layout, in the writer's order;
 * ``steps(step, time)``: every appended step and its wall time (Unix seconds); version 1
   files, which kept no clock, have ``steps(step)`` alone and still open;
@@ -68,9 +69,12 @@ Layout = dict[str, tuple[int, tuple[int, ...], np.dtype]]
 
 # Keys the store itself puts in a run's metadata (and list_runs adds); the caller's dict
 # may not use them, so that nothing it passes is silently replaced.
+NOTES = ("findings",)
+"""What a run's writer may add to its meta table at the end (:meth:`RunWriter.note`)."""
 RESERVED_KEYS = frozenset(
-    {"format", "version", "start_time", "end_time", "status", "error", "path", "name", "n_steps"}
-)
+    {"format", "version", "start_time", "end_time", "status", "error", "path", "name", "n_steps",
+     *NOTES}
+)  # fmt: skip
 
 # Under the 999 parameters a statement takes in SQLite before 3.32, at 2 a row.
 _ROWS_PER_INSERT = 400
@@ -347,6 +351,30 @@ class RunWriter:
                 [(key, _dumps(value)) for key, value in ending.items()],
             )
 
+    def note(self, notes: Mapping[str, Any]) -> None:
+        """Record ``notes`` (keys of :data:`NOTES`, JSON values) in the run's meta table, at
+        once; a reader finds them in ``run.metadata``.
+
+        Example:
+          >>> import tempfile
+          >>> writer = RunWriter(tempfile.mkdtemp(), {}, {"loss": ((), "float32")})
+          >>> writer.note({"findings": []}); writer.close()
+          >>> load_run(writer.path.parent).metadata["findings"]
+          []
+        """
+        if self._conn is None:
+            raise ValueError(f"RunWriter: {self.path} is closed")
+        unknown = sorted(set(notes) - set(NOTES))
+        if unknown:
+            raise ValueError(f"RunWriter.note: {unknown} are not notes; notes are {NOTES}")
+        if not self._file_is_ours():
+            raise RunStoreError(f"{self.path}: deleted or replaced while the run was writing it")
+        with _transaction(self._conn) as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [(key, _dumps(value)) for key, value in notes.items()],
+            )
+
     def close(self, status: str = "finished") -> None:
         """Commit what is buffered, record ``status`` and the end time; later calls do nothing."""
         if status not in STATUSES:
@@ -615,7 +643,7 @@ def _open(path: str | os.PathLike) -> tuple[Run, int]:
         (n_steps,) = conn.execute("SELECT count(*) FROM steps").fetchone()
         metadata = {
             **meta["metadata"],
-            **{key: meta[key] for key in (*_RUN_KEYS, "error") if key in meta},
+            **{key: meta[key] for key in (*_RUN_KEYS, "error", *NOTES) if key in meta},
         }
     return Run(db, metadata, layout), n_steps
 

@@ -154,7 +154,9 @@ class Telemetry:
     any subset of its keys. ``submit`` returns at once; the thread writes what has queued up
     every ``interval`` seconds; ``close`` writes what is left, then closes everything.
     Without a ``run_dir`` there is no store nor ring, only the sinks; ``name`` is the run's
-    name for them (by default the directory's).
+    name for them (by default the directory's). ``notes``, called once the sinks have
+    closed, gives what the store keeps at the end besides the values
+    (:meth:`~lmd4ml.telemetry.store.RunWriter.note`: a live diagnosis's findings).
     """
 
     def __init__(
@@ -166,12 +168,14 @@ class Telemetry:
         name: str | None = None,
         ring_capacity: int = 4096,
         interval: float = 0.05,
+        notes: Callable[[], Mapping[str, Any]] | None = None,
     ):
         if run_dir is None and name is None:
             raise ValueError("Telemetry: a run without a run_dir needs a name")
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.name = name if name is not None else self.run_dir.name
         self.interval = interval
+        self._notes = notes
         self.fields = fields = fields_of(shapes)
         self._names = {key: list(fields_of({key: shape})) for key, shape in shapes.items()}
         self.store = None if self.run_dir is None else RunWriter(self.run_dir, metadata, fields)
@@ -276,6 +280,8 @@ class Telemetry:
         try:
             self._thread.join()
             if self.store is not None:
+                if self._notes is not None:
+                    self._guarded(STORE, "at the end", self.store.note, self._notes())
                 # Committed before it is closed, so that a failure to commit is one like any
                 # other.
                 self._guarded(STORE, "at the end", self.store.flush)
