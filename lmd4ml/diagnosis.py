@@ -994,16 +994,20 @@ RULES: dict[str, Callable[[Recorded, Thresholds], list[Finding]]] = {
 }
 """Every code and its rule, in the order findings are listed."""
 
-INSTRUMENT_PAGE = {
-    "nonfinite": "loss",
-    "lr_too_large": "alpha",
-    "lr_too_small": "alpha",
-    "noise_dominated": "norm_test",
-    "vanishing_gradients": "grad_norm",
-    "exploding_gradients": "grad_norm",
-    "edge_of_stability": "hess_max_ev",
-    "stalled": "update_size",
+EVIDENCE: dict[str, tuple[str, ...]] = {
+    "nonfinite": ("loss", "grad_norm"),
+    "lr_too_large": ("alpha", "loss"),
+    "lr_too_small": ("alpha", "loss"),
+    "noise_dominated": ("norm_test", "noise_scale"),
+    "vanishing_gradients": ("grad_norm", "grad_hist_1d"),
+    "exploding_gradients": ("grad_norm", "grad_hist_1d"),
+    "edge_of_stability": ("hess_max_ev",),
+    "stalled": ("update_size", "distance"),
 }
+"""The instrument kinds each code is read from, the one whose page explains it first (the
+dashboard marks a finding on the panels of these)."""
+
+INSTRUMENT_PAGE = {code: kinds[0] for code, kinds in EVIDENCE.items()}
 """The instrument page (``docs/instruments/<name>.md``) that explains each code's evidence."""
 
 

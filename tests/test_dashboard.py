@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ import pytest
 from dash import Patch, html, no_update
 
 import lmd4ml as lm
-from lmd4ml.dashboard import app, cli, figure, inputs
+from lmd4ml.dashboard import app, cli, data, figure, findings, inputs
 from lmd4ml.dashboard.data import (
     VECTOR_ROWS,
     RunCache,
@@ -27,6 +28,8 @@ from lmd4ml.dashboard.data import (
     minmax_indices,
 )
 from lmd4ml.dashboard.panels import grid, leaf_label, plan
+from lmd4ml.describing import json_safe
+from lmd4ml.diagnosis import LiveDiagnosis
 from lmd4ml.telemetry import runs, store
 from lmd4ml.telemetry.store import RunWriter, new_run_dir
 from lmd4ml.telemetry.writer import Telemetry
@@ -381,6 +384,12 @@ def test_pause_csv_and_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["dashboard", str(tmp_path / "nope")])
     assert "expected the runs_dir" in capsys.readouterr().err
+    assert cli.configure(["dashboard", str(tmp_path)]).docs == findings.DOCS_URL
+    docs = cli.configure(["dashboard", str(tmp_path), "--docs", "https://x.org/lmd4ml"]).docs
+    assert docs == "https://x.org/lmd4ml/"
+    with pytest.raises(SystemExit):
+        cli.main(["dashboard", str(tmp_path), "--docs", "file:///etc"])
+    assert "docs_url must be an http(s) URL" in capsys.readouterr().err
 
 
 def test_dashboard_needs_a_runs_dir():
@@ -494,7 +503,8 @@ def test_the_figure_reads_like_cockpits(tmp_path):
     assert len(empty) == 1
     for trace in traces_of(fig, "hess_trace"):  # raw and smoothed
         assert axis_of(fig, trace, "x")["visible"] is False and trace["x"] == []
-    assert view["key"] == figure.view_key([str(tmp_path / "r")], 0.5, ["grad_norm by layer"], False)
+    key = figure.view_key([str(tmp_path / "r")], 0.5, ["grad_norm by layer"], False, [[]])
+    assert view["key"] == key
 
 
 def test_an_overlay_names_runs_by_their_settings_and_shows_each_runs_heatmaps(tmp_path):
@@ -633,3 +643,121 @@ def test_a_panels_log_toggle_switches_it_alone():
     assert app.toggle_log("gradient norm", frozenset()) == ["gradient norm"]
     assert app.toggle_log("gradient norm", frozenset({"gradient norm", "loss"})) == ["loss"]
     assert app.toggle_log(None, frozenset({"loss"})) is no_update
+
+
+STORED_FINDINGS = [
+    {"code": "lr_too_small", "severity": "warning", "first_step": 5, "last_step": 25,
+     "message": "α stays near -1 <b>and</b> the loss barely moves.",
+     "docs": "javascript:alert(1)"},
+    {"code": "stalled", "severity": "error", "first_step": 30, "last_step": 39,
+     "message": "the parameters are not moving."},
+    # what a damaged or hostile store could hold: none of it is shown
+    {"code": "<script>", "severity": "error", "first_step": 0, "last_step": 1, "message": "x"},
+    {"code": "stalled", "severity": "fatal", "first_step": 0, "last_step": 1, "message": "x"},
+    {"code": "stalled", "severity": "error", "first_step": 9, "last_step": 2, "message": "x"},
+    {"code": "stalled", "severity": "error", "first_step": True, "last_step": 2, "message": "x"},
+    "not a finding",
+]  # fmt: skip
+
+
+def shapes_named(fig: dict, name: str) -> list[dict]:
+    return [s for s in fig["layout"]["shapes"] if s.get("name") == name]
+
+
+def test_findings_show_in_a_strip_on_their_panels_with_the_rules_zones(tmp_path):
+    writer = cockpit_run(tmp_path, "r", 40, status="running")
+    writer.note({"findings": STORED_FINDINGS})
+    writer.close()
+    run = RunData(tmp_path / "r")
+    assert [(f.code, f.severity, f.first_step, f.last_step) for f in run.findings] == [
+        ("lr_too_small", "warning", 5, 25), ("stalled", "error", 30, 39)
+    ]  # fmt: skip
+    fig, view = figure.figure([run])
+    json.loads(pio.to_json(fig))
+
+    # a band over the finding's steps on the panels of the instruments it is read from: the
+    # α and loss lines (stalled reads update_size and distance, which this run has not)
+    bands = shapes_named(fig, "finding lr_too_small")
+    on = {figure_panel(fig, band["xref"]) for band in bands}
+    assert on == {"α (alpha)", "mini-batch loss"}
+    assert {(b["x0"], b["x1"], b["fillcolor"], b["label"]["text"]) for b in bands} == {
+        (4.5, 25.5, findings.SEVERITY_COLORS["warning"], "lr_too_small")
+    }  # fmt: skip
+    assert not shapes_named(fig, "finding stalled")
+
+    # the rules' zones: α at -1, 0 and 1 on its lines, the gradient tests at 1
+    alpha_axis = traces_of(fig, "alpha", "scatter")[0]["yaxis"]
+    zones = [s for s in fig["layout"]["shapes"] if s.get("name", "").startswith("zone")]
+    assert sorted((s["y0"], s["yref"]) for s in zones if s["yref"] == alpha_axis) == [
+        (-1, alpha_axis), (0, alpha_axis), (1, alpha_axis)
+    ]  # fmt: skip
+    tests_axis = traces_of(fig, "norm_test", "scatter")[0]["yaxis"]
+    assert [s["y0"] for s in zones if s["yref"] == tests_axis] == [1.0]
+    assert view["key"] != figure.view_key([str(run.path)], 0.0, (), False, [[]])
+
+    # the strip above the figure: worst first; severity, code, steps, message, and a link to
+    # the instrument's page of the docs site in a new tab, made from the code alone
+    _, _, status = app.update(RunCache(), app.Listing(tmp_path), [], 0.0, (), False, None, True,
+                              "https://docs.example/lmd4ml/")  # fmt: skip
+    strip = status[-1]
+    rows = [[c.children for c in row.children] for row in strip.children]
+    assert [r[:3] for r in rows] == [
+        ["error", "stalled", "steps 30–39"], ["warning", "lr_too_small", "steps 5–25"]
+    ]  # fmt: skip
+    assert rows[1][3] == STORED_FINDINGS[0]["message"]  # text: Dash escapes it
+    links = [row.children[-1] for row in strip.children]
+    assert [(a.href, a.target) for a in links] == [
+        ("https://docs.example/lmd4ml/instruments/update_size/", "_blank"),
+        ("https://docs.example/lmd4ml/instruments/alpha/", "_blank"),
+    ]
+    assert "<script>" not in str(strip) and "javascript" not in str(strip)
+    with pytest.raises(ValueError, match="docs_url must be an http"):
+        app.create_app(tmp_path, docs_url="javascript:alert(1)")
+
+
+def figure_panel(fig: dict, xref: str) -> str:
+    """The panel a shape on axis ``xref`` lies on, by the traces drawn there."""
+    return next(t["meta"]["panel"] for t in fig["data"] if t["xaxis"] == xref)
+
+
+def test_the_stability_limit_is_drawn_where_eta_lambda_max_reaches_it(tmp_path):
+    sgd = json_safe(optax.sgd(0.1, momentum=0.5))
+    fake_run(tmp_path, "sgd", {"hess_max_ev": ()}, 5, optimizer=sgd)
+    fake_run(tmp_path, "adam", {"hess_max_ev": ()}, 5, optimizer=json_safe(optax.adam(0.1)))
+    (line,) = shapes_named(figure.figure([RunData(tmp_path / "sgd")])[0], "zone η·λ_max = 3")
+    assert line["y0"] == pytest.approx(3 / 0.1)  # 2 + 2β over η
+    assert [s.name for s in lm.plot(tmp_path / "sgd").layout.shapes] == ["zone η·λ_max = 3"]
+    adam, _ = figure.figure([RunData(tmp_path / "adam")])
+    assert not [s for s in adam["layout"]["shapes"] if s.get("name", "").startswith("zone")]
+
+
+def test_a_live_runs_findings_reach_the_page_while_it_trains(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "FINDINGS_S", 0.0)
+    run_dir = new_run_dir(tmp_path, "live")
+    live = LiveDiagnosis(window=2, min_windows=1, persist=1)
+    shapes = {"update_size": jax.ShapeDtypeStruct((), np.float32)}
+    metadata = {"keys": ["update_size"], "pid": os.getpid()}
+    telemetry = Telemetry(run_dir, metadata, shapes, sinks=[live], notes=live.notes)
+    cache, listing = RunCache(), app.Listing(tmp_path)
+    try:
+        telemetry.submit(0, {"update_size": np.float32(0.0)})
+        for _ in range(100):  # the writer thread publishes within its interval
+            run = cache.get(run_dir)
+            if run.last_step == 0:
+                break
+            time.sleep(0.01)
+        _, view, status = app.update(cache, listing, [], 0.0, (), False, None, True)
+        assert run.state == "live" and run.findings == [] and len(status) == 1
+        with pytest.warns(RuntimeWarning, match="stalled"):
+            for step in range(1, 8):
+                telemetry.submit(step, {"update_size": np.float32(0.0)})
+            for _ in range(200):  # checked at steps 2, 4 and 6; noted after a burst
+                if cache.get(run_dir).findings:
+                    break
+                time.sleep(0.01)
+        assert run.state == "live" and [f.code for f in run.findings] == ["stalled"]
+        fig, _, status = app.update(cache, listing, [], 0.0, (), False, view, False)
+        assert isinstance(fig, dict) and shapes_named(fig, "finding stalled")  # redrawn
+        assert "stalled" in str(status[-1])
+    finally:
+        telemetry.close()

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_dashboard import cockpit_run
+from test_dashboard import STORED_FINDINGS, cockpit_run
 
 import lmd4ml as lm
 from lmd4ml.dashboard import inputs
@@ -268,7 +268,8 @@ def test_the_page_reads_like_cockpits_overlays_runs_and_downloads_them(browser, 
         # runs as lm.train records them; the newest (still running) is shown by itself
         cockpit_run(runs, "a", 60, lr=0.01)
         cockpit_run(runs, "b", 40, lr=0.003, status="interrupted")
-        cockpit_run(runs, "c", 30, lr=0.001, status="running", total_steps=120)
+        newest_run = cockpit_run(runs, "c", 30, lr=0.001, status="running", total_steps=120)
+        newest_run.note({"findings": STORED_FINDINGS})  # as its live diagnosis notes them
         wait_for(lambda: "step 29 of 120 (25%)" in status(page), 20, "the newest run")
         assert page.locator("#status progress").get_attribute("value") == "30"
         drawn = traces(page)
@@ -288,6 +289,22 @@ def test_the_page_reads_like_cockpits_overlays_runs_and_downloads_them(browser, 
         legends = layout(page, "Array.from(gd.querySelectorAll('.legend3text'))"
                                ".map(e => e.textContent)")  # fmt: skip
         assert legends == ["norm_test 0.79", "inner_test 0.2", "ortho_test 20"]
+
+        # its findings: a strip above the figure, worst first, each linking to its
+        # instrument's docs page in a new tab; bands on the panels they are read from, and
+        # the rules' zones (α at -1, 0, 1; the tests at 1)
+        wait_for(lambda: page.locator("#status .finding").count() == 2, 10, "the findings")
+        strip = page.locator("#status .finding")
+        assert strip.nth(0).inner_text().startswith("error\nstalled\nsteps 30–39")
+        assert "<b>and</b>" in strip.nth(1).inner_text()  # shown as text, not as markup
+        link = strip.nth(1).locator("a")
+        assert link.get_attribute("href") == "http://127.0.0.1:8000/instruments/alpha/"
+        assert link.get_attribute("target") == "_blank"
+        shapes = layout(page, "gd.layout.shapes.map(s => s.name || '')")
+        assert shapes.count("finding lr_too_small") == 2  # the α and the loss lines
+        assert sum(s.startswith("zone α") for s in shapes) == 3 and "zone 1: noise" in shapes
+        band = layout(page, "gd.querySelectorAll('.shapelayer path').length")
+        assert band >= len(shapes)  # drawn, not only in the layout
 
         # smoothing: the raw series faint behind each smoothed line
         page.focus("#smoothing .dash-slider-thumb")

@@ -25,10 +25,11 @@ from typing import Any
 import flask
 from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 
-from lmd4ml.dashboard import inputs, tables
+from lmd4ml.dashboard import findings, inputs, tables
 from lmd4ml.dashboard.auth import is_loopback, require_local_host, require_token
 from lmd4ml.dashboard.data import RunCache, RunData
 from lmd4ml.dashboard.figure import extend, figure, message, view_key
+from lmd4ml.diagnosis import SEVERITIES
 from lmd4ml.telemetry.store import DB_NAME, RunStoreError, inside, list_runs, load_run
 
 # Each update replots the whole figure, 0.2-0.4 s of CPU in headless Chromium on 2 cores:
@@ -73,6 +74,13 @@ body.dark button { background: #2a2d33; color: #ddd; border: 1px solid #555; }
 .status .ended { color: #888; font-weight: 600; }
 .status .dead { color: #d62728; font-weight: 600; }
 .smooth { width: 220px; }
+.findings { margin: 4px 0 6px; font-size: 13px; max-height: 140px; overflow-y: auto; }
+.finding { display: flex; gap: 10px; align-items: baseline; padding: 2px 8px;
+  border-left: 4px solid; margin: 2px 0; background: #8881; }
+.finding .severity { font-weight: 600; min-width: 72px; }
+.finding .steps { color: #888; white-space: nowrap; }
+.finding .message { flex: 1; }
+.finding a { white-space: nowrap; }
 button { padding: 3px 10px; }
 </style>
 </head>
@@ -172,6 +180,31 @@ def describe(run: RunData) -> html.Span:
     )
 
 
+def findings_strip(runs: list[RunData], docs: str) -> html.Div | None:
+    """The findings strip: a line per finding of each run (its name too when several are
+    shown), worst first: severity, code, steps, message, and a link to its instrument's
+    docs page under ``docs`` in a new tab; None without findings. The findings were
+    checked when read (:func:`lmd4ml.dashboard.findings.checked`), and Dash escapes text."""
+    rows = []
+    for run in runs:
+        for f in sorted(run.findings, key=lambda f: -SEVERITIES.index(f.severity)):
+            color = findings.SEVERITY_COLORS[f.severity]
+            page = f.docs.removeprefix("instruments/").removesuffix(".md")
+            rows.append(html.Div(
+                [
+                    html.Span(f.severity, className="severity", style={"color": color}),
+                    html.B(f.code),
+                    html.Span(findings.steps_text(f), className="steps"),
+                    *([html.Span(run.name, className="steps")] if len(runs) > 1 else []),
+                    html.Span(f.message, className="message"),
+                    html.A(f"{page} docs ↗", href=findings.page_url(f, docs), target="_blank",
+                           rel="noopener noreferrer", title="the instrument's docs page"),
+                ],
+                className=f"finding {f.severity}", style={"borderLeftColor": color},
+            ))  # fmt: skip
+    return html.Div(rows, className="findings") if rows else None
+
+
 def _n(run: RunData) -> int:
     return max((c.n for c in run.columns.values()), default=0)
 
@@ -185,12 +218,15 @@ def update(
     dark: bool,
     view: dict | None,
     redraw: bool,
+    docs: str = findings.DOCS_URL,
 ) -> tuple[Any, dict | None, list]:
     """One poll or option change: ``(figure or Patch, view, status line)``.
 
     ``log`` names the panels shown in log scale. ``redraw`` asks for the full figure (an
     option changed); otherwise new steps are sent as a Patch when the drawn figure can take
-    them. With no run, or none with a value yet, the figure is a message, not empty axes.
+    them (a change in the runs' findings redraws). With no run, or none with a value yet,
+    the figure is a message, not empty axes. The status line ends with the findings strip
+    (:func:`findings_strip`, its links under ``docs``).
     """
     with cache.lock:
         paths, refused = chosen(listing, selected)
@@ -203,6 +239,8 @@ def update(
                 continue
             runs.append(run)
             status.append(html.Div(describe(run)))
+        if (strip := findings_strip(runs, docs)) is not None:
+            status.append(strip)
         if not runs:
             text = "" if refused else f"no runs yet in {listing.runs_dir}: waiting for lm.train"
             waiting = [html.Div(text)] if text else []
@@ -211,7 +249,9 @@ def update(
             names = ", ".join(run.name for run in runs)
             text = f"{names}: no steps recorded yet (the first one compiles)"
             return message(text, dark), None, status
-        key = view_key([str(r.path) for r in runs], smoothing, log, dark)
+        key = view_key(
+            [str(r.path) for r in runs], smoothing, log, dark, [r.findings for r in runs]
+        )
         if not redraw and view is not None and view.get("key") == key:
             patched = extend(runs, view, smoothing)
             if patched is not None:
@@ -255,11 +295,17 @@ def csv_download(listing: Listing, selected: object) -> dict:
 
 
 def create_app(
-    runs_dir: str | os.PathLike, token: str | None = None, host: str = "127.0.0.1"
+    runs_dir: str | os.PathLike,
+    token: str | None = None,
+    host: str = "127.0.0.1",
+    docs_url: str = findings.DOCS_URL,
 ) -> Dash:
     """The dashboard for ``runs_dir`` (which need not have runs yet), to be served at
     ``host``; with ``token``, every request must carry it, and on loopback every request
-    must be addressed to it there (:mod:`lmd4ml.dashboard.auth`)."""
+    must be addressed to it there (:mod:`lmd4ml.dashboard.auth`). The findings strip links
+    to the instruments' pages of the docs site at ``docs_url`` (by default where
+    ``mkdocs serve`` serves it)."""
+    docs = findings.docs_url(docs_url)
     cache, listing = RunCache(), Listing(runs_dir)
     app = Dash(__name__, title="lmd4ml", update_title=None)
     app.server.config["MAX_CONTENT_LENGTH"] = inputs.MAX_REQUEST_BYTES
@@ -320,7 +366,7 @@ def create_app(
         redraw = ctx.triggered_id not in ("tick", None)
         return update(
             cache, listing, selected, inputs.smoothing(smoothing), inputs.logged(logged),
-            inputs.dark(theme), inputs.view(view), redraw,
+            inputs.dark(theme), inputs.view(view), redraw, docs,
         )  # fmt: skip
 
     @app.callback(

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from lmd4ml.dashboard.auth import QUERY, TOKEN_ENV, is_loopback, new_token, token_problem
 from lmd4ml.dashboard.data import process_alive
+from lmd4ml.dashboard.findings import DOCS_URL, docs_url
 
 # A DNS name: dot-separated labels of letters, digits and inner hyphens (RFC 1123).
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
@@ -77,6 +78,14 @@ def process_id(text: str) -> int:
     if pid <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a process id")
     return pid
+
+
+def docs_base(text: str) -> str:
+    """``--docs``: see :func:`lmd4ml.dashboard.findings.docs_url`."""
+    try:
+        return docs_url(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def seconds(text: str) -> float:
@@ -134,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
     access.add_argument(
         "--no-token", action="store_true", help="serve anyone who can reach the server"
     )
+    dash.add_argument(
+        "--docs",
+        type=docs_base,
+        default=DOCS_URL,
+        help=f"the docs site the findings link to (default {DOCS_URL}: mkdocs serve)",
+    )
     dash.add_argument("--owner", type=process_id, help=argparse.SUPPRESS)
     dash.add_argument("--linger", type=seconds, default=300.0, help=argparse.SUPPRESS)
     return parser
@@ -190,7 +205,7 @@ def serve(args: argparse.Namespace) -> None:
     except ImportError as error:
         sys.exit(f'lmd4ml dashboard needs Dash and waitress: pip install "lmd4ml[dashboard]" '
                  f"({error})")  # fmt: skip
-    app = create_app(args.runs_dir, args.token, args.host)
+    app = create_app(args.runs_dir, args.token, args.host, args.docs)
     if args.owner is not None:
         last_seen = [time.monotonic()]
         app.server.before_request(lambda: last_seen.__setitem__(0, time.monotonic()))

@@ -10,6 +10,7 @@ gets a few thousand points per trace.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import threading
@@ -19,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import scipy.signal
 
+from lmd4ml.dashboard.findings import checked
 from lmd4ml.telemetry.ring import RingReader
-from lmd4ml.telemetry.store import STATUSES, RunStoreError, load_run
+from lmd4ml.telemetry.store import STATUSES, RunStoreError, load_run, read_notes
 from lmd4ml.telemetry.writer import live_ring
 
 # A run that trains but has no ring (it could not be made) is re-read from its store at most
@@ -29,6 +31,9 @@ STORE_POLL_S = 2.0
 # Steps a vector field (a histogram) is read at from a run's store: its heatmap shows 200 of
 # them; read whole, 10⁶ steps of a 100-bin histogram would be 400 MB.
 VECTOR_ROWS = 400
+# A live run's findings are re-read from its store at most this often: its diagnosis runs
+# when its steps have grown by a tenth, and one small read is all it costs.
+FINDINGS_S = 5.0
 
 
 def minmax_indices(values: np.ndarray, budget: int) -> np.ndarray:
@@ -189,8 +194,10 @@ class RunData:
     ``state`` is "live" (followed through its ring), "starting" (its process runs, no ring
     yet), "finished", "failed", "interrupted", or "killed" (the store says running but the
     process that wrote it is gone). ``version`` goes up whenever the values were re-read
-    rather than appended to, so that a view knows to redraw rather than extend. Not
-    thread-safe: :class:`RunCache` serialises its users.
+    rather than appended to, so that a view knows to redraw rather than extend.
+    ``findings`` are its diagnosis's (:func:`lmd4ml.dashboard.findings.checked`): those its
+    store keeps, re-read every ``FINDINGS_S`` while it trains. Not thread-safe:
+    :class:`RunCache` serialises its users.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -206,6 +213,8 @@ class RunData:
     def _reload(self) -> None:
         run = load_run(self.path)
         self.metadata = run.metadata
+        self.findings = checked(run.metadata.get("findings"))
+        self._findings_at = time.monotonic()
         self.columns = {
             key: _Column(*(run.thin(key, VECTOR_ROWS) if run.shapes[key] else run[key]))
             for key in run.keys
@@ -255,6 +264,7 @@ class RunData:
                 self._since, self._attached = 0, True
         if self._reader is not None:
             self._read_ring()
+            self._read_findings()
             if ring is None:  # it ended: its store now has everything, and its status
                 self._reader.close()
                 self._reader = None
@@ -265,6 +275,14 @@ class RunData:
         if self._rate and now - self._rate[0][0] > 5:
             self._rate.popleft()
         self._rate.append((now, self.last_step))
+
+    def _read_findings(self) -> None:
+        if time.monotonic() - self._findings_at < FINDINGS_S:
+            return
+        self._findings_at = time.monotonic()
+        # A read that fails now (the file busy, damaged): the findings read before hold.
+        with contextlib.suppress(RunStoreError):
+            self.findings = checked(read_notes(self.path).get("findings"))
 
     def _read_ring(self) -> None:
         assert self._reader is not None

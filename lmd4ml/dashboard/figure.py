@@ -19,7 +19,12 @@ What it draws, after Cockpit (Schneider et al., 2021) and TensorBoard:
   band across it (the latest values, axes in symmetric log scale; the dashed unit circle
   is where a test reads 1);
 - several runs: a colour per run, named in the legend by name and the settings that differ;
-  heatmaps and images once per run.
+  heatmaps and images once per run;
+- the zones the diagnosis rules read (:mod:`lmd4ml.diagnosis`): α at −1, 0 and 1, the
+  gradient tests at 1, the top eigenvalue where η·λ_max reaches the optimizer's stability
+  limit (2 for plain SGD, known for plain and momentum SGD at a constant rate);
+- each finding of a run's diagnosis as a band over its steps, in its severity's colour and
+  named by its code, on the panels of the instruments it is read from.
 """
 
 from __future__ import annotations
@@ -36,8 +41,19 @@ import numpy as np
 
 from lmd4ml.dashboard import tables
 from lmd4ml.dashboard.data import RunData, minmax_indices, spread_indices
+from lmd4ml.dashboard.findings import SEVERITY_COLORS
 from lmd4ml.dashboard.inputs import LOG_TOGGLE
-from lmd4ml.dashboard.panels import BOTTOM, COLUMNS, Panel, fields_of, grid, leaf_label, plan
+from lmd4ml.dashboard.panels import (
+    BOTTOM,
+    COLUMNS,
+    TESTS,
+    Panel,
+    fields_of,
+    grid,
+    leaf_label,
+    plan,
+)
+from lmd4ml.diagnosis import EVIDENCE, optimizer_facts
 
 LINE_BUDGET = 1000  # points per line trace after thinning
 HEATMAP_BUDGET = 200  # steps (columns) per heatmap
@@ -54,6 +70,7 @@ SYMLOG_LINEAR = 0.1  # the gradient-tests gauge is linear within this, logarithm
 TESTS_EDGE = 10.0  # and reaches this value: a test beyond it is drawn at the edge
 PER_RUN = ("layers", "heatmap", "image")  # drawn once per run: they cannot be overlaid
 EMPTY = "no values yet"
+FINDING_OPACITY = 0.15  # a finding's band over its steps: the lines stay readable through it
 
 
 @functools.lru_cache(maxsize=2)
@@ -437,9 +454,17 @@ def _layer_rows(run: RunData, leaves: Sequence[str], start: int, log: bool) -> t
     return steps, (_log10(rows) if log else rows)
 
 
-def view_key(paths: Sequence[str], smoothing: float, log: Collection[str], dark: bool) -> str:
-    """What a drawn figure depends on besides the data: another key means a redraw."""
-    return json.dumps([list(paths), smoothing, sorted(log), dark])
+def view_key(
+    paths: Sequence[str],
+    smoothing: float,
+    log: Collection[str],
+    dark: bool,
+    findings: Sequence[Sequence[Any]] = (),
+) -> str:
+    """What a drawn figure depends on besides the data (``findings``: each run's, as
+    :class:`~lmd4ml.diagnosis.Finding` s): another key means a redraw."""
+    marks = [[(f.code, f.severity, f.first_step, f.last_step) for f in fs] for fs in findings]
+    return json.dumps([list(paths), smoothing, sorted(log), dark, marks])
 
 
 @dataclasses.dataclass
@@ -689,6 +714,80 @@ _DRAW: dict[str, Callable[[_Drawing, Panel, _Place], None]] = {
 }
 
 
+def _kinds_shown(panel: Panel, runs: Sequence[RunData]) -> set[str]:
+    """The kinds of the quantities a panel over steps draws (none for other panels)."""
+    if not panel.over_steps:
+        return set()
+    kinds: dict[str, str] = {}
+    for run in runs:
+        for key, kind in kinds_of(run).items():
+            kinds.setdefault(key, kind)
+    keys = {re.split(r"[\[.]", field, maxsplit=1)[0] for field in panel.fields}
+    return {kinds.get(key, key) for key in keys}
+
+
+def _hline(place: _Place, y: float, text: str, color: str = GREY) -> dict[str, Any]:
+    return {
+        "type": "line", "name": f"zone {text}", "xref": f"x{place.suffix} domain",
+        "yref": f"y{place.suffix}", "x0": 0, "x1": 1, "y0": y, "y1": y, "layer": "below",
+        "line": {"color": color, "width": 1, "dash": "dot"},
+        "label": {"text": text, "textposition": "end", "yanchor": "bottom",
+                  "font": {"size": 9, "color": color}},
+    }  # fmt: skip
+
+
+def zones(panel: Panel, place: _Place, runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """The levels the diagnosis rules read, as dotted lines across a lines panel: α at −1
+    (the step covers 1 % of the way or less, or the fit is concave), 0 (the minimum along
+    the step) and 1 (uphill); a gradient test at 1 (its value for pure noise); λ_max at
+    limit / η, where η·λ_max reaches the optimizer's stability limit (per run, for plain or
+    momentum SGD at a constant learning rate: a schedule or an adaptive optimizer has none
+    to draw)."""
+    if panel.kind != "lines":
+        return []
+    kinds = _kinds_shown(panel, runs)
+    lines = []
+    if "alpha" in kinds:
+        lines += [_hline(place, a, f"α = {a}") for a in (-1, 0, 1)]
+    if kinds & set(TESTS):
+        lines.append(_hline(place, 1.0, "1: noise"))
+    if "hess_max_ev" in kinds:
+        for r, run in enumerate(runs):
+            facts = optimizer_facts(run.metadata.get("optimizer"))
+            if facts.kind == "sgd" and facts.learning_rate:
+                limit = facts.stability_limit()
+                color = COLORS[r % len(COLORS)] if len(runs) > 1 else GREY
+                y = limit / facts.learning_rate
+                lines.append(_hline(place, y, f"η·λ_max = {limit:.3g}", color))
+    return lines
+
+
+def finding_bands(panel: Panel, place: _Place, runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """Each finding of ``runs`` (of the panel's own run, for a panel of one run) as a band
+    over its steps on a panel over steps that draws one of the instruments it is read from
+    (:data:`lmd4ml.diagnosis.EVIDENCE`), in its severity's colour, labelled by its code."""
+    kinds = _kinds_shown(panel, runs)
+    bands = []
+    for run in runs:
+        if panel.run and panel.run != str(run.path):
+            continue
+        for f in run.findings:
+            if not kinds & set(EVIDENCE[f.code]):
+                continue
+            color = SEVERITY_COLORS[f.severity]
+            label = f.code if len(runs) == 1 else f"{f.code} ({run.name})"
+            bands.append({
+                "type": "rect", "name": f"finding {f.code}", "xref": f"x{place.suffix}",
+                "yref": f"y{place.suffix} domain", "x0": f.first_step - 0.5,
+                "x1": f.last_step + 0.5, "y0": 0, "y1": 1, "layer": "above",
+                "fillcolor": color, "opacity": FINDING_OPACITY,
+                "line": {"color": color, "width": 1},
+                "label": {"text": label, "textposition": "top left",
+                          "font": {"size": 10, "color": color}},
+            })  # fmt: skip
+    return bands
+
+
 def _copy(layout: dict) -> dict:
     """A cached layout, with the parts a figure changes (axes, annotations, shapes) its own."""
     return {
@@ -722,11 +821,12 @@ def figure(
     panels = runs_plan(runs)
     log = frozenset(log) & {p.title for p in panels if p.loggable}
     layout, places = _frame(panels, dark, log, len(runs) > 1)
-    key = view_key([str(r.path) for r in runs], smoothing, log, dark)
+    key = view_key([str(r.path) for r in runs], smoothing, log, dark, [r.findings for r in runs])
     d = _Drawing(runs, run_labels(runs), smoothing, log, _copy(layout))
     for panel, place in zip(panels, places, strict=True):
         before = len(d.traces)
         _DRAW[panel.kind](d, panel, place)
+        d.layout["shapes"] += zones(panel, place, runs) + finding_bands(panel, place, runs)
         if not any(t["n"] for t in d.traces[before:] if t["kind"] != "static"):
             for axis in ("xaxis", "yaxis"):
                 d.layout[f"{axis}{place.suffix}"]["visible"] = False

@@ -5,8 +5,13 @@ same code for each), drawn once: nothing polls or streams. It takes what ``lm.tr
 returns (a :class:`~lmd4ml.History`), a stored run (``lm.load_run``'s
 :class:`~lmd4ml.Run`) or a run's directory. A History is written to a temporary run store
 first and read back as the dashboard reads a run, so that it is drawn by exactly the code
-that draws stored runs; it carries no metadata, so its histograms are drawn over bin
-positions rather than their values, and every quantity goes by its key.
+that draws stored runs; of its metadata only the optimizer goes with it (for the stability
+limit's line), so its histograms are drawn over bin positions rather than their values, and
+every quantity goes by its key.
+
+Like the page, it draws the zones the diagnosis rules read and marks each finding on the
+panels of its instruments: a stored run's findings are those its store keeps, a History's
+are :func:`lmd4ml.diagnosis.diagnose`'s.
 
 plotly is an optional dependency (the ``dashboard`` extra): ``import lmd4ml`` does not
 import it, and ``lm.plot`` says how to install it when it is missing.
@@ -50,6 +55,11 @@ def plot(
       >>> fig = lm.plot(history)
       >>> sorted({t.meta["field"] for t in fig.data}), len(fig.data[0].x)
       (['grad_norm', 'loss'], 6)
+      >>> learner = lm.Learner(jnp.zeros(2), lambda w, b: (b[0] @ w - b[1]) ** 2, data * 10,
+      ...                      optax.sgd(0.0), [lm.Loss(), lm.UpdateSize()])
+      >>> fig = lm.plot(lm.train(learner, runs_dir=None, progress=False))
+      >>> [s.name for s in fig.layout.shapes]
+      ['finding stalled']
     """
     if not 0 <= smoothing < 1:
         raise ValueError(f"lm.plot: smoothing must be in [0, 1), got {smoothing!r}")
@@ -60,12 +70,15 @@ def plot(
     from lmd4ml.dashboard.data import RunData
     from lmd4ml.dashboard.figure import figure
     from lmd4ml.dashboard.inputs import LOG_TOGGLE
+    from lmd4ml.diagnosis import diagnose
     from lmd4ml.learner import History
     from lmd4ml.telemetry.store import Run
 
     if isinstance(source, History):
         with tempfile.TemporaryDirectory(prefix="lmd4ml-plot-") as tmp:
             run = RunData(_store(source, Path(tmp) / "history"))
+        # An empty history has nothing to diagnose (lm.diagnose says so) nor to plot.
+        run.findings = list(diagnose(source)) if len(source.get("step", ())) else []
     elif isinstance(source, Run):
         run = RunData(source.path)
     elif isinstance(source, str | os.PathLike):
@@ -102,11 +115,13 @@ def _store(history: Mapping[str, Any], run_dir: Path) -> Path:
             columns[flat_name(key, path)] = (steps, np.asarray(leaf))
     fields = {name: (values.shape[1:], values.dtype) for name, (_, values) in columns.items()}
     keys = [key for key in history if key != "step"]
+    optimizer = getattr(history, "metadata", {}).get("optimizer")
+    metadata = {"keys": keys} if optimizer is None else {"keys": keys, "optimizer": optimizer}
     by_step: dict[int, dict[str, np.ndarray]] = {}
     for name, (steps, values) in columns.items():
         for step, value in zip(steps.tolist(), values, strict=True):
             by_step.setdefault(step, {})[name] = value
-    with RunWriter(run_dir, {"keys": keys}, fields) as writer:
+    with RunWriter(run_dir, metadata, fields) as writer:
         for step in sorted(by_step):
             writer.append(step, by_step[step])
     return run_dir

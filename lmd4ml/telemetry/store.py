@@ -661,6 +661,29 @@ def load_run(path: str | os.PathLike) -> Run:
     return _open(path)[0]
 
 
+def read_notes(path: str | os.PathLike) -> dict[str, Any]:
+    """The notes (:data:`NOTES`) of the run in directory ``path`` as committed so far: one
+    small read, for a reader following a run that is still being written (its writer notes
+    a live diagnosis's findings as they change); ``RunStoreError`` if it cannot be read.
+
+    Example:
+      >>> import tempfile
+      >>> writer = RunWriter(tempfile.mkdtemp(), {}, {"loss": ((), "float32")})
+      >>> read_notes(writer.path.parent)
+      {}
+      >>> writer.note({"findings": []}); read_notes(writer.path.parent)
+      {'findings': []}
+      >>> writer.close()
+    """
+    db = pathlib.Path(path) / DB_NAME
+    if not db.is_file():
+        raise RunStoreError(f"{path}: not an lmd4ml run (no {DB_NAME} in it)")
+    marks = ", ".join("?" * len(NOTES))
+    with _reading(db) as conn:
+        rows = conn.execute(f"SELECT key, value FROM meta WHERE key IN ({marks})", NOTES)
+        return {key: json.loads(value) for key, value in rows}
+
+
 def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     """Whether ``path``, every symlink resolved, lies below the directory ``root``.
 

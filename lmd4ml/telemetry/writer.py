@@ -154,9 +154,10 @@ class Telemetry:
     any subset of its keys. ``submit`` returns at once; the thread writes what has queued up
     every ``interval`` seconds; ``close`` writes what is left, then closes everything.
     Without a ``run_dir`` there is no store nor ring, only the sinks; ``name`` is the run's
-    name for them (by default the directory's). ``notes``, called once the sinks have
-    closed, gives what the store keeps at the end besides the values
-    (:meth:`~lmd4ml.telemetry.store.RunWriter.note`: a live diagnosis's findings).
+    name for them (by default the directory's). ``notes`` gives what the store keeps
+    besides the values (:meth:`~lmd4ml.telemetry.store.RunWriter.note`: a live diagnosis's
+    findings): noted after each burst of steps when they changed, so that a dashboard reads
+    them while the run trains, and once more when the sinks have closed.
     """
 
     def __init__(
@@ -176,6 +177,7 @@ class Telemetry:
         self.name = name if name is not None else self.run_dir.name
         self.interval = interval
         self._notes = notes
+        self._noted: Mapping[str, Any] | None = None
         self.fields = fields = fields_of(shapes)
         self._names = {key: list(fields_of({key: shape})) for key, shape in shapes.items()}
         self.store = None if self.run_dir is None else RunWriter(self.run_dir, metadata, fields)
@@ -212,6 +214,7 @@ class Telemetry:
         while (item := self._queue.get()) is not None:
             self._write(*item)
             if self._queue.empty():
+                self._note()
                 # Woken in bursts rather than on every step: each wake-up takes the GIL from
                 # the training thread, and a live view does not need to be fresher than this.
                 self._closing.wait(self.interval)
@@ -232,6 +235,16 @@ class Telemetry:
             self._guarded(STORE, step, self.store.append, step, values, wall_time)
         for label, sink in self._sinks.items():
             self._guarded(label, step, sink.write, step, wall_time, values)
+
+    def _note(self) -> None:
+        """Store the notes if they changed since they were last stored (rarely: a finding
+        that appears, grows or ends)."""
+        if self.store is None or self._notes is None:
+            return
+        notes = self._notes()
+        if notes != self._noted:
+            self._noted = notes
+            self._guarded(STORE, "noting findings", self.store.note, notes)
 
     def _guarded(self, sink: str, when: int | str, call: Callable[..., Any], *args: Any) -> None:
         """``call(*args)``, unless ``sink`` has failed; its first failure turns it off with
