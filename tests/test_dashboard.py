@@ -31,9 +31,11 @@ from lmd4ml.dashboard.panels import grid, leaf_label, plan
 from lmd4ml.describing import json_safe
 from lmd4ml.diagnosis import LiveDiagnosis
 from lmd4ml.telemetry import runs, store
-from lmd4ml.telemetry.store import RunWriter, new_run_dir
+from lmd4ml.telemetry.store import Run, RunWriter, new_run_dir
+from lmd4ml.telemetry.summaries import Sizes
 from lmd4ml.telemetry.writer import Telemetry
 
+SMALL = Sizes(block_rows=4, factor=2, chunk_rows=8)  # summaries of a few thousand steps
 COCKPIT_SHAPES = {
     "alpha": (), "distance": (), "update_size": (), "grad_norm": (), "norm_test": (),
     "inner_test": (), "ortho_test": (), "grad_hist_1d": (100,), "grad_hist_2d": (40, 50),
@@ -138,7 +140,7 @@ def test_ema_matches_the_recurrence():
     with pytest.raises(ValueError, match="smoothing"):
         ema(x, 1.0)
     head = ema(x[:3000], 0.97)  # continued where it stopped, it is the same
-    np.testing.assert_allclose(ema(x[3000:], 0.97, before=head), expected[3000:], rtol=1e-9)
+    np.testing.assert_allclose(ema(x[3000:], 0.97, 3000, head[-1]), expected[3000:], rtol=1e-9)
 
 
 def test_a_long_runs_histogram_is_read_at_steps_spread_over_it(tmp_path):
@@ -157,6 +159,69 @@ def test_a_growing_column_smooths_its_new_steps_on():
     column.extend(np.arange(1000, 3000), x[1000:])
     np.testing.assert_allclose(column.smoothed(0.9), ema(x, 0.9), rtol=1e-12)
     np.testing.assert_allclose(column.smoothed(0.5), ema(x, 0.5), rtol=1e-12)
+
+
+def _ema_by_the_recurrence(values: np.ndarray, weight: float) -> np.ndarray:
+    """TensorBoard's debiased moving average, one step at a time."""
+    average, out = 0.0, []
+    for t, value in enumerate(values.astype(np.float64)):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** (t + 1)))
+    return np.array(out)
+
+
+def test_a_long_field_is_drawn_from_its_outline_smoothed_over_every_step(tmp_path, monkeypatch):
+    """3000 rows read as their outline (20 blocks or more of the store's min–max pyramid, its
+    sizes made small): spikes drawn, every step counted, the smoothed line the moving average
+    of the whole series at each step drawn, read once and continued live."""
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=3000).astype(np.float32)
+    values[[100, 1700, 2900]] = [50, -40, 60]
+    run_dir = new_run_dir(tmp_path, "long")
+    fields = {"loss": ((), np.float32)}
+    with RunWriter(run_dir, {"keys": ["loss"]}, fields, summarise=SMALL) as writer:
+        for step, value in enumerate(values):
+            writer.append(2 * step, {"loss": value})
+    reads = []
+    values_of = Run.values
+    monkeypatch.setattr(Run, "values", lambda run, key: reads.append(key) or values_of(run, key))
+    cache, listing = RunCache(outline_blocks=20), app.Listing(tmp_path)
+
+    def loss_trace(smoothing: float) -> dict:
+        fig, _, _ = app.update(cache, listing, [], smoothing, False, False, None, redraw=True)
+        return next(t for t in fig["data"] if t["meta"]["field"] == "loss")
+
+    trace = loss_trace(0.0)
+    column = cache.get(run_dir).columns["loss"]
+    assert column.count == 3000 and 40 <= column.n < 200
+    rows = np.array(trace["x"]) // 2
+    assert {100, 1700, 2900, 0, 2999} <= set(rows.tolist())
+    np.testing.assert_array_equal(trace["y"], values[rows].astype(np.float64))
+    _, _, status = app.update(cache, listing, [], 0.0, False, False, None, redraw=True)
+    assert "3000 steps" in str(status)
+
+    for weight in (0.9, 0.5):
+        trace = loss_trace(weight)
+        assert trace["x"] == column.steps.tolist()  # every step held, fewer than the budget
+        expected = _ema_by_the_recurrence(values, weight)[column.steps // 2]
+        np.testing.assert_allclose(trace["y"], expected, rtol=1e-9)
+    assert reads == ["loss"]  # read once, for the first weight
+    loss_trace(0.5)
+    assert reads == ["loss"]
+
+    # a poll brings new steps, smoothed on from the whole series
+    _, view, _ = app.update(cache, listing, [], 0.5, False, False, None, redraw=True)
+    new = rng.normal(size=5).astype(np.float32)
+    column.extend(np.arange(6000, 6010, 2), new)
+    patch, _, status = app.update(cache, listing, [], 0.5, False, False, view, redraw=False)
+    (extend_y,) = [
+        op["params"]["value"]
+        for op in patch.to_plotly_json()["operations"]
+        if op["location"][-1] == "y"
+    ]
+    everything = _ema_by_the_recurrence(np.concatenate([values, new]), 0.5)
+    np.testing.assert_allclose(extend_y, everything[3000:], rtol=1e-9)
+    assert reads == ["loss"] and "3005 steps" in str(status)
 
 
 def test_cockpit_keys_go_to_their_groups():

@@ -524,13 +524,40 @@ class Run:
         self, conn: sqlite3.Connection, key: str, with_steps: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         """Every row of ``key``: its chunks, then the rows after them. ``with_steps=False``
-        leaves out the chunks' steps, whose decoding costs more than reading them."""
+        decodes only the last chunk's steps (decoding costs more than reading them): the
+        steps returned are then those of that chunk and the rows after."""
         if key not in self._summarised:
             return self._rows(conn, key)
-        steps, values = self._chunks(conn, key, with_steps)
+        assert self._sizes is not None  # keys are summarised only with sizes
+        idx, _, dtype = self._layout[key]
+        size = self._sizes.chunk_rows
+        # Row by row: group_concat copies a growing buffer of megabytes over and over.
+        chunks = conn.execute(f"SELECT block, data FROM c{idx} ORDER BY block").fetchall()
+        if [block for block, _ in chunks] != list(range(len(chunks))):
+            raise RunStoreError(f"{self._db}: damaged, the chunks of {key!r} are not 0, 1, …")
+        decoded = len(chunks) if with_steps else min(1, len(chunks))
+        steps = self._chunk_steps(conn, key, len(chunks) - decoded)
+        if len(steps) != decoded * size or any(len(d) != size * dtype.itemsize for _, d in chunks):
+            raise RunStoreError(f"{self._db}: damaged, a chunk of {key!r} is not {size} rows")
         since = int(steps[-1]) + 1 if len(steps) else None
         after_steps, after_values = self._rows(conn, key, since)
-        return np.concatenate([steps, after_steps]), np.concatenate([values, after_values])
+        values = np.empty(len(chunks) * size + len(after_values), dtype)
+        for i, (_, data) in enumerate(chunks):  # each copied once, into place
+            values[i * size : (i + 1) * size] = np.frombuffer(data, dtype)
+        values[len(chunks) * size :] = after_values
+        return np.concatenate([steps, after_steps]), values
+
+    def _chunk_steps(self, conn: sqlite3.Connection, key: str, first: int) -> np.ndarray:
+        """The steps of ``key``'s chunks from block ``first`` on, checked to increase."""
+        blobs = conn.execute(
+            f"SELECT steps FROM c{self._layout[key][0]} WHERE block >= ? ORDER BY block", (first,)
+        ).fetchall()
+        steps = np.concatenate(
+            [np.empty(0, np.int64), *(summaries.decode_steps(blob) for (blob,) in blobs)]
+        )
+        if np.any(steps[1:] <= steps[:-1]):
+            raise RunStoreError(f"{self._db}: damaged, the chunks of {key!r} go back in steps")
+        return steps
 
     def _rows(
         self, conn: sqlite3.Connection, key: str, since: int | None = None
@@ -547,34 +574,6 @@ class Run:
         if np.any(steps[1:] < steps[:-1]):
             order = np.argsort(steps, kind="stable")
             steps, values = steps[order], values[order]
-        return steps, values
-
-    def _chunks(
-        self, conn: sqlite3.Connection, key: str, with_steps: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The rows of ``key`` in its whole chunks, checked against the layout: their steps
-        (only the last chunk's unless ``with_steps``) and their values."""
-        assert self._sizes is not None  # keys are summarised only with sizes
-        idx, _, dtype = self._layout[key]
-        size = self._sizes.chunk_rows
-        # Row by row: group_concat copies a growing buffer of megabytes over and over.
-        rows = conn.execute(f"SELECT block, data FROM c{idx} ORDER BY block").fetchall()
-        blocks = [block for block, _ in rows]
-        if blocks != list(range(len(rows))):
-            raise RunStoreError(f"{self._db}: damaged, the chunks of {key!r} are not 0, 1, …")
-        if any(len(data) != size * dtype.itemsize for _, data in rows):
-            raise RunStoreError(f"{self._db}: damaged, a chunk of {key!r} is not {size} rows")
-        values = np.frombuffer(bytearray(b"".join(data for _, data in rows)), dtype)
-        first = 0 if with_steps else max(0, len(blocks) - 1)
-        blobs = conn.execute(
-            f"SELECT steps FROM c{idx} WHERE block >= ? ORDER BY block", (first,)
-        ).fetchall()
-        steps = [summaries.decode_steps(blob) for (blob,) in blobs]
-        if len(steps) != len(blocks) - first or any(len(s) != size for s in steps):
-            raise RunStoreError(f"{self._db}: damaged, a chunk of {key!r} is not {size} rows")
-        steps = np.concatenate([np.empty(0, np.int64), *steps])
-        if np.any(steps[1:] <= steps[:-1]):
-            raise RunStoreError(f"{self._db}: damaged, the chunks of {key!r} go back in steps")
         return steps, values
 
     def outline(self, key: str, blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
