@@ -25,6 +25,7 @@ from lmd4ml.dashboard.data import (
     RunData,
     _Column,
     ema,
+    ema_at,
     minmax_indices,
 )
 from lmd4ml.dashboard.panels import grid, leaf_label, plan
@@ -141,6 +142,13 @@ def test_ema_matches_the_recurrence():
         ema(x, 1.0)
     head = ema(x[:3000], 0.97)  # continued where it stopped, it is the same
     np.testing.assert_allclose(ema(x[3000:], 0.97, 3000, head[-1]), expected[3000:], rtol=1e-9)
+    # at some indices only, a piece at a time: the same
+    at = np.array([0, 1, 999, 1000, 1001, 2047, 4096, 4999])
+    for piece in (1, 7, 1000, 4096, 10_000):
+        values, last = ema_at(x, 0.97, at, piece)
+        np.testing.assert_allclose(values, np.array(expected)[at], rtol=1e-9)
+        assert last == pytest.approx(expected[-1], rel=1e-9)
+    assert ema_at(x, 0.97, np.array([], int))[0].shape == (0,)
 
 
 def test_a_long_runs_histogram_is_read_at_steps_spread_over_it(tmp_path):

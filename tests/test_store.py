@@ -534,7 +534,7 @@ def _outline_rows(values: np.ndarray, blocks: int, sizes: Sizes) -> list[int]:
     level = max(k for k in range(40) if count // sizes.factor**k >= blocks)
     nan = np.isnan(values) if values.dtype.kind == "f" else np.zeros(n, bool)
     low, high = np.where(nan, np.inf, values), np.where(nan, -np.inf, values)
-    size = sizes.level_rows(level)
+    size = block * sizes.factor**level
     coarse_end = count // sizes.factor**level * size
     spans = [(a, a + size) for a in range(0, coarse_end, size)]
     spans += [(a, a + block) for a in range(coarse_end, count * block, block)]

@@ -7,7 +7,7 @@ from the store's min–max pyramid), a vector field such as a histogram at ``VEC
 steps; every step that arrives after is kept. :func:`minmax_indices`, :func:`spread_indices`
 and :func:`ema` thin out and smooth long series on the server, so that a page showing 10⁶
 steps gets a few thousand points per trace; smoothed, each point is the moving average of
-every step before it, read from the store once per smoothing weight.
+every step up to it (the stored values are read once, when first smoothed).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def ema(values: np.ndarray, weight: float, start: int = 0, previous: float = 0.0
     Example:
       >>> ema(np.array([1.0, 3.0, 3.0]), 0.5).round(4).tolist()
       [1.0, 2.3333, 2.7143]
-      >>> ema(np.array([3.0]), 0.5, start=2, previous=2.3333333333333335).round(4).tolist()
+      >>> ema(np.array([3.0]), 0.5, start=2, previous=7 / 3).round(4).tolist()
       [2.7143]
     """
     values = np.asarray(values, np.float64)
@@ -120,6 +120,29 @@ def ema(values: np.ndarray, weight: float, start: int = 0, previous: float = 0.0
     biased = min(len(values), max(0, math.ceil(38 / -log_w) - start))
     averages[:biased] /= -np.expm1(np.arange(start + 1.0, start + biased + 1) * log_w)
     return averages
+
+
+def ema_at(
+    values: np.ndarray, weight: float, at: np.ndarray, piece: int = 1 << 16
+) -> tuple[np.ndarray, float]:
+    """:func:`ema` of a series at the increasing indices ``at``, and its last value (where
+    :func:`ema` would carry on). Averaged ``piece`` values at a time, each carrying on from
+    the one before: the average of all of a long series is never held, and each piece's
+    arrays stay in the CPU's caches (a quarter less time at 10⁶ values than in one go).
+
+    Example:
+      >>> at, last = ema_at(np.array([1.0, 3.0, 3.0]), 0.5, np.array([0, 2]), piece=2)
+      >>> at.round(4).tolist(), round(last, 4)  # as ema() gives: [1.0, 2.3333, 2.7143]
+      ([1.0, 2.7143], 2.7143)
+    """
+    out, last = np.empty(len(at)), 0.0
+    ends = np.searchsorted(at, np.arange(piece, len(values) + piece, piece))
+    first = 0
+    for start, end in zip(range(0, len(values), piece), ends, strict=True):
+        averages = ema(values[start : start + piece], weight, start, last)
+        out[first:end] = averages[at[first:end] - start]
+        first, last = end, float(averages[-1])
+    return out, last
 
 
 def clock_rate(steps: np.ndarray, times: np.ndarray, window: int = 64) -> float | None:
@@ -202,12 +225,10 @@ class _Column:
     def _smooth(self, weight: float) -> np.ndarray:
         if self._rows is None or self._stored is None:
             return ema(self.values, weight)
-        # The average at each held row from every row before it: one pass over the stored
+        # The average at each held row from every row up to it: one pass over the stored
         # values (a few ms for 10⁶), then on over the rows that arrived since.
-        every = ema(self._stored(), weight)
-        previous = every[-1] if len(every) else 0.0
-        since = ema(self.values[self._read :], weight, self._rows_read, previous)
-        return np.concatenate([every[self._rows], since])
+        held, last = ema_at(self._stored(), weight, self._rows)
+        return np.concatenate([held, ema(self.values[self._read :], weight, self._rows_read, last)])
 
     def extend(self, steps: np.ndarray, values: np.ndarray) -> None:
         need = self.n + len(steps)

@@ -8,8 +8,9 @@ every scalar field of a plain numeric dtype (what :func:`summarised` accepts):
   of the field, a level-(k+1) record for each ``factor`` consecutive level-k records. A record
   is the block's lowest and highest value, each with its row (the field's 0, 1, … in step
   order) and step, and the block's last step; NaN counts as neither, an all-NaN block keeps
-  NaN. Every spike of the field is the extreme of its block at every level, so a plot of one
-  level's extremes keeps it while reading ``rows / block_rows / factorᵏ`` records;
+  NaN. The lowest and highest values of any run of whole blocks are among their records: a
+  plot of level k's extremes misses no spike wider apart than its blocks, and reads
+  ``rows / (block_rows · factorᵏ)`` records;
 * **chunks**: the rows ``chunk_rows`` at a time, their steps (differences, zlib-compressed:
   about 0.1 byte a row when steps are regular) and their values (raw bytes, as the rows hold
   them) as one blob each: reading the field whole reads a few hundred rows, not 10⁶.
@@ -72,10 +73,6 @@ class Sizes:
                 raise ValueError(
                     f"Sizes: {name} must be an integer in [{least}, 2**20], got {value!r}"
                 )
-
-    def level_rows(self, level: int) -> int:
-        """Rows a record of ``level`` summarises."""
-        return self.block_rows * self.factor**level
 
     @classmethod
     def from_json(cls, value: Any) -> Sizes:
