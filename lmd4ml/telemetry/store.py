@@ -84,8 +84,6 @@ RESERVED_KEYS = frozenset(
      *NOTES}
 )  # fmt: skip
 
-# What a reader maps of a run's file (SQLite caps it at its own limit, 2 GB by default).
-_MMAP_BYTES = 1 << 40
 # The parameters a statement takes in SQLite before 3.32.
 _PARAMS_PER_INSERT = 999
 
@@ -741,16 +739,9 @@ class Run:
 
 @contextlib.contextmanager
 def _snapshot(db: pathlib.Path) -> Iterator[sqlite3.Connection]:
-    """A read-only connection in one read transaction: every query sees the same commit.
-
-    Pages are read through a memory map: reading a field's megabytes of chunks a page at a
-    time, each copied by a system call, took several times longer. SQLite checks the file's
-    size as each transaction starts; one cut shorter during these few milliseconds would
-    fault the reading process, which no lmd4ml writer does (it never shrinks a run's file).
-    """
+    """A read-only connection in one read transaction: every query sees the same commit."""
     with _reading(db) as conn:
         conn.text_factory = bytes
-        conn.execute(f"PRAGMA mmap_size = {_MMAP_BYTES}")
         conn.execute("BEGIN")
         yield conn
 
