@@ -104,36 +104,52 @@ def record_dtype(dtype: np.dtype) -> np.dtype:
     )  # fmt: skip
 
 
+def _extremes(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each row of ``low`` is lowest and each row of ``high`` highest, NaN counting as
+    neither (the first of ties; of an all-NaN row, its first)."""
+    if low.dtype.kind == "f":
+        low = np.where(np.isnan(low), np.inf, low)
+        high = np.where(np.isnan(high), -np.inf, high)
+    return low.argmin(axis=1), high.argmax(axis=1)
+
+
+def block_records(steps: np.ndarray, values: np.ndarray, first_row: int) -> np.ndarray:
+    """A level-0 record for each row of ``values`` (shape (k, size): whole blocks of
+    consecutive rows, the first starting at row ``first_row``), at ``steps`` of that shape.
+
+    Example:
+      >>> records = block_records(np.array([[0, 2], [4, 6]]), np.array([[1.0, 5], [3, 3]]), 10)
+      >>> records[["min_row", "min", "max_row", "max", "last_step"]].tolist()
+      [(10, 1.0, 11, 5.0, 2), (12, 3.0, 12, 3.0, 6)]
+    """
+    blocks = np.arange(len(values))
+    records = np.empty(len(values), record_dtype(values.dtype))
+    records["last_step"] = steps[:, -1]
+    for end, at in zip(("min", "max"), _extremes(values, values), strict=True):
+        records[f"{end}_row"] = first_row + blocks * values.shape[1] + at
+        records[f"{end}_step"] = steps[blocks, at]
+        records[end] = values[blocks, at]
+    return records
+
+
 def merge(groups: np.ndarray) -> np.ndarray:
     """One record for each row of ``groups`` (records, shape (k, size)): the lowest and the
     highest of its records, NaN counting as neither, and its last step.
 
     Example:
-      >>> rows = as_records(np.arange(4), np.array([2.0, np.nan, -1.0, 7.0]), first_row=0)
-      >>> merged = merge(rows.reshape(2, 2))
+      >>> values = np.array([[2.0], [np.nan], [-1.0], [7.0]])  # four blocks of one row
+      >>> merged = merge(block_records(np.arange(4)[:, None], values, 0).reshape(2, 2))
       >>> merged[["min_row", "min", "max_row", "max", "last_step"]].tolist()
       [(0, 2.0, 0, 2.0, 1), (2, -1.0, 3, 7.0, 3)]
     """
-    low, high = groups["min"], groups["max"]
-    if low.dtype.kind == "f":
-        low = np.where(np.isnan(low), np.inf, low)
-        high = np.where(np.isnan(high), -np.inf, high)
     merged = np.empty(len(groups), groups.dtype)
     merged["last_step"] = groups["last_step"][:, -1]
-    for end, at in (("min", low.argmin(axis=1)), ("max", high.argmax(axis=1))):
+    blocks = np.arange(len(groups))
+    for end, at in zip(("min", "max"), _extremes(groups["min"], groups["max"]), strict=True):
+        picked = groups[blocks, at]
         for name in (f"{end}_row", f"{end}_step", end):
-            merged[name] = np.take_along_axis(groups[name], at[:, None], axis=1)[:, 0]
+            merged[name] = picked[name]
     return merged
-
-
-def as_records(steps: np.ndarray, values: np.ndarray, first_row: int) -> np.ndarray:
-    """Each row as a record of its own (its value both lowest and highest)."""
-    records = np.empty(len(steps), record_dtype(values.dtype))
-    rows = np.arange(first_row, first_row + len(steps))
-    records["last_step"] = records["min_step"] = records["max_step"] = steps
-    records["min_row"] = records["max_row"] = rows
-    records["min"] = records["max"] = values
-    return records
 
 
 def encode_steps(steps: np.ndarray) -> bytes:
@@ -154,13 +170,15 @@ def decode_steps(blob: bytes) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class State:
-    """The writer's state for one field: its rows so far, the rows not yet in a whole chunk,
-    and at each level the records not yet in a whole record of the level above (level 0's
-    are rows, as records), with the number of records each level wrote."""
+    """The writer's state for one field: its rows so far; the rows not yet in a whole chunk,
+    and those not yet in a whole level-0 block; the chunks written; at each level k the
+    records not yet in a whole record of level k + 1, and the records each level wrote."""
 
     rows: int
     chunk_steps: np.ndarray
     chunk_values: np.ndarray
+    block_steps: np.ndarray
+    block_values: np.ndarray
     chunks: int
     pending: tuple[np.ndarray, ...]
     written: tuple[int, ...]
@@ -168,8 +186,8 @@ class State:
 
 def start(dtype: np.dtype) -> State:
     """The state of a field with no rows yet."""
-    empty = np.empty(0, record_dtype(dtype))
-    return State(0, np.empty(0, np.int64), np.empty(0, dtype), 0, (empty,), (0,))
+    steps, values = np.empty(0, np.int64), np.empty(0, dtype)
+    return State(0, steps, values, steps, values, 0, (), (0,))
 
 
 def _whole(pending: np.ndarray, new: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +202,7 @@ def advance(
 ) -> tuple[State, list[tuple[int, bytes, bytes]], list[tuple[int, int, np.void]]]:
     """Take a field's new rows (``steps`` increasing, after the state's): the next state, the
     chunks completed (``(block, steps blob, values blob)``) and the pyramid records completed
-    (``(level, block, record)``, in order of level within each commit)."""
+    (``(level, block, record)``, level by level)."""
     steps = np.asarray(steps, np.int64)
     values = np.asarray(values, state.chunk_values.dtype)
     chunk_steps, rest_steps = _whole(state.chunk_steps, steps, sizes.chunk_rows)
@@ -193,23 +211,23 @@ def advance(
         (state.chunks + i, encode_steps(s), v.tobytes())
         for i, (s, v) in enumerate(zip(chunk_steps, chunk_values, strict=True))
     ]
-    records: list[tuple[int, int, np.void]] = []
-    pending, written = [], []
-    new = as_records(steps, values, state.rows)  # level 0 groups rows
-    level = 0
+    block_steps, rest_block_steps = _whole(state.block_steps, steps, sizes.block_rows)
+    block_values, rest_block_values = _whole(state.block_values, values, sizes.block_rows)
+    new = block_records(block_steps, block_values, state.rows - len(state.block_steps))
+    records = [(0, state.written[0] + i, record) for i, record in enumerate(new)]
+    pending, written = [], [state.written[0] + len(new)]
+    level = 0  # merging level's records into level + 1's
     while level < len(state.pending) or len(new):
-        if level < len(state.pending):
-            below, done = state.pending[level], state.written[level]
-        else:  # a level above the highest so far
-            below, done = np.empty(0, new.dtype), 0
-        groups, rest = _whole(below, new, sizes.block_rows if level == 0 else sizes.factor)
-        new = merge(groups) if len(groups) else np.empty(0, below.dtype)
-        records += [(level, done + i, record) for i, record in enumerate(new)]
+        below = state.pending[level] if level < len(state.pending) else new[:0]
+        groups, rest = _whole(below, new, sizes.factor)
+        new = merge(groups) if len(groups) else new[:0]
+        done = state.written[level + 1] if level + 1 < len(state.written) else 0
+        records += [(level + 1, done + i, record) for i, record in enumerate(new)]
         pending.append(rest)
         written.append(done + len(new))
         level += 1
     next_state = State(
-        state.rows + len(steps), rest_steps, rest_values, state.chunks + len(chunks),
-        tuple(pending), tuple(written),
+        state.rows + len(steps), rest_steps, rest_values, rest_block_steps, rest_block_values,
+        state.chunks + len(chunks), tuple(pending), tuple(written),
     )  # fmt: skip
     return next_state, chunks, records
