@@ -553,6 +553,10 @@ def test_summaries_read_as_the_rows_do(tmp_path, seed):
     fields = {f"f{i}": rng.choice(dtypes) for i in range(2)}
     n = int(rng.choice([0, 1, 7, 8, 9, 33, 64, 300]))
     series = {key: _random_field(rng, n, dtype) for key, dtype in fields.items()}
+    # A field with a row at every step the run appends (the others have some steps each).
+    at = np.sort(np.concatenate([series[k][0] * 2 + (k == "f1") for k in fields]))
+    series["every"] = (at, (at % 5).astype(np.float32))
+    fields["every"] = np.dtype(np.float32)
     layout = {key: ((), dtype) for key, dtype in fields.items()} | {"vector": ((2,), "float32")}
     writers = {
         "summarised": RunWriter(tmp_path / "new", {}, layout, commit_every=3600, summarise=SMALL),
@@ -560,12 +564,13 @@ def test_summaries_read_as_the_rows_do(tmp_path, seed):
     }
     for writer in writers.values():
         rows = sorted(
-            (int(s), key, v)
+            (int(s) * 2 + (key == "f1"), key, v)  # each field's own steps
             for key, (steps, values) in series.items()
+            if key != "every"
             for s, v in zip(steps, values, strict=True)
         )
         for i, (step, key, value) in enumerate(rows):
-            writer.append(step * 2 + (key == "f1"), {key: value})  # each field's own steps
+            writer.append(step, {key: value, "every": np.float32(step % 5)})
             if rng.random() < 0.05 or i == len(rows) // 2:
                 writer.flush()
         writer.close()
@@ -573,7 +578,7 @@ def test_summaries_read_as_the_rows_do(tmp_path, seed):
         run = load_run(tmp_path / ("new" if which == "summarised" else "old"))
         assert set(run._summarised) == (set(fields) if which == "summarised" else set())
         for key, (steps, values) in series.items():
-            steps = steps * 2 + (key == "f1")
+            steps = steps if key == "every" else steps * 2 + (key == "f1")
             read_steps, read_values = run[key]
             np.testing.assert_array_equal(read_steps, steps)
             assert read_values.dtype == values.dtype
@@ -582,7 +587,7 @@ def test_summaries_read_as_the_rows_do(tmp_path, seed):
             for blocks in (1, 2, 3, 5, 40):
                 got_steps, got_values, rows = run.outline(key, blocks)
                 expected = _outline_rows(values, blocks, SMALL) if which == "summarised" else None
-                assert rows.tolist() == (expected or list(range(n)))
+                assert rows.tolist() == (expected or list(range(len(values))))
                 np.testing.assert_array_equal(got_steps, steps[rows])
                 np.testing.assert_array_equal(got_values, values[rows])
 
@@ -598,11 +603,16 @@ def test_an_outline_keeps_every_spike_of_a_long_field(tmp_path):
     with RunWriter(tmp_path, {}, {"loss": ((), "float32")}) as writer:
         for step, value in enumerate(values):
             writer.append(step, {"loss": value})
-    _, got, rows = load_run(tmp_path).outline("loss", 40)
+    run = load_run(tmp_path)
+    _, got, rows = run.outline("loss", 40)
     assert {0, *spikes, *dips, *range(195 * 512 - 1, len(values))} <= set(rows.tolist())
     assert len(rows) == 1 + 2 * 48 + 2 * 3 + 164
     np.testing.assert_array_equal(got, values[rows])
     assert rows.tolist() == _outline_rows(values, 40, Sizes())
+    steps, whole = run["loss"]  # 24 chunks of 4096 rows and the 1699 after
+    np.testing.assert_array_equal(steps, np.arange(len(values)))
+    np.testing.assert_array_equal(whole, values)
+    np.testing.assert_array_equal(run.values("loss"), values)
 
 
 def test_a_failed_commit_leaves_the_summaries_as_they_were(tmp_path, monkeypatch):
