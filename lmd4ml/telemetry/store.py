@@ -489,8 +489,9 @@ class Run:
     """A stored run, as returned by ``load_run``.
 
     ``metadata``, ``keys``, ``shapes`` and ``dtypes`` (of each key's value at one step) are
-    read once; ``run[key]``, ``thin``, ``steps()`` and ``times()`` read the file on every call,
-    so a run that is still being written shows every step committed so far.
+    read once; ``run[key]``, ``values``, ``outline``, ``thin``, ``steps()`` and ``times()``
+    read the file on every call, so a run that is still being written shows every step
+    committed so far.
     """
 
     def __init__(
@@ -518,8 +519,8 @@ class Run:
             return self._whole(conn, key)
 
     def values(self, key: str) -> np.ndarray:
-        """``run[key]``'s values alone; for a long scalar field, faster: its chunks' values
-        are read as one blob and their steps are not decoded.
+        """``run[key]``'s values alone; for a long scalar field, faster: its chunks' steps are
+        not decoded.
 
         Example:
           >>> import tempfile
@@ -614,16 +615,15 @@ class Run:
         self._table(key)  # a KeyError naming the run's keys
         if self.shapes[key] != ():
             raise ValueError(f"Run.outline: {key!r} has shape {self.shapes[key]}, not a scalar")
+        idx = self._layout[key][0]
         with _snapshot(self._db) as conn:
-            if key not in self._summarised:
-                steps, values = self._whole(conn, key)
-                return steps, values, np.arange(len(steps))
-            assert self._sizes is not None
-            idx = self._layout[key][0]
-            (count,) = conn.execute(f"SELECT count(*) FROM m{idx} WHERE level = 0").fetchone()
+            count = 0  # level-0 blocks
+            if key in self._summarised:
+                (count,) = conn.execute(f"SELECT count(*) FROM m{idx} WHERE level = 0").fetchone()
             if count < blocks:
                 steps, values = self._whole(conn, key)
                 return steps, values, np.arange(len(steps))
+            assert self._sizes is not None  # keys are summarised only with sizes
             factor, level = self._sizes.factor, 0
             while count // factor ** (level + 1) >= blocks:
                 level += 1
