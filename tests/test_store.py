@@ -153,6 +153,12 @@ def test_each_step_keeps_its_wall_time(tmp_path):
     assert read.dtype == np.float64
     np.testing.assert_array_equal(read[:-1], times)
     assert before <= read[-1] <= time.time()
+    steps, last = run.clock(3)  # the end of the clock alone
+    assert steps.tolist() == [144, 147, 1000]
+    np.testing.assert_array_equal(last, read[-3:])
+    assert run.clock(100)[0].tolist() == run.steps().tolist()
+    with pytest.raises(ValueError, match="last must be an integer >= 1, got 0"):
+        run.clock(0)
 
 
 def test_a_wall_time_must_be_a_time(tmp_path):
@@ -182,6 +188,8 @@ def test_a_version_1_run_opens_without_a_clock(tmp_path):
     run = load_run(tmp_path / "old")
     assert run.metadata["version"] == 1 and run.steps().tolist() == list(range(6))
     assert run.times().shape == (6,) and np.isnan(run.times()).all()
+    steps, times = run.clock(2)
+    assert steps.tolist() == [4, 5] and np.isnan(times).all()
     np.testing.assert_array_equal(run["loss"][1], [_values(s)["loss"] for s in range(6)])
     assert [r["n_steps"] for r in list_runs(tmp_path)] == [6]
 

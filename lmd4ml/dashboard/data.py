@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
+import dataclasses
 import math
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,8 @@ FINDINGS_S = 5.0
 # Blocks a long scalar field is read at least as (two points each): the 1000 points a line is
 # thinned to (figure.LINE_BUDGET) come from them; 10⁶ steps are read as 1953 blocks.
 OUTLINE_BLOCKS = 500
+# Steps a run's speed is read over from the store's clock (its last ones).
+CLOCK_WINDOW = 64
 
 
 def minmax_indices(values: np.ndarray, budget: int) -> np.ndarray:
@@ -145,7 +146,7 @@ def ema_at(
     return out, last
 
 
-def clock_rate(steps: np.ndarray, times: np.ndarray, window: int = 64) -> float | None:
+def clock_rate(steps: np.ndarray, times: np.ndarray, window: int = CLOCK_WINDOW) -> float | None:
     """Training steps per second over the last ``window`` steps the store clocked (``times``:
     Unix seconds aligned with ``steps``, NaN where unclocked), or None without two of them.
 
@@ -180,13 +181,41 @@ def process_alive(pid: object) -> bool:
     return True
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    """The first ``count`` rows of ``key`` in ``run``'s store: what it had when read (the
+    store only ever appends), read again whole when asked."""
+
+    run: Run
+    key: str
+    count: int
+
+    def values(self) -> np.ndarray:
+        """Their values (``Run.values``: faster than with their steps)."""
+        return self._first(self.run.values(self.key))
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Their steps and values."""
+        steps, values = self.run[self.key]
+        return self._first(steps), values[: self.count]
+
+    def _first(self, read: np.ndarray) -> np.ndarray:
+        if len(read) < self.count:
+            raise RunStoreError(
+                f"{self.run.path}: {self.key!r} has {len(read)} rows, it had {self.count}: "
+                "the run was replaced"
+            )
+        return read[: self.count]
+
+
 class _Column:
     """One field's rows held in memory, grown in place (amortised doubling).
 
-    ``steps`` and ``values`` are the rows held: every row of the field, or its outline as read
-    from the store (``Run.outline``) and then every row that arrived. For an outline, ``rows``
-    are the indices of its rows among the field's, and ``stored()`` reads the values of every
-    row the store had then: what :meth:`smoothed` averages.
+    ``steps`` and ``values`` are the rows held: every row of the field, or its outline as
+    read from the store (``Run.outline``, a few thousand rows: what a line draws) and then
+    every row that arrived. For an outline, ``rows`` are the indices of its rows among the
+    field's and ``stored`` the rows it was read from: :meth:`smoothed` averages every one of
+    them, :meth:`whole` holds them all (for what needs every row: a mean, a heatmap's rows).
     """
 
     def __init__(
@@ -194,21 +223,39 @@ class _Column:
         steps: np.ndarray,
         values: np.ndarray,
         rows: np.ndarray | None = None,
-        stored: Callable[[], np.ndarray] | None = None,
+        stored: _Stored | None = None,
     ):
         self._steps, self._values, self.n = steps, values, len(steps)
-        self._read, self._rows = len(steps), rows
-        # Read when first smoothed, then kept (4 bytes a float32 row): another weight then
-        # costs one pass over them, not a read of the store as well.
-        self._stored = None if stored is None else functools.cache(stored)
-        # The rows the field had when read: those after arrive one by one, all of them held.
-        self._rows_read = len(steps) if rows is None else int(rows[-1]) + 1 if len(rows) else 0
+        # Held rows read from the store; the rows the field had then, held or not (those
+        # after arrive one by one, every one held).
+        self._read, self._rows, self._stored = len(steps), rows, stored
+        self._rows_read = len(steps) if stored is None else stored.count
+        # The stored values, read when first smoothed, then kept (4 bytes a float32 row):
+        # another weight then costs one pass over them, not a read of the store as well.
+        self._stored_values: np.ndarray | None = None
         self._smoothed: tuple[float, np.ndarray] = (0.0, np.empty(0))
 
     @property
     def count(self) -> int:
         """The field's rows: those it had when read, held or not, and every one since."""
         return self._rows_read + self.n - self._read
+
+    @property
+    def outlined(self) -> bool:
+        """Whether it holds an outline of its stored rows rather than every one."""
+        return self._stored is not None
+
+    def whole(self) -> _Column:
+        """This column holding every row of its field: an outline's are read from the store
+        (once: it then holds them, as a field read whole does)."""
+        if self._stored is not None:
+            steps, values = self._stored.rows()
+            self._steps = np.concatenate([steps, self.steps[self._read :]])
+            self._values = np.concatenate([values, self.values[self._read :]])
+            self.n = self._read = self._rows_read = len(self._steps)
+            self._rows = self._stored = self._stored_values = None
+            self._smoothed = (0.0, np.empty(0))
+        return self
 
     def smoothed(self, weight: float) -> np.ndarray:
         """:func:`ema` of the field's every row, at the rows held: kept and continued as the
@@ -223,11 +270,13 @@ class _Column:
         return kept
 
     def _smooth(self, weight: float) -> np.ndarray:
-        if self._rows is None or self._stored is None:
+        if self._stored is None or self._rows is None:
             return ema(self.values, weight)
+        if self._stored_values is None:
+            self._stored_values = self._stored.values()
         # The average at each held row from every row up to it: one pass over the stored
         # values (a few ms for 10⁶), then on over the rows that arrived since.
-        held, last = ema_at(self._stored(), weight, self._rows)
+        held, last = ema_at(self._stored_values, weight, self._rows)
         return np.concatenate([held, ema(self.values[self._read :], weight, self._rows_read, last)])
 
     def extend(self, steps: np.ndarray, values: np.ndarray) -> None:
@@ -261,6 +310,9 @@ class RunData:
     ``findings`` are its diagnosis's (:func:`lmd4ml.dashboard.findings.checked`): those its
     store keeps, re-read every ``FINDINGS_S`` while it trains. Not thread-safe:
     :class:`RunCache` serialises its users.
+
+    ``columns`` holds each field's rows: a long scalar field's as its outline, at least
+    ``outline_blocks`` blocks of its rows (``_Column.whole`` for every row).
     """
 
     def __init__(self, path: str | os.PathLike, outline_blocks: int = OUTLINE_BLOCKS):
@@ -282,10 +334,10 @@ class RunData:
         self.columns = {key: self._read_column(run, key) for key in run.keys}
         self.shapes = {key: col.values.shape[1:] for key, col in self.columns.items()}
         # The store's per-step clock gives an unfinished run's speed before two polls have
-        # (read only then: a finished run needs none, and a long run's clock is long).
-        # Stores of the version before the clock give NaN times, and no rate.
+        # (read only then, and only its last steps: a finished run needs none, and a long
+        # run's whole clock takes long). Stores of the version before it give no rate.
         unfinished = run.metadata.get("status") not in STATUSES
-        self.clock_rate = clock_rate(run.steps(), run.times()) if unfinished else None
+        self.clock_rate = clock_rate(*run.clock(CLOCK_WINDOW)) if unfinished else None
         self.version += 1
         self._read_at = time.monotonic()
 
@@ -295,7 +347,7 @@ class RunData:
         steps, values, rows = run.outline(key, self._outline_blocks)
         if len(rows) == 0 or rows[-1] == len(rows) - 1:  # every row
             return _Column(steps, values)
-        return _Column(steps, values, rows, functools.partial(_stored, run, key, int(rows[-1]) + 1))
+        return _Column(steps, values, rows, _Stored(run, key, int(rows[-1]) + 1))
 
     @property
     def last_step(self) -> int:
@@ -369,16 +421,6 @@ class RunData:
             take = batch.present[key] & (batch.steps > (column.steps[-1] if column.n else -1))
             if take.any():
                 column.extend(batch.steps[take], batch.values[key][take])
-
-
-def _stored(run: Run, key: str, count: int) -> np.ndarray:
-    """The values of the first ``count`` rows of ``run[key]``, which once had that many."""
-    values = run.values(key)
-    if len(values) < count:
-        raise RunStoreError(
-            f"{run.path}: {key!r} has {len(values)} rows, it had {count}: the run was replaced"
-        )
-    return values[:count]
 
 
 class RunCache:
