@@ -25,15 +25,18 @@ from lmd4ml.dashboard.data import (
     RunData,
     _Column,
     ema,
+    ema_at,
     minmax_indices,
 )
 from lmd4ml.dashboard.panels import grid, leaf_label, plan
 from lmd4ml.describing import json_safe
 from lmd4ml.diagnosis import LiveDiagnosis
 from lmd4ml.telemetry import runs, store
-from lmd4ml.telemetry.store import RunWriter, new_run_dir
+from lmd4ml.telemetry.store import Run, RunWriter, new_run_dir
+from lmd4ml.telemetry.summaries import DEFAULT_SIZES, Sizes
 from lmd4ml.telemetry.writer import Telemetry
 
+SMALL = Sizes(block_rows=4, factor=2, chunk_rows=8)  # summaries of a few thousand steps
 COCKPIT_SHAPES = {
     "alpha": (), "distance": (), "update_size": (), "grad_norm": (), "norm_test": (),
     "inner_test": (), "ortho_test": (), "grad_hist_1d": (100,), "grad_hist_2d": (40, 50),
@@ -89,9 +92,12 @@ def cockpit_values(step: int, lr: float) -> dict[str, object]:
     return values
 
 
-def cockpit_run(runs_dir, name, n_steps, lr=0.01, status="finished", **metadata):
+def cockpit_run(
+    runs_dir, name, n_steps, lr=0.01, status="finished", summarise=DEFAULT_SIZES, **metadata
+):
     """A stored run with a panel of every kind, as lm.train records it: quantity kinds,
-    histogram bins, the user's config, hyperparameters and values, the steps it expects."""
+    histogram bins, the user's config, hyperparameters and values, the steps it expects
+    (its scalars summarised with the sizes ``summarise``)."""
     fields = {key: ((), "float32") for key in KINDS if key not in ("grad_norm", "grad_hist_1d")}
     fields |= {leaf: ((), "float32") for leaf in ["grad_norm['total']", *LEAVES]}
     fields["grad_hist_1d"] = ((8,), "int64")
@@ -101,7 +107,7 @@ def cockpit_run(runs_dir, name, n_steps, lr=0.01, status="finished", **metadata)
         "axes": {"grad_hist_1d": {"gradient": np.linspace(-0.35, 0.35, 8).tolist()}},
         "config": {"lr": lr, "batch_size": 64, "optimizer": {"name": "adam"}}, **metadata,
     }  # fmt: skip
-    writer = RunWriter(new_run_dir(runs_dir, name), metadata, fields)
+    writer = RunWriter(new_run_dir(runs_dir, name), metadata, fields, summarise=summarise)
     for step in range(n_steps):
         writer.append(step, cockpit_values(step, lr))
     if status == "running":
@@ -138,7 +144,14 @@ def test_ema_matches_the_recurrence():
     with pytest.raises(ValueError, match="smoothing"):
         ema(x, 1.0)
     head = ema(x[:3000], 0.97)  # continued where it stopped, it is the same
-    np.testing.assert_allclose(ema(x[3000:], 0.97, before=head), expected[3000:], rtol=1e-9)
+    np.testing.assert_allclose(ema(x[3000:], 0.97, 3000, head[-1]), expected[3000:], rtol=1e-9)
+    # at some indices only, a piece at a time: the same
+    at = np.array([0, 1, 999, 1000, 1001, 2047, 4096, 4999])
+    for piece in (1, 7, 1000, 4096, 10_000):
+        values, last = ema_at(x, 0.97, at, piece)
+        np.testing.assert_allclose(values, np.array(expected)[at], rtol=1e-9)
+        assert last == pytest.approx(expected[-1], rel=1e-9)
+    assert ema_at(x, 0.97, np.array([], int))[0].shape == (0,)
 
 
 def test_a_long_runs_histogram_is_read_at_steps_spread_over_it(tmp_path):
@@ -157,6 +170,75 @@ def test_a_growing_column_smooths_its_new_steps_on():
     column.extend(np.arange(1000, 3000), x[1000:])
     np.testing.assert_allclose(column.smoothed(0.9), ema(x, 0.9), rtol=1e-12)
     np.testing.assert_allclose(column.smoothed(0.5), ema(x, 0.5), rtol=1e-12)
+
+
+def _ema_by_the_recurrence(values: np.ndarray, weight: float) -> np.ndarray:
+    """TensorBoard's debiased moving average, one step at a time."""
+    average, out = 0.0, []
+    for t, value in enumerate(values.astype(np.float64)):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** (t + 1)))
+    return np.array(out)
+
+
+def test_a_long_field_is_drawn_from_its_outline_smoothed_over_every_step(tmp_path, monkeypatch):
+    """3000 rows read as their outline (20 blocks or more of the store's min–max pyramid, its
+    sizes made small): spikes drawn, every step counted, the smoothed line the moving average
+    of the whole series at each step drawn, read once and continued live."""
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=3000).astype(np.float32)
+    values[[100, 1700, 2900]] = [50, -40, 60]
+    run_dir = new_run_dir(tmp_path, "long")
+    fields = {"loss": ((), np.float32)}
+    with RunWriter(run_dir, {"keys": ["loss"]}, fields, summarise=SMALL) as writer:
+        for step, value in enumerate(values):
+            writer.append(2 * step, {"loss": value})
+    reads = []
+    values_of = Run.values
+    monkeypatch.setattr(Run, "values", lambda run, key: reads.append(key) or values_of(run, key))
+    cache, listing = RunCache(outline_blocks=20), app.Listing(tmp_path)
+
+    def loss_trace(smoothing: float) -> dict:
+        fig, _, _ = app.update(cache, listing, [], smoothing, (), False, None, redraw=True)
+        return next(
+            t for t in fig["data"] if t["meta"] == {**t["meta"], "field": "loss", "kind": "lines"}
+        )
+
+    trace = loss_trace(0.0)
+    column = cache.get(run_dir).columns["loss"]
+    assert column.count == 3000 and 40 <= column.n < 200
+    rows = np.array(trace["x"]) // 2
+    assert {100, 1700, 2900, 0, 2999} <= set(rows.tolist())
+    np.testing.assert_array_equal(trace["y"], values[rows].astype(np.float64))
+    _, _, status = app.update(cache, listing, [], 0.0, (), False, None, redraw=True)
+    assert "3000 steps" in str(status)
+
+    for weight in (0.9, 0.5):
+        trace = loss_trace(weight)
+        assert trace["x"] == column.steps.tolist()  # every step held, fewer than the budget
+        expected = _ema_by_the_recurrence(values, weight)[column.steps // 2]
+        np.testing.assert_allclose(trace["y"], expected, rtol=1e-9)
+    assert reads == ["loss"]  # read once, for the first weight
+    loss_trace(0.5)
+    assert reads == ["loss"]
+
+    # a poll brings new steps, smoothed on from the whole series
+    fig, view, _ = app.update(cache, listing, [], 0.5, (), False, None, redraw=True)
+    new = rng.normal(size=5).astype(np.float32)
+    column.extend(np.arange(6000, 6010, 2), new)
+    patch, _, status = app.update(cache, listing, [], 0.5, (), False, view, redraw=False)
+    kinds = {
+        i: t["meta"]["kind"] for i, t in enumerate(fig["data"]) if t["meta"]["field"] == "loss"
+    }
+    extended = {
+        kinds[op["location"][1]]: op["params"]["value"]
+        for op in patch.to_plotly_json()["operations"]
+        if op["location"][-1] == "y"
+    }
+    everything = _ema_by_the_recurrence(np.concatenate([values, new]), 0.5)
+    np.testing.assert_allclose(extended["lines"], everything[3000:], rtol=1e-9)
+    np.testing.assert_array_equal(extended["raw"], new.astype(np.float64))  # drawn behind
+    assert reads == ["loss"] and "3005 steps" in str(status)
 
 
 def test_cockpit_keys_go_to_their_groups():
@@ -554,12 +636,16 @@ def close(a: object, b: object) -> bool:
     return a == b
 
 
-def test_new_steps_patch_every_kind_of_trace_as_a_redraw_would_draw_it(tmp_path):
-    cockpit_run(tmp_path, "r", 30, status="running")
-    cache, listing = RunCache(), app.Listing(tmp_path)
+@pytest.mark.parametrize("outlined", [False, True])
+def test_new_steps_patch_every_kind_of_trace_as_a_redraw_would_draw_it(tmp_path, outlined):
+    """Read whole, or its scalars as outlines (2 blocks or more of 4 steps: 3 of 8 steps, 1
+    of 4, the last 3 steps; the gauges and layers read every step when drawn)."""
+    cockpit_run(tmp_path, "r", 30, status="running", summarise=SMALL)
+    cache, listing = RunCache(outline_blocks=2 if outlined else 10**9), app.Listing(tmp_path)
     logged = frozenset({"grad_norm by layer"})
     fig, view, _ = app.update(cache, listing, [], 0.5, logged, False, None, redraw=True)
     run = cache.get(tmp_path / "r")
+    assert (run.columns["loss"].n < 30) == outlined
     for step in range(30, 36):  # as the ring brings them
         for field, value in cockpit_values(step, 0.01).items():
             run.columns[field].extend(np.array([step]), np.array([value]))
@@ -573,8 +659,55 @@ def test_new_steps_patch_every_kind_of_trace_as_a_redraw_would_draw_it(tmp_path)
             assert close(old.get(key), new.get(key)), (old["meta"], key)
     # a panel's first values: redrawn, so that it no longer says it has none
     run.columns["hess_trace"].extend(np.array([36]), np.array([7.0]))
-    out, _, _ = app.update(cache, listing, [], 0.5, logged, False, view, redraw=False)
+    out, view, _ = app.update(cache, listing, [], 0.5, logged, False, view, redraw=False)
     assert isinstance(out, dict) and figure.EMPTY not in json.dumps(out["layout"]["annotations"])
+    # a test's last value not finite: its latest finite one may be one an outline left out,
+    # so the figure is redrawn from every row; read whole, a patch says it
+    run.columns["norm_test"].extend(np.array([37]), np.array([np.nan]))
+    patch, _, _ = app.update(cache, listing, [], 0.5, logged, False, view, redraw=False)
+    assert isinstance(patch, dict) == outlined
+    drawn = patch if outlined else apply(out, patch)
+    (gauge,) = [t for t in traces_of(drawn, "norm_test") if t.get("fill")]
+    assert gauge["name"] == f"norm_test {cockpit_values(35, 0.01)['norm_test']:.3g}"
+
+
+def test_an_outline_changes_only_which_points_a_line_draws(tmp_path):
+    """A cockpit of 600 steps with its scalars read as outlines (20 blocks or more of the
+    store's min-max pyramid, made small) draws what it draws read whole: gauges and layers
+    from every step, the lines at fewer steps but each point the series' (or, smoothed, its
+    moving average over every step) there; a test whose last steps are NaN shows its last
+    finite value."""
+    writer = cockpit_run(tmp_path, "r", 600, status="running", summarise=SMALL)
+    for step in range(600, 620):  # the norm test undefined from step 600 on
+        writer.append(step, {**cockpit_values(step, 0.01), "norm_test": np.nan})
+    writer.close()
+    outlined, whole = RunData(tmp_path / "r", 20), RunData(tmp_path / "r", 10**9)
+    assert outlined.columns["loss"].n < 200 and whole.columns["loss"].n == 620
+    logged = frozenset({"grad_norm by layer"})
+    for smoothing in (0.0, 0.5):
+        drawn, _ = figure.figure([outlined], smoothing, logged)
+        expected, _ = figure.figure([whole], smoothing, logged)
+        for trace, want in zip(drawn["data"], expected["data"], strict=True):
+            assert trace["meta"] == want["meta"]
+            field, kind = trace["meta"]["field"], trace["meta"]["kind"]
+            if kind not in ("lines", "raw"):
+                for key in ("x", "y", "z", "name", "customdata", "marker"):
+                    assert close(trace.get(key), want.get(key)), (trace["meta"], key)
+                continue
+            column = whole.columns[field]
+            at = np.searchsorted(column.steps, trace["x"])
+            assert np.array_equal(column.steps[at], trace["x"]) and len(at) <= len(want["x"])
+            series = column.smoothed(smoothing) if kind == "lines" and smoothing else column.values
+            assert close(trace["y"], _series_of(series[at])), trace["meta"]
+    (loss,) = [t for t in traces_of(drawn, "loss") if t["meta"]["kind"] == "lines"]
+    assert len(loss["x"]) < 200  # at fewer steps than the 620 it has
+    (circle,) = [t for t in traces_of(drawn, "norm_test") if t.get("fill")]
+    assert circle["name"] == f"norm_test {0.5 + 0.01 * 599:.3g}"
+
+
+def _series_of(values: np.ndarray) -> list:
+    """Values as the figure sends them: NaN as null."""
+    return [None if not np.isfinite(v) else float(v) for v in values]
 
 
 def test_no_runs_or_no_steps_show_a_message_not_empty_axes(tmp_path):
@@ -596,7 +729,12 @@ def test_the_status_line_says_how_far_a_run_is_and_how_long_it_has_left(tmp_path
     (bar,) = [c for c in line.children if isinstance(c, html.Progress)]
     assert (bar.value, bar.max) == ("50", "200")
     # with the store's per-step clock, the speed and the time left: 10 steps a second
-    monkeypatch.setattr(store.Run, "times", lambda run: 1.8e9 + 0.1 * run.steps(), raising=False)
+
+    def clock(run: store.Run, last: int) -> tuple[np.ndarray, np.ndarray]:
+        steps = run.steps()[-last:]
+        return steps, 1.8e9 + 0.1 * steps
+
+    monkeypatch.setattr(store.Run, "clock", clock)
     line = str(app.describe(RunData(tmp_path / "r")))
     assert "step 49 of 200 (25%) · ETA 15 s · 10 steps/s" in line
     cockpit_run(tmp_path, "done", 50)

@@ -89,3 +89,23 @@ def test_plotly_is_imported_only_by_lm_plot(monkeypatch):
     monkeypatch.setitem(sys.modules, "plotly.graph_objects", None)  # as if not installed
     with pytest.raises(ImportError, match=r'pip install "lmd4ml\[dashboard\]"'):
         lm.plot("anywhere")
+
+
+def test_a_history_read_as_outlines_is_drawn_while_its_store_lives(trained, monkeypatch):
+    """A History long enough that the store made for the plot is read as outlines: the
+    figure reads that store again (to smooth over every step, for the α gauge's mean of every
+    step) before it is removed. Made long enough here by small summaries and outlines."""
+    from lmd4ml.dashboard.data import RunData, ema
+    from lmd4ml.telemetry.store import RunWriter
+    from lmd4ml.telemetry.summaries import Sizes
+
+    history, _ = trained
+    monkeypatch.setattr(RunWriter.__init__, "__defaults__", (1.0, Sizes(2, 2, 4)))
+    monkeypatch.setattr(RunData.__init__, "__defaults__", (2,))
+    fig = drawn(lm.plot(history, smoothing=0.5))
+    loss, values = fig["loss", "lines"], np.asarray(history["loss"])
+    assert len(loss.x) < len(values)  # an outline of the 12 steps
+    rows = np.searchsorted(history.steps("loss"), loss.x)
+    np.testing.assert_allclose(loss.y, ema(values, 0.5)[rows], rtol=1e-9)
+    alphas = np.asarray(history["alpha"])
+    assert fig["alpha", "alpha_all"].name == f"all: mean {np.nanmean(alphas):.2f}"

@@ -24,6 +24,7 @@ from lmd4ml.telemetry.store import (
     load_run,
     new_run_dir,
 )
+from lmd4ml.telemetry.summaries import Sizes
 
 FIELDS = {
     "loss": ((), np.float32),
@@ -152,6 +153,12 @@ def test_each_step_keeps_its_wall_time(tmp_path):
     assert read.dtype == np.float64
     np.testing.assert_array_equal(read[:-1], times)
     assert before <= read[-1] <= time.time()
+    steps, last = run.clock(3)  # the end of the clock alone
+    assert steps.tolist() == [144, 147, 1000]
+    np.testing.assert_array_equal(last, read[-3:])
+    assert run.clock(100)[0].tolist() == run.steps().tolist()
+    with pytest.raises(ValueError, match="last must be an integer >= 1, got 0"):
+        run.clock(0)
 
 
 def test_a_wall_time_must_be_a_time(tmp_path):
@@ -181,6 +188,8 @@ def test_a_version_1_run_opens_without_a_clock(tmp_path):
     run = load_run(tmp_path / "old")
     assert run.metadata["version"] == 1 and run.steps().tolist() == list(range(6))
     assert run.times().shape == (6,) and np.isnan(run.times()).all()
+    steps, times = run.clock(2)
+    assert steps.tolist() == [4, 5] and np.isnan(times).all()
     np.testing.assert_array_equal(run["loss"][1], [_values(s)["loss"] for s in range(6)])
     assert [r["n_steps"] for r in list_runs(tmp_path)] == [6]
 
@@ -505,3 +514,148 @@ def test_foreign_and_missing(tmp_path):
         conn.execute("INSERT INTO meta VALUES ('format', ?)", (json.dumps("other"),))
     with pytest.raises(RunStoreError, match="not an lmd4ml run \\(format 'other'\\)"):
         load_run(other)
+
+
+# Sizes small enough that a few hundred rows fill every level of the pyramid and many chunks.
+SMALL = Sizes(block_rows=4, factor=2, chunk_rows=8)
+
+
+def _random_field(rng: np.random.Generator, n: int, dtype: np.dtype) -> tuple:
+    """``n`` rows at increasing steps with gaps, of few distinct values (ties), NaN and ±inf
+    among floats."""
+    steps = np.cumsum(rng.integers(1, 4, n)) + int(rng.integers(-5, 5))
+    values = rng.integers(-3, 4, n).astype(dtype)
+    if dtype.kind == "f":
+        odd = rng.random(n)
+        values[odd < 0.15] = np.nan
+        values[(odd > 0.97)] = np.inf
+        values[n // 3 : n // 3 + 9] = np.nan  # an all-NaN block or more
+    return steps, values
+
+
+def _outline_rows(values: np.ndarray, blocks: int, sizes: Sizes) -> list[int]:
+    """What ``Run.outline`` keeps, the way its docstring says it, by brute force."""
+    n, block = len(values), sizes.block_rows
+    count = n // block
+    if count < blocks:
+        return list(range(n))
+    level = max(k for k in range(40) if count // sizes.factor**k >= blocks)
+    nan = np.isnan(values) if values.dtype.kind == "f" else np.zeros(n, bool)
+    low, high = np.where(nan, np.inf, values), np.where(nan, -np.inf, values)
+    size = block * sizes.factor**level
+    coarse_end = count // sizes.factor**level * size
+    spans = [(a, a + size) for a in range(0, coarse_end, size)]
+    spans += [(a, a + block) for a in range(coarse_end, count * block, block)]
+    rows = {0, *range(count * block - 1, n)}
+    for a, b in spans:
+        rows |= {a + int(np.argmin(low[a:b])), a + int(np.argmax(high[a:b]))}
+    return sorted(rows)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_summaries_read_as_the_rows_do(tmp_path, seed):
+    """Whole fields read through chunks, and outlines read from the pyramid, are the rows
+    themselves, whatever the dtype, the steps, NaN, ties and where the commits fall."""
+    rng = np.random.default_rng(seed)
+    dtypes = [np.dtype(t) for t in ("float32", "float64", "int64", "uint8", "bool")]
+    fields = {f"f{i}": rng.choice(dtypes) for i in range(2)}
+    n = int(rng.choice([0, 1, 7, 8, 9, 33, 64, 300]))
+    series = {key: _random_field(rng, n, dtype) for key, dtype in fields.items()}
+    # A field with a row at every step the run appends (the others have some steps each).
+    at = np.sort(np.concatenate([series[k][0] * 2 + (k == "f1") for k in fields]))
+    series["every"] = (at, (at % 5).astype(np.float32))
+    fields["every"] = np.dtype(np.float32)
+    layout = {key: ((), dtype) for key, dtype in fields.items()} | {"vector": ((2,), "float32")}
+    writers = {
+        "summarised": RunWriter(tmp_path / "new", {}, layout, commit_every=3600, summarise=SMALL),
+        "older": RunWriter(tmp_path / "old", {}, layout, commit_every=3600, summarise=None),
+    }
+    for writer in writers.values():
+        rows = sorted(
+            (int(s) * 2 + (key == "f1"), key, v)  # each field's own steps
+            for key, (steps, values) in series.items()
+            if key != "every"
+            for s, v in zip(steps, values, strict=True)
+        )
+        for i, (step, key, value) in enumerate(rows):
+            writer.append(step, {key: value, "every": np.float32(step % 5)})
+            if rng.random() < 0.05 or i == len(rows) // 2:
+                writer.flush()
+        writer.close()
+    for which in writers:
+        run = load_run(tmp_path / ("new" if which == "summarised" else "old"))
+        assert set(run._summarised) == (set(fields) if which == "summarised" else set())
+        for key, (steps, values) in series.items():
+            steps = steps if key == "every" else steps * 2 + (key == "f1")
+            read_steps, read_values = run[key]
+            np.testing.assert_array_equal(read_steps, steps)
+            assert read_values.dtype == values.dtype
+            np.testing.assert_array_equal(read_values, values)  # NaN too
+            np.testing.assert_array_equal(run.values(key), values)
+            for blocks in (1, 2, 3, 5, 40):
+                got_steps, got_values, rows = run.outline(key, blocks)
+                expected = _outline_rows(values, blocks, SMALL) if which == "summarised" else None
+                assert rows.tolist() == (expected or list(range(len(values))))
+                np.testing.assert_array_equal(got_steps, steps[rows])
+                np.testing.assert_array_equal(got_values, values[rows])
+
+
+def test_an_outline_keeps_every_spike_of_a_long_field(tmp_path):
+    """10⁵ rows with the default sizes: 195 level-0 blocks of 512 rows, read at level 1 (48
+    blocks of 2048) for at least 40 blocks, then 3 level-0 blocks and the last 164 rows."""
+    rng = np.random.default_rng(0)
+    values = rng.random(100_003).astype(np.float32)
+    starts = np.arange(48) * 2048
+    spikes, dips = starts + rng.integers(0, 1024, 48), starts + rng.integers(1024, 2048, 48)
+    values[spikes], values[dips] = 100 + np.arange(48), -100 - np.arange(48)
+    with RunWriter(tmp_path, {}, {"loss": ((), "float32")}) as writer:
+        for step, value in enumerate(values):
+            writer.append(step, {"loss": value})
+    run = load_run(tmp_path)
+    _, got, rows = run.outline("loss", 40)
+    assert {0, *spikes, *dips, *range(195 * 512 - 1, len(values))} <= set(rows.tolist())
+    assert len(rows) == 1 + 2 * 48 + 2 * 3 + 164
+    np.testing.assert_array_equal(got, values[rows])
+    assert rows.tolist() == _outline_rows(values, 40, Sizes())
+    steps, whole = run["loss"]  # 24 chunks of 4096 rows and the 1699 after
+    np.testing.assert_array_equal(steps, np.arange(len(values)))
+    np.testing.assert_array_equal(whole, values)
+    np.testing.assert_array_equal(run.values("loss"), values)
+
+
+def test_a_failed_commit_leaves_the_summaries_as_they_were(tmp_path, monkeypatch):
+    writer = RunWriter(tmp_path, {}, {"x": ((), "int64")}, commit_every=3600, summarise=SMALL)
+    for step in range(10):
+        writer.append(step, {"x": step})
+    writer.flush()
+    for step in range(10, 30):
+        writer.append(step, {"x": (step * 7) % 11})
+    insert = store._insert
+
+    def full(conn, table, rows):
+        if table.startswith("m"):  # the values went in; the pyramid fails
+            raise sqlite3.OperationalError("database or disk is full")
+        insert(conn, table, rows)
+
+    monkeypatch.setattr(store, "_insert", full)
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        writer.flush()
+    assert load_run(tmp_path)["x"][0].tolist() == list(range(10))  # rolled back
+    monkeypatch.setattr(store, "_insert", insert)
+    writer.close()  # the same rows again, summarised once
+    values = np.array([s for s in range(10)] + [(s * 7) % 11 for s in range(10, 30)])
+    run = load_run(tmp_path)
+    np.testing.assert_array_equal(run["x"][1], values)
+    assert run.outline("x", 2)[2].tolist() == _outline_rows(values, 2, SMALL)
+
+
+def test_outline_rejects_what_it_cannot_draw(finished_run):
+    run = load_run(finished_run)
+    with pytest.raises(ValueError, match="blocks must be an integer >= 1, got 0"):
+        run.outline("loss", 0)
+    with pytest.raises(ValueError, match=r"'grad_hist_1d' has shape \(100,\), not a scalar"):
+        run.outline("grad_hist_1d", 10)
+    with pytest.raises(KeyError, match=r"nope.* is not a field"):
+        run.outline("nope", 10)
+    with pytest.raises(ValueError, match=r"block_rows must be an integer in \[1, 2\*\*20\]"):
+        Sizes(block_rows=0)

@@ -8,10 +8,11 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_store import FIELDS, _values
+from test_store import FIELDS, SMALL, _values
 
 from lmd4ml.telemetry.store import VERSION, RunStoreError, RunWriter, list_runs, load_run
 
@@ -27,9 +28,10 @@ SQLITE_MAGIC = b"SQLite format 3\0"
 
 @pytest.fixture(scope="module")
 def valid(tmp_path_factory) -> bytes:
-    """The bytes of a closed run of 40 steps: a few pages, so that damage reaches every kind."""
+    """The bytes of a closed run of 40 steps: a few pages, so that damage reaches every kind,
+    with small summaries: 5 chunks and 10 blocks at level 0 of each scalar field."""
     run_dir = tmp_path_factory.mktemp("valid") / "run"
-    with RunWriter(run_dir, {"config": {"lr": 0.1}}, FIELDS) as writer:
+    with RunWriter(run_dir, {"config": {"lr": 0.1}}, FIELDS, summarise=SMALL) as writer:
         for step in range(40):
             writer.append(step, _values(step))
     return (run_dir / "run.sqlite").read_bytes()
@@ -56,6 +58,11 @@ def read_or_refuse(data: bytes) -> bool:
             for key in run.keys:
                 steps, values = run[key]
                 assert len(steps) == len(values)
+                if run.shapes[key] == ():
+                    np.testing.assert_array_equal(run.values(key), values)
+                    for blocks in (1, 3):
+                        outline = run.outline(key, blocks)
+                        assert len({len(a) for a in outline}) == 1
         except RunStoreError as error:
             assert str(db) in str(error)
             return False
@@ -140,5 +147,41 @@ def test_a_newer_or_foreign_version_is_named(valid, version):
         assert listed["status"] == "damaged" and re.search(named, listed["error"])
 
 
+@FUZZ
+@given(
+    statement=st.sampled_from(
+        [
+            "UPDATE c0 SET data = ? WHERE block = 1",
+            "UPDATE c1 SET steps = ? WHERE block = 4",
+            "UPDATE m0 SET data = ? WHERE level = 0 AND block = 9",
+            "UPDATE m1 SET data = ? WHERE level = 1 AND block = 0",
+            "UPDATE m2 SET data = ? WHERE level = 3",
+            "UPDATE meta SET value = ? WHERE key = 'summaries'",
+        ]
+    ),
+    value=st.binary(max_size=200) | JSON.map(json.dumps),
+)
+def test_summaries_rewritten(valid, statement, value):
+    read_or_refuse(rewritten(valid, statement, value))
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["DELETE FROM c0 WHERE block = 2", "DELETE FROM m1 WHERE block = 3", "DROP TABLE m0",
+     "UPDATE c1 SET block = 7 WHERE block = 4",
+     "UPDATE m0 SET level = 9 WHERE level = 0 AND block = 3"],
+)  # fmt: skip
+def test_summaries_with_rows_missing(valid, statement):
+    read_or_refuse(rewritten(valid, statement))
+
+
 def test_the_valid_file_reads(valid):
     assert read_or_refuse(valid)
+    with tempfile.TemporaryDirectory() as runs:
+        (Path(runs) / "run.sqlite").write_bytes(valid)
+        assert {"c0", "m0", "c2", "m2"} <= {
+            name
+            for (name,) in sqlite3.connect(Path(runs) / "run.sqlite").execute(
+                "SELECT name FROM sqlite_master"
+            )
+        }  # the summaries are there to be damaged

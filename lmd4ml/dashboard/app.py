@@ -206,7 +206,7 @@ def findings_strip(runs: list[RunData], docs: str) -> html.Div | None:
 
 
 def _n(run: RunData) -> int:
-    return max((c.n for c in run.columns.values()), default=0)
+    return max((c.count for c in run.columns.values()), default=0)
 
 
 def update(

@@ -1,16 +1,20 @@
 """What the dashboard shows, as plain functions of runs and numpy arrays (no Dash here).
 
-:class:`RunData` holds one run's values in memory: read from its store once (a vector
-field such as a histogram only at ``VECTOR_ROWS`` steps), then followed through its
-shared-memory ring while it trains. :func:`minmax_indices`, :func:`spread_indices` and
-:func:`ema` thin out and smooth long series on the server, so that a page showing 10⁶ steps
-gets a few thousand points per trace.
+:class:`RunData` holds one run's values in memory: read from its store once, then followed
+through its shared-memory ring while it trains. A long scalar field is read as its outline
+(``Run.outline``: the lowest and highest value of each of ``OUTLINE_BLOCKS`` or more blocks,
+from the store's min–max pyramid), a vector field such as a histogram at ``VECTOR_ROWS``
+steps; every step that arrives after is kept. :func:`minmax_indices`, :func:`spread_indices`
+and :func:`ema` thin out and smooth long series on the server, so that a page showing 10⁶
+steps gets a few thousand points per trace; smoothed, each point is the moving average of
+every step up to it (the stored values are read once, when first smoothed).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import math
 import os
 import threading
@@ -22,7 +26,7 @@ import scipy.signal
 
 from lmd4ml.dashboard.findings import checked
 from lmd4ml.telemetry.ring import RingReader
-from lmd4ml.telemetry.store import STATUSES, RunStoreError, load_run, read_notes
+from lmd4ml.telemetry.store import STATUSES, Run, RunStoreError, load_run, read_notes
 from lmd4ml.telemetry.writer import live_ring
 
 # A run that trains but has no ring (it could not be made) is re-read from its store at most
@@ -34,6 +38,11 @@ VECTOR_ROWS = 400
 # A live run's findings are re-read from its store at most this often: its diagnosis runs
 # when its steps have grown by a tenth, and one small read is all it costs.
 FINDINGS_S = 5.0
+# Blocks a long scalar field is read at least as (two points each): the 1000 points a line is
+# thinned to (figure.LINE_BUDGET) come from them; 10⁶ steps are read as 1953 blocks.
+OUTLINE_BLOCKS = 500
+# Steps a run's speed is read over from the store's clock (its last ones).
+CLOCK_WINDOW = 64
 
 
 def minmax_indices(values: np.ndarray, budget: int) -> np.ndarray:
@@ -85,9 +94,9 @@ def spread_indices(steps: np.ndarray, budget: int) -> np.ndarray:
     return np.unique(np.searchsorted(steps, np.linspace(steps[0], steps[-1], budget)))
 
 
-def ema(values: np.ndarray, weight: float, before: np.ndarray | None = None) -> np.ndarray:
+def ema(values: np.ndarray, weight: float, start: int = 0, previous: float = 0.0) -> np.ndarray:
     """Debiased exponential moving average (TensorBoard's smoothing) of a 1-D series, or of
-    its continuation after values whose average is ``before``.
+    its continuation after ``start`` values whose average was ``previous``.
 
     ``weight`` in [0, 1): 0 returns the values as they are. The recurrence
     mₜ = w mₜ₋₁ + (1 - w) xₜ runs as a linear filter, in C.
@@ -95,7 +104,7 @@ def ema(values: np.ndarray, weight: float, before: np.ndarray | None = None) -> 
     Example:
       >>> ema(np.array([1.0, 3.0, 3.0]), 0.5).round(4).tolist()
       [1.0, 2.3333, 2.7143]
-      >>> ema(np.array([3.0]), 0.5, before=ema(np.array([1.0, 3.0]), 0.5)).round(4).tolist()
+      >>> ema(np.array([3.0]), 0.5, start=2, previous=7 / 3).round(4).tolist()
       [2.7143]
     """
     values = np.asarray(values, np.float64)
@@ -103,18 +112,41 @@ def ema(values: np.ndarray, weight: float, before: np.ndarray | None = None) -> 
         return values
     if not weight < 1:
         raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
-    log_w, start = math.log(weight), 0 if before is None else len(before)
+    log_w = math.log(weight)
     # The debiased average is mₜ / (1 - wᵗ⁺¹), with 1 - wᵗ⁺¹ through expm1: as exact, and
     # many times faster than a power per step. It is 1.0 in float64 once wᵗ⁺¹ < 2⁻⁵⁴, after
     # 38 / -ln w steps: only those before are divided.
-    carry = before[-1] * -math.expm1(start * log_w) if start else 0.0
+    carry = previous * -math.expm1(start * log_w) if start else 0.0
     averages, _ = scipy.signal.lfilter([1 - weight], [1, -weight], values, zi=[weight * carry])
     biased = min(len(values), max(0, math.ceil(38 / -log_w) - start))
     averages[:biased] /= -np.expm1(np.arange(start + 1.0, start + biased + 1) * log_w)
     return averages
 
 
-def clock_rate(steps: np.ndarray, times: np.ndarray, window: int = 64) -> float | None:
+def ema_at(
+    values: np.ndarray, weight: float, at: np.ndarray, piece: int = 1 << 16
+) -> tuple[np.ndarray, float]:
+    """:func:`ema` of a series at the increasing indices ``at``, and its last value (where
+    :func:`ema` would carry on). Averaged ``piece`` values at a time, each carrying on from
+    the one before: the average of all of a long series is never held, and each piece's
+    arrays stay in the CPU's caches (a quarter less time at 10⁶ values than in one go).
+
+    Example:
+      >>> at, last = ema_at(np.array([1.0, 3.0, 3.0]), 0.5, np.array([0, 2]), piece=2)
+      >>> at.round(4).tolist(), round(last, 4)  # as ema() gives: [1.0, 2.3333, 2.7143]
+      ([1.0, 2.7143], 2.7143)
+    """
+    out, last = np.empty(len(at)), 0.0
+    ends = np.searchsorted(at, np.arange(piece, len(values) + piece, piece))
+    first = 0
+    for start, end in zip(range(0, len(values), piece), ends, strict=True):
+        averages = ema(values[start : start + piece], weight, start, last)
+        out[first:end] = averages[at[first:end] - start]
+        first, last = end, float(averages[-1])
+    return out, last
+
+
+def clock_rate(steps: np.ndarray, times: np.ndarray, window: int = CLOCK_WINDOW) -> float | None:
     """Training steps per second over the last ``window`` steps the store clocked (``times``:
     Unix seconds aligned with ``steps``, NaN where unclocked), or None without two of them.
 
@@ -149,23 +181,103 @@ def process_alive(pid: object) -> bool:
     return True
 
 
-class _Column:
-    """One field's steps and values, grown in place (amortised doubling)."""
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    """The first ``count`` rows of ``key`` in ``run``'s store: what it had when read (the
+    store only ever appends), read again whole when asked."""
 
-    def __init__(self, steps: np.ndarray, values: np.ndarray):
+    run: Run
+    key: str
+    count: int
+
+    def values(self) -> np.ndarray:
+        """Their values (``Run.values``: faster than with their steps)."""
+        return self._first(self.run.values(self.key))
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Their steps and values."""
+        steps, values = self.run[self.key]
+        return self._first(steps), values[: self.count]
+
+    def _first(self, read: np.ndarray) -> np.ndarray:
+        if len(read) < self.count:
+            raise RunStoreError(
+                f"{self.run.path}: {self.key!r} has {len(read)} rows, it had {self.count}: "
+                "the run was replaced"
+            )
+        return read[: self.count]
+
+
+class _Column:
+    """One field's rows held in memory, grown in place (amortised doubling).
+
+    ``steps`` and ``values`` are the rows held: every row of the field, or its outline as
+    read from the store (``Run.outline``, a few thousand rows: what a line draws) and then
+    every row that arrived. For an outline, ``rows`` are the indices of its rows among the
+    field's and ``stored`` the rows it was read from: :meth:`smoothed` averages every one of
+    them, :meth:`whole` holds them all (for what needs every row: a mean, a heatmap's rows).
+    """
+
+    def __init__(
+        self,
+        steps: np.ndarray,
+        values: np.ndarray,
+        rows: np.ndarray | None = None,
+        stored: _Stored | None = None,
+    ):
         self._steps, self._values, self.n = steps, values, len(steps)
+        # Held rows read from the store; the rows the field had then, held or not (those
+        # after arrive one by one, every one held).
+        self._read, self._rows, self._stored = len(steps), rows, stored
+        self._rows_read = len(steps) if stored is None else stored.count
+        # The stored values, read when first smoothed, then kept (4 bytes a float32 row):
+        # another weight then costs one pass over them, not a read of the store as well.
+        self._stored_values: np.ndarray | None = None
         self._smoothed: tuple[float, np.ndarray] = (0.0, np.empty(0))
 
+    @property
+    def count(self) -> int:
+        """The field's rows: those it had when read, held or not, and every one since."""
+        return self._rows_read + self.n - self._read
+
+    @property
+    def outlined(self) -> bool:
+        """Whether it holds an outline of its stored rows rather than every one."""
+        return self._stored is not None
+
+    def whole(self) -> _Column:
+        """This column holding every row of its field: an outline's are read from the store
+        (once: it then holds them, as a field read whole does)."""
+        if self._stored is not None:
+            steps, values = self._stored.rows()
+            self._steps = np.concatenate([steps, self.steps[self._read :]])
+            self._values = np.concatenate([values, self.values[self._read :]])
+            self.n = self._read = self._rows_read = len(self._steps)
+            self._rows = self._stored = self._stored_values = None
+            self._smoothed = (0.0, np.empty(0))
+        return self
+
     def smoothed(self, weight: float) -> np.ndarray:
-        """:func:`ema` of the values, kept and continued as the column grows: a poll then
-        smooths its new steps only."""
+        """:func:`ema` of the field's every row, at the rows held: kept and continued as the
+        column grows, so that a poll smooths its new rows only."""
         kept_weight, kept = self._smoothed
         if weight != kept_weight or not len(kept):
-            kept = ema(self.values, weight)
+            kept = self._smooth(weight)
         elif len(kept) < self.n:
-            kept = np.concatenate([kept, ema(self.values[len(kept) :], weight, before=kept)])
+            new = self.values[len(kept) :]  # the field's last rows, all held
+            kept = np.concatenate([kept, ema(new, weight, self.count - len(new), kept[-1])])
         self._smoothed = (weight, kept)
         return kept
+
+    def _smooth(self, weight: float) -> np.ndarray:
+        if self._stored is None or self._rows is None:
+            return ema(self.values, weight)
+        if self._stored_values is None:
+            self._stored_values = self._stored.values()
+        # The average at each held row from every row up to it: one pass over the stored
+        # values (a few ms for 10⁶), then on over the rows that arrived since.
+        held, last = ema_at(self._stored_values, weight, self._rows)
+        return np.concatenate([held, ema(self.values[self._read :], weight, self._rows_read, last)])
 
     def extend(self, steps: np.ndarray, values: np.ndarray) -> None:
         need = self.n + len(steps)
@@ -198,10 +310,14 @@ class RunData:
     ``findings`` are its diagnosis's (:func:`lmd4ml.dashboard.findings.checked`): those its
     store keeps, re-read every ``FINDINGS_S`` while it trains. Not thread-safe:
     :class:`RunCache` serialises its users.
+
+    ``columns`` holds each field's rows: a long scalar field's as its outline, at least
+    ``outline_blocks`` blocks of its rows (``_Column.whole`` for every row).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, outline_blocks: int = OUTLINE_BLOCKS):
         self.path = Path(path)
+        self._outline_blocks = outline_blocks
         self.name = self.path.name
         self.version = 0
         self._reader: RingReader | None = None
@@ -215,18 +331,23 @@ class RunData:
         self.metadata = run.metadata
         self.findings = checked(run.metadata.get("findings"))
         self._findings_at = time.monotonic()
-        self.columns = {
-            key: _Column(*(run.thin(key, VECTOR_ROWS) if run.shapes[key] else run[key]))
-            for key in run.keys
-        }
+        self.columns = {key: self._read_column(run, key) for key in run.keys}
         self.shapes = {key: col.values.shape[1:] for key, col in self.columns.items()}
         # The store's per-step clock gives an unfinished run's speed before two polls have
-        # (read only then: a finished run needs none, and a long run's clock is long).
-        # Stores of the version before the clock give NaN times, and no rate.
+        # (read only then, and only its last steps: a finished run needs none, and a long
+        # run's whole clock takes long). Stores of the version before it give no rate.
         unfinished = run.metadata.get("status") not in STATUSES
-        self.clock_rate = clock_rate(run.steps(), run.times()) if unfinished else None
+        self.clock_rate = clock_rate(*run.clock(CLOCK_WINDOW)) if unfinished else None
         self.version += 1
         self._read_at = time.monotonic()
+
+    def _read_column(self, run: Run, key: str) -> _Column:
+        if run.shapes[key]:
+            return _Column(*run.thin(key, VECTOR_ROWS))
+        steps, values, rows = run.outline(key, self._outline_blocks)
+        if len(rows) == 0 or rows[-1] == len(rows) - 1:  # every row
+            return _Column(steps, values)
+        return _Column(steps, values, rows, _Stored(run, key, int(rows[-1]) + 1))
 
     @property
     def last_step(self) -> int:
@@ -310,15 +431,18 @@ class RunCache:
     A run that cannot be read (damaged, or removed) raises ``RunStoreError``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, outline_blocks: int = OUTLINE_BLOCKS) -> None:
         self._runs: dict[str, RunData] = {}
+        self._outline_blocks = outline_blocks
         self.lock = threading.RLock()
 
     def get(self, path: str | os.PathLike) -> RunData:
         """The run at ``path``, refreshed."""
         key = str(Path(path).resolve())
         try:
-            data = self._runs.get(key) or self._runs.setdefault(key, RunData(path))
+            data = self._runs.get(key) or self._runs.setdefault(
+                key, RunData(path, self._outline_blocks)
+            )
             data.refresh()
         except RunStoreError:
             self._runs.pop(key, None)

@@ -823,6 +823,10 @@ def figure(
     layout, places = _frame(panels, dark, log, len(runs) > 1)
     key = view_key([str(r.path) for r in runs], smoothing, log, dark, [r.findings for r in runs])
     d = _Drawing(runs, run_labels(runs), smoothing, log, _copy(layout))
+    for panel in panels:  # first: a line of such a field is then drawn from every row too
+        for run in runs:
+            for field in _read_whole(run, panel):
+                run.columns[field].whole()
     for panel, place in zip(panels, places, strict=True):
         before = len(d.traces)
         _DRAW[panel.kind](d, panel, place)
@@ -840,6 +844,25 @@ def figure(
         "versions": {str(r.path): r.version for r in runs},
         "traces": d.traces,
     }
+
+
+def _read_whole(run: RunData, panel: Panel) -> list[str]:
+    """The fields of ``run`` that ``panel`` draws from every row, where a long field is held
+    as its outline (``Run.outline``): the α gauge's (its mean is of every step), a layer
+    heatmap's leaves (a row per step), and a tests gauge's whose last value is not finite
+    (the latest finite one may be one an outline left out)."""
+    if panel.kind == "alpha":
+        return [f for f in panel.fields if f in run.columns]
+    if panel.kind == "layers" and panel.run == str(run.path):
+        return _leaves(run, panel.fields[0])
+    if panel.kind == "tests":
+        return [f for f in panel.fields if f in run.columns and not _last_finite(run.columns[f])]
+    return []
+
+
+def _last_finite(column) -> bool:
+    """Whether a column's last value is finite (or it has none)."""
+    return not column.n or bool(np.isfinite(column.values[-1]))
 
 
 def _trace(run: RunData, field: str, kind: str, steps) -> dict:
@@ -922,6 +945,8 @@ def extend(runs: Sequence[RunData], view: dict, smoothing: float = 0.0) -> tuple
         elif kind == "image":
             patch["data"][i]["z"] = _series(_counts(column.values[-1]))
         else:  # a gauge's points or shape: drawn again from all values
+            if column.outlined and not _last_finite(column):
+                return None  # its latest finite value needs every row: read, and redrawn
             draw = _alpha_trace if kind.startswith("alpha") else _tests_trace
             for name, value in draw(kind, run, trace["field"]).items():
                 if name == "marker":

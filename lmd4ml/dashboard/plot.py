@@ -19,6 +19,7 @@ import it, and ``lm.plot`` says how to install it when it is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Collection, Mapping
@@ -74,21 +75,24 @@ def plot(
     from lmd4ml.learner import History
     from lmd4ml.telemetry.store import Run
 
-    if isinstance(source, History):
-        with tempfile.TemporaryDirectory(prefix="lmd4ml-plot-") as tmp:
+    # A long run is read as outlines; the figure reads more of the store (to smooth, for a
+    # gauge), so a History's store lives until it is drawn.
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, History):
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="lmd4ml-plot-"))
             run = RunData(_store(source, Path(tmp) / "history"))
-        # An empty history has nothing to diagnose (lm.diagnose says so) nor to plot.
-        run.findings = list(diagnose(source)) if len(source.get("step", ())) else []
-    elif isinstance(source, Run):
-        run = RunData(source.path)
-    elif isinstance(source, str | os.PathLike):
-        run = RunData(source)
-    else:
-        raise TypeError(
-            "lm.plot takes what lm.train returns (an lm.History), an lm.Run (lm.load_run) "
-            f"or a run's directory; got {type(source).__name__}"
-        )
-    fig, _ = figure([run], smoothing, frozenset(log), dark)
+            # An empty history has nothing to diagnose (lm.diagnose says so) nor to plot.
+            run.findings = list(diagnose(source)) if len(source.get("step", ())) else []
+        elif isinstance(source, Run):
+            run = RunData(source.path)
+        elif isinstance(source, str | os.PathLike):
+            run = RunData(source)
+        else:
+            raise TypeError(
+                "lm.plot takes what lm.train returns (an lm.History), an lm.Run (lm.load_run) "
+                f"or a run's directory; got {type(source).__name__}"
+            )
+        fig, _ = figure([run], smoothing, frozenset(log), dark)
     # What only a live page uses: its zoom kept across updates, the panels' log switches.
     layout = fig["layout"]
     del layout["uirevision"]
