@@ -73,7 +73,9 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_the_example(tmp_path):
     assert where.is_relative_to(venv), where
     assert "run kept in" in out
     [info] = lm.list_runs(runs)
-    assert info["n_steps"] == 2  # 1437 training images in batches of 512, the rest dropped
+    # 1437 training images in batches of 512, the rest dropped: 2 steps, and the test
+    # accuracy after the last update at step 2.
+    assert info["n_steps"] == 3
     steps, values = lm.load_run(info["path"])["loss"]
     assert steps.tolist() == [0, 1] and all(0 < v < 10 for v in values)
     # The console script is installed with it (the CLI's own tests run it).

@@ -159,8 +159,8 @@ def activations_outweigh(loss_fn: LossFn, params: PyTree, batch: PyTree, floor: 
 
     Example:
       >>> loss = lambda w, x: jnp.tanh(x @ w).sum(axis=1)
-      >>> w = jnp.ones((3, 100), jnp.float32)
-      >>> [activations_outweigh(loss, w, jnp.ones((n, 3))) for n in (8, 1)]  # w: 1,200 bytes
+      >>> w = jnp.ones((3, 100), jnp.float32)  # 1,200 bytes; a sample keeps 812
+      >>> [activations_outweigh(loss, w, jnp.ones((n, 3), jnp.float32)) for n in (8, 1)]
       [True, False]
     """
     activations = batch_size(batch) * backward_bytes(loss_fn, params, batch)
