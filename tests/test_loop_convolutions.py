@@ -1,4 +1,5 @@
-"""Convolutions inside loops and branches run in XLA's fast CPU layout.
+"""Convolutions inside loops and branches run in XLA's fast CPU layout; max-pools there
+gather at an argmax found once.
 
 XLA's CPU compiler hands a convolution to its fast (Eigen) kernels only in one layout, and
 brings only a program's top level into it: inside a loop body or a ``lax.cond`` branch, a
@@ -7,6 +8,12 @@ slower (3c3d's Hutchinson step went from 2 s to 51 s when its products moved int
 ``lax.scan``; jax-ml/jax#12868). Every loop and branch of the step is built with
 :func:`lmd4ml.stats.jaxpr.canonical_convolutions`. These checks read the compiled program,
 never its time.
+
+Max-pooling's derivatives are XLA's select-and-scatter, which the CPU backend lowers to a
+search of every window for its argmax and a scatter: a Hessian-vector product, or each
+direction of the GGN's backward pass, would search again. The step's losses pool through
+:func:`lmd4ml.stats.jaxpr.max_pool`, whose derivative gathers at the argmax its forward pass
+found.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import optax
 import pytest
 
 import lmd4ml as lm
-from lmd4ml.stats.jaxpr import canonical_convolutions
+from lmd4ml.stats.jaxpr import argmax_pooling, canonical_convolutions
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu", reason="the layout pass in question is XLA's CPU one"
@@ -137,3 +144,43 @@ def test_the_monitor_branch_is_canonical() -> None:
     text = jax.jit(update).lower(grads, state, PARAMS).compile().as_text()
     assert "conditional" in text
     assert_canonical(text, at_least=3)
+
+
+def test_argmax_pooling_keeps_values_and_every_derivative() -> None:
+    """Many ties (small integers), 'SAME' padding, strides, overlapping windows, float64: the
+    values, gradients, JVPs and Hessian-vector products equal XLA's own pooling's exactly."""
+    rng = np.random.default_rng(0)
+    windows = [
+        ((1, 3, 3, 1), (1, 2, 2, 1), "SAME"),
+        ((1, 2, 2, 1), (1, 2, 2, 1), "VALID"),
+        ((1, 2, 3, 1), (1, 1, 1, 1), "SAME"),
+    ]
+    with jax.enable_x64(True):
+        for window, strides, padding in windows:
+            x = jnp.asarray(rng.integers(0, 3, (2, 7, 7, 3)), jnp.float64)
+
+            def pool(x, window=window, strides=strides, padding=padding):
+                return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, strides, padding)
+
+            w = jnp.asarray(rng.normal(size=pool(x).shape))
+            t = jnp.asarray(rng.normal(size=x.shape))
+            f = lambda x, pool=pool, w=w: jnp.sum(w * jnp.sin(pool(x)) * pool(x))  # noqa: E731
+            g = argmax_pooling(f)
+            assert g(x) == f(x)
+            np.testing.assert_array_equal(jax.grad(g)(x), jax.grad(f)(x))
+            np.testing.assert_array_equal(jax.jvp(g, (x,), (t,))[1], jax.jvp(f, (x,), (t,))[1])
+            hvp = lambda h, x=x, t=t: jax.jvp(jax.grad(h), (x,), (t,))[1]  # noqa: E731
+            np.testing.assert_allclose(hvp(g), hvp(f), rtol=1e-14, atol=1e-14)
+            # Per sample, as the per-sample pass and the GGN take it.
+            per_sample = jax.vmap(jax.grad(lambda xi, h: h(xi[None])), in_axes=(0, None))
+            np.testing.assert_array_equal(per_sample(x, g), per_sample(x, f))
+
+
+def test_hessian_vector_products_keep_no_window_search() -> None:
+    """Linearized once, a product of the Hessian only gathers and scatter-adds at the argmax:
+    no reduce-window or select-and-scatter is left in it."""
+    hvp = lm.stats.hessian.hvp(LOSS, PARAMS, BATCH)
+    product = str(jax.make_jaxpr(hvp)(PARAMS))
+    assert "gather" in product and "scatter-add" in product
+    for searching in ("reduce_window", "select_and_scatter", "select_and_gather"):
+        assert searching not in product, searching

@@ -413,7 +413,7 @@ def _local_diag(
     held += [p.out for p in products.values()]
     extra = (directions - 1) * _nbytes(held) + backward_bytes(forward, params, inputs)
     chunk = chunk_size(held, memory_budget, batch_size(inputs), extra)
-    fn = ghost.tapped(closed, leaves, products, pools=True)
+    fn = ghost.tapped(closed, leaves, products)
     taps = ghost.zero_taps(products)
 
     def one(sample: tuple) -> tuple[dict, dict]:

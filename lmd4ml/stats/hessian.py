@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from lmd4ml.stats._types import LossFn, PyTree
-from lmd4ml.stats.jaxpr import canonical_convolutions, equations
+from lmd4ml.stats.jaxpr import argmax_pooling, canonical_convolutions, equations
 from lmd4ml.stats.per_sample import _chunked, _nbytes, chunk_size, sample_mean
 from lmd4ml.stats.precision import cast_like, widen
 
@@ -34,7 +34,8 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, weights: jax.Array | Non
     ``weights`` wᵢ (a sample mask) L = Σᵢ wᵢℓᵢ / Σᵢ wᵢ.
 
     The gradient is linearized once (``jax.linearize``, forward over reverse): the returned
-    function reuses that linearization, so each product costs one tangent pass. ``v`` is
+    function reuses that linearization, so each product costs one tangent pass, and max-pools
+    keep their argmax from it (:func:`~lmd4ml.stats.jaxpr.argmax_pooling`). ``v`` is
     cast to the dtypes of ``params`` and the product comes back in float32 or wider
     (:mod:`.precision`), so iterations over products keep their precision under bfloat16.
 
@@ -45,6 +46,7 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, weights: jax.Array | Non
       >>> hvp(loss_fn, jnp.zeros(2), x)(jnp.array([1.0, 0.0])).tolist()
       [2.0, 2.0]
     """
+    loss_fn = argmax_pooling(loss_fn)
     grad = jax.grad(lambda p: sample_mean(loss_fn(p, batch), weights))
     product = jax.linearize(grad, params)[1]
     return lambda v: widen(product(cast_like(v, params)))

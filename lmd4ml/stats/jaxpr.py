@@ -11,7 +11,9 @@ parameter leaves meet the batch first (:func:`lmd4ml.stats.per_sample.entry_leav
 leaves a model is piecewise linear (:func:`lmd4ml.stats.ggn.piecewise_linear`).
 
 :func:`canonical_convolutions` rewrites a function's convolutions into the one layout XLA's
-CPU backend runs fast everywhere, for functions that run inside a loop or a branch.
+CPU backend runs fast everywhere, for functions that run inside a loop or a branch;
+:func:`argmax_pooling` gives its max-pools derivatives that gather at each window's argmax,
+found once, instead of XLA's select-and-scatter.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.extend import core
 from jax.extend.core import primitives
@@ -221,3 +224,90 @@ def canonical_convolutions(fn: Callable) -> Callable:
         return jax.tree.unflatten(jax.tree.structure(shapes), outputs)
 
     return canonical
+
+
+def window_argmax(x: jax.Array, params: dict) -> jax.Array:
+    """For each window of ``lax.reduce_window_max`` (its equation's ``params``) over ``x``,
+    the flat index into ``x`` of the window's largest element, the first in row-major order
+    on a tie (the one XLA's select-and-scatter picks). Padding never wins over a real element.
+
+    Example:
+      >>> params = dict(window_dimensions=(2,), window_strides=(2,), padding=((0, 0),),
+      ...               base_dilation=(1,), window_dilation=(1,))
+      >>> window_argmax(jnp.array([1.0, 3.0, 2.0, 2.0]), params).tolist()
+      [1, 2]
+    """
+    x = lax.stop_gradient(x)
+    index = lax.iota(jnp.int32, x.size).reshape(x.shape)
+
+    def larger(a: tuple, b: tuple) -> tuple:
+        (va, ia), (vb, ib) = a, b
+        pick = (va > vb) | ((va == vb) & (ia < ib))
+        return jnp.where(pick, va, vb), jnp.where(pick, ia, ib)
+
+    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(x.size, jnp.int32))
+    return lax.reduce_window(
+        (x, index), init, larger, params["window_dimensions"], params["window_strides"],
+        params["padding"], params["base_dilation"], params["window_dilation"],
+    )[1]  # fmt: skip
+
+
+def max_pool(x: jax.Array, params: dict) -> jax.Array:
+    """``lax.reduce_window_max`` of ``x`` whose derivative gathers the tangent at each
+    window's argmax (:func:`window_argmax`): the same values and derivatives (ties broken as
+    XLA breaks them). Linearized, the argmax is a residual, so each Hessian-vector product
+    (forward over reverse) and each direction of a many-direction backward pass only gathers
+    and scatter-adds pooled-size arrays; XLA's CPU backend instead finds every window's
+    argmax again in each select-and-scatter, and inside a loop it does not hoist that search.
+    """
+
+    @jax.custom_jvp
+    def pool(x: jax.Array) -> jax.Array:
+        return lax.reduce_window_max_p.bind(x, **params)
+
+    @pool.defjvp
+    def pool_jvp(primals: tuple, tangents: tuple) -> tuple:
+        (x,), (t,) = primals, tangents
+        return pool(x), jnp.take(t.reshape(-1), window_argmax(x, params), mode="clip")
+
+    return pool(x)
+
+
+def argmax_pool(eqn: Any, inputs: list, in_origins: list, outputs: list) -> list:
+    """A :data:`Visit` for :func:`walk` that makes a floating-point max-pool :func:`max_pool`
+    (on CPU, where XLA's select-and-scatter is slow; elsewhere the equation's ``outputs``)."""
+    x = inputs[0]
+    if (
+        eqn.primitive is not lax.reduce_window_max_p
+        or not jnp.issubdtype(x.dtype, jnp.floating)
+        or x.size >= 2**31  # int32 indices
+        or jax.default_backend() != "cpu"
+    ):
+        return outputs
+    return [max_pool(x, eqn.params)]
+
+
+def argmax_pooling(fn: Callable) -> Callable:
+    """``fn`` with every max-pool it makes (inlined calls' included) as :func:`max_pool`:
+    equal values and derivatives, but products of its Hessian (forward over reverse) find each
+    window's argmax once, when linearized. On other backends than CPU, ``fn`` itself.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> pool = lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (2,), (2,), "VALID")
+      >>> f = lambda x: jnp.sum(pool(x) ** 3)
+      >>> x = jnp.array([1.0, 3.0, 2.0, 2.0])
+      >>> bool(jnp.all(jax.hessian(argmax_pooling(f))(x) == jax.hessian(f)(x)))
+      True
+    """
+    if jax.default_backend() != "cpu":
+        return fn
+
+    @functools.wraps(fn)
+    def pooled(*args: Any) -> Any:
+        closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+        flat = jax.tree.leaves(args)
+        outputs = walk(closed, flat, [None] * len(flat), argmax_pool)
+        return jax.tree.unflatten(jax.tree.structure(shapes), outputs)
+
+    return pooled
