@@ -67,6 +67,7 @@ def test_carried_state_is_reset_and_said_once(regression_case: models.Case) -> N
         if bad:
             assert np.isnan(metrics["hess_max_ev"]) and np.isnan(metrics["noise_scale"]), where
             assert not metrics["hess_max_ev_converged"], where
+            assert int(metrics["hess_max_ev_iterations"]) == 1, where  # not max_iters
             assert int(averages.count) == 0, where  # the average starts over
             continue
         top = np.linalg.eigvalsh(reference.hessian(loss_fn, before.params, batches[t]))

@@ -29,7 +29,8 @@ class HessMaxEV(Quantity):
     Restarted Lanczos (:func:`lmd4ml.stats.hessian.max_eigenvalue`) on Hessian-vector
     products, warm-started from the previous step's eigenvector, which the state carries;
     the first step starts from a random vector drawn with ``seed``. It stops when the Ritz
-    residual is at most ``rtol`` times the spectral radius, or after ``max_iters`` products.
+    residual is at most ``rtol`` times the spectral radius, after ``max_iters`` products, or
+    at the first non-finite product (a NaN loss: the value is then NaN).
     Two sibling values say how it went: ``hess_max_ev_converged`` (whether the tolerance was
     met; False when it stopped at ``max_iters``) and ``hess_max_ev_iterations`` (the
     products used). A warm start that comes out NaN or infinite (a non-finite step) is

@@ -210,8 +210,8 @@ def max_eigenvalue(
     Lanczos with full reorthogonalization runs from ``start`` for at most ``krylov_dim``
     products, then restarts from its top Ritz vector, until the Ritz pair's residual
     ‖Hu − θu‖ is at most ``rtol`` times the spectral radius seen so far (so some eigenvalue
-    lies that close to θ; the eigenvalue error is typically its square) or ``max_iters``
-    products are spent. Unlike power iteration it finds the largest eigenvalue even when a
+    lies that close to θ; the eigenvalue error is typically its square), ``max_iters``
+    products are spent or a product comes out non-finite (then θ is NaN, not converged). Unlike power iteration it finds the largest eigenvalue even when a
     negative one is larger in magnitude. Holds ``krylov_dim`` vectors.
 
     The products run with :func:`~lmd4ml.stats.jaxpr.canonical_convolutions`, so inside the
@@ -254,7 +254,8 @@ def max_eigenvalue(
             # basis spans the whole space θ is exact.
             residual = b * jnp.abs(s[j])
             converged = (residual <= rtol * radius) | (j + 1 == size)
-            done = converged | (j + 1 == m) | (used + j + 1 >= max_iters)
+            # A non-finite product (a NaN loss) makes every later one non-finite: stop there.
+            done = converged | (j + 1 == m) | (used + j + 1 >= max_iters) | ~jnp.isfinite(b)
             return j + 1, w / jnp.where(b > 0, b, 1), basis, alpha, beta, theta, s, converged, done
 
         init = (
@@ -275,8 +276,8 @@ def max_eigenvalue(
         return theta, u / jnp.linalg.norm(u), used + j, converged
 
     def more(carry: tuple) -> jax.Array:
-        _, _, used, converged = carry
-        return ~converged & (used < max_iters)
+        theta, _, used, converged = carry
+        return ~converged & (used < max_iters) & jnp.isfinite(theta)
 
     init = (jnp.zeros((), dtype), start, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
     theta, u, used, converged = jax.lax.while_loop(more, cycle, init)  # convolves in step only
