@@ -148,10 +148,34 @@ def test_ema_matches_the_recurrence():
     # at some indices only, a piece at a time: the same
     at = np.array([0, 1, 999, 1000, 1001, 2047, 4096, 4999])
     for piece in (1, 7, 1000, 4096, 10_000):
-        values, last = ema_at(x, 0.97, at, piece)
+        values, (count, last) = ema_at(x, 0.97, at, piece)
         np.testing.assert_allclose(values, np.array(expected)[at], rtol=1e-9)
-        assert last == pytest.approx(expected[-1], rel=1e-9)
+        assert count == len(x) and last == pytest.approx(expected[-1], rel=1e-9)
     assert ema_at(x, 0.97, np.array([], int))[0].shape == (0,)
+
+
+def test_ema_leaves_non_finite_values_out():
+    """A NaN or infinite step shows as itself and the average goes on over the finite ones
+    (TensorBoard's rule): one bad step does not hide the rest of the smoothed line."""
+    x = np.random.default_rng(3).normal(size=3000)
+    bad = np.array([0, 5, 6, 1500, 2999])
+    x[bad] = [np.nan, np.inf, -np.inf, np.nan, np.nan]
+    finite = np.isfinite(x)
+    smoothed = ema(x, 0.9)
+    np.testing.assert_array_equal(smoothed[~finite], x[~finite])
+    np.testing.assert_allclose(smoothed[finite], ema(x[finite], 0.9), rtol=1e-12)
+    by_hand = _ema_by_the_recurrence(x[finite], 0.9)
+    np.testing.assert_allclose(smoothed[finite], by_hand, rtol=1e-9)
+    # Read at some rows a piece at a time, and carried on in a growing column: the same.
+    at = np.array([1, 5, 7, 1499, 1500, 1501, 2998])
+    for piece in (1, 7, 1000):
+        values, carry = ema_at(x, 0.9, at, piece)
+        np.testing.assert_allclose(values, smoothed[at], rtol=1e-12)
+        assert carry == (int(finite.sum()), pytest.approx(smoothed[2998], rel=1e-12))
+    column = _Column(np.arange(1500), x[:1500].copy())
+    column.smoothed(0.9)
+    column.extend(np.arange(1500, 3000), x[1500:])
+    np.testing.assert_allclose(column.smoothed(0.9), smoothed, rtol=1e-12)
 
 
 def test_a_long_runs_histogram_is_read_at_steps_spread_over_it(tmp_path):

@@ -96,22 +96,31 @@ def spread_indices(steps: np.ndarray, budget: int) -> np.ndarray:
 
 def ema(values: np.ndarray, weight: float, start: int = 0, previous: float = 0.0) -> np.ndarray:
     """Debiased exponential moving average (TensorBoard's smoothing) of a 1-D series, or of
-    its continuation after ``start`` values whose average was ``previous``.
+    its continuation after ``start`` finite values whose average was ``previous``.
 
     ``weight`` in [0, 1): 0 returns the values as they are. The recurrence
-    mₜ = w mₜ₋₁ + (1 - w) xₜ runs as a linear filter, in C.
+    mₜ = w mₜ₋₁ + (1 - w) xₜ runs over the finite values only, as a linear filter in C; a
+    NaN or infinite value is shown as itself and left out of the average, as TensorBoard
+    does (one NaN step would otherwise hide the rest of the line).
 
     Example:
       >>> ema(np.array([1.0, 3.0, 3.0]), 0.5).round(4).tolist()
       [1.0, 2.3333, 2.7143]
       >>> ema(np.array([3.0]), 0.5, start=2, previous=7 / 3).round(4).tolist()
       [2.7143]
+      >>> ema(np.array([1.0, np.nan, 3.0, 3.0]), 0.5).round(4).tolist()
+      [1.0, nan, 2.3333, 2.7143]
     """
     values = np.asarray(values, np.float64)
     if weight <= 0 or len(values) == 0:
         return values
     if not weight < 1:
         raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
+    finite = np.isfinite(values)
+    if not finite.all():
+        out = values.copy()
+        out[finite] = ema(values[finite], weight, start, previous)
+        return out
     log_w = math.log(weight)
     # The debiased average is mₜ / (1 - wᵗ⁺¹), with 1 - wᵗ⁺¹ through expm1: as exact, and
     # many times faster than a power per step. It is 1.0 in float64 once wᵗ⁺¹ < 2⁻⁵⁴, after
@@ -123,27 +132,47 @@ def ema(values: np.ndarray, weight: float, start: int = 0, previous: float = 0.0
     return averages
 
 
-def ema_at(
-    values: np.ndarray, weight: float, at: np.ndarray, piece: int = 1 << 16
-) -> tuple[np.ndarray, float]:
-    """:func:`ema` of a series at the increasing indices ``at``, and its last value (where
-    :func:`ema` would carry on). Averaged ``piece`` values at a time, each carrying on from
-    the one before: the average of all of a long series is never held, and each piece's
-    arrays stay in the CPU's caches (a quarter less time at 10⁶ values than in one go).
+Carry = tuple[int, float]
+"""Where :func:`ema` carries on from: the finite values averaged so far, and their average."""
+
+
+def carried(values: np.ndarray, averages: np.ndarray, start: int, previous: float) -> Carry:
+    """Where :func:`ema` carries on after ``values`` (their ``averages``), having started
+    after ``start`` finite values whose average was ``previous``.
 
     Example:
-      >>> at, last = ema_at(np.array([1.0, 3.0, 3.0]), 0.5, np.array([0, 2]), piece=2)
-      >>> at.round(4).tolist(), round(last, 4)  # as ema() gives: [1.0, 2.3333, 2.7143]
-      ([1.0, 2.7143], 2.7143)
+      >>> x = np.array([1.0, 3.0, np.nan])
+      >>> carried(x, ema(x, 0.5), 0, 0.0)
+      (2, 2.3333333333333335)
     """
-    out, last = np.empty(len(at)), 0.0
+    finite = np.flatnonzero(np.isfinite(values))
+    if not len(finite):
+        return start, previous
+    return start + len(finite), float(averages[finite[-1]])
+
+
+def ema_at(
+    values: np.ndarray, weight: float, at: np.ndarray, piece: int = 1 << 16
+) -> tuple[np.ndarray, Carry]:
+    """:func:`ema` of a series at the increasing indices ``at``, and where :func:`ema` would
+    carry on after it (:func:`carried`). Averaged ``piece`` values at a time, each carrying
+    on from the one before: the average of all of a long series is never held, and each
+    piece's arrays stay in the CPU's caches (a quarter less time at 10⁶ values than in one go).
+
+    Example:
+      >>> at, carry = ema_at(np.array([1.0, 3.0, 3.0]), 0.5, np.array([0, 2]), piece=2)
+      >>> at.round(4).tolist(), carry[0], round(carry[1], 4)  # as ema(): [1.0, 2.3333, 2.7143]
+      ([1.0, 2.7143], 3, 2.7143)
+    """
+    out, carry = np.empty(len(at)), (0, 0.0)
     ends = np.searchsorted(at, np.arange(piece, len(values) + piece, piece))
     first = 0
     for start, end in zip(range(0, len(values), piece), ends, strict=True):
-        averages = ema(values[start : start + piece], weight, start, last)
+        part = values[start : start + piece]
+        averages = ema(part, weight, *carry)
         out[first:end] = averages[at[first:end] - start]
-        first, last = end, float(averages[-1])
-    return out, last
+        first, carry = end, carried(part, averages, *carry)
+    return out, carry
 
 
 def clock_rate(steps: np.ndarray, times: np.ndarray, window: int = CLOCK_WINDOW) -> float | None:
@@ -233,7 +262,7 @@ class _Column:
         # The stored values, read when first smoothed, then kept (4 bytes a float32 row):
         # another weight then costs one pass over them, not a read of the store as well.
         self._stored_values: np.ndarray | None = None
-        self._smoothed: tuple[float, np.ndarray] = (0.0, np.empty(0))
+        self._smoothed: tuple[float, np.ndarray, Carry] = (0.0, np.empty(0), (0, 0.0))
 
     @property
     def count(self) -> int:
@@ -254,30 +283,34 @@ class _Column:
             self._values = np.concatenate([values, self.values[self._read :]])
             self.n = self._read = self._rows_read = len(self._steps)
             self._rows = self._stored = self._stored_values = None
-            self._smoothed = (0.0, np.empty(0))
+            self._smoothed = (0.0, np.empty(0), (0, 0.0))
         return self
 
     def smoothed(self, weight: float) -> np.ndarray:
         """:func:`ema` of the field's every row, at the rows held: kept and continued as the
         column grows, so that a poll smooths its new rows only."""
-        kept_weight, kept = self._smoothed
+        kept_weight, kept, carry = self._smoothed
         if weight != kept_weight or not len(kept):
-            kept = self._smooth(weight)
+            kept, carry = self._smooth(weight)
         elif len(kept) < self.n:
             new = self.values[len(kept) :]  # the field's last rows, all held
-            kept = np.concatenate([kept, ema(new, weight, self.count - len(new), kept[-1])])
-        self._smoothed = (weight, kept)
+            averages = ema(new, weight, *carry)
+            kept, carry = np.concatenate([kept, averages]), carried(new, averages, *carry)
+        self._smoothed = (weight, kept, carry)
         return kept
 
-    def _smooth(self, weight: float) -> np.ndarray:
+    def _smooth(self, weight: float) -> tuple[np.ndarray, Carry]:
         if self._stored is None or self._rows is None:
-            return ema(self.values, weight)
+            averages = ema(self.values, weight)
+            return averages, carried(self.values, averages, 0, 0.0)
         if self._stored_values is None:
             self._stored_values = self._stored.values()
         # The average at each held row from every row up to it: one pass over the stored
         # values (a few ms for 10⁶), then on over the rows that arrived since.
-        held, last = ema_at(self._stored_values, weight, self._rows)
-        return np.concatenate([held, ema(self.values[self._read :], weight, self._rows_read, last)])
+        held, carry = ema_at(self._stored_values, weight, self._rows)
+        since = self.values[self._read :]
+        averages = ema(since, weight, *carry)
+        return np.concatenate([held, averages]), carried(since, averages, *carry)
 
     def extend(self, steps: np.ndarray, values: np.ndarray) -> None:
         need = self.n + len(steps)
