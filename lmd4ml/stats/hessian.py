@@ -211,8 +211,9 @@ def max_eigenvalue(
     products, then restarts from its top Ritz vector, until the Ritz pair's residual
     ‖Hu − θu‖ is at most ``rtol`` times the spectral radius seen so far (so some eigenvalue
     lies that close to θ; the eigenvalue error is typically its square), ``max_iters``
-    products are spent or a product comes out non-finite (then θ is NaN, not converged). Unlike power iteration it finds the largest eigenvalue even when a
-    negative one is larger in magnitude. Holds ``krylov_dim`` vectors.
+    products are spent or a product comes out non-finite (then θ is NaN, not converged).
+    Unlike power iteration it finds the largest eigenvalue even when a negative one is larger
+    in magnitude. Holds ``krylov_dim`` vectors.
 
     The products run with :func:`~lmd4ml.stats.jaxpr.canonical_convolutions`, so inside the
     loop a convolutional model's products cost what they cost alone.
