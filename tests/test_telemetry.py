@@ -25,7 +25,7 @@ import lmd4ml as lm
 from lmd4ml.telemetry import store as run_store
 from lmd4ml.telemetry import writer
 from lmd4ml.telemetry.ring import RingReader, RingWriter, ring_name
-from lmd4ml.telemetry.writer import live_ring
+from lmd4ml.telemetry.writer import Telemetry, live_ring
 
 DATA = [(jnp.linspace(-1, 1, 16).reshape(8, 2) * (i + 1), jnp.arange(8.0) / 8) for i in range(4)]
 
@@ -113,9 +113,24 @@ def test_a_reader_follows_the_run_live(tmp_path):
     assert live_ring(tmp_path / "live") is None
 
 
+def test_runs_of_one_name_in_two_directories_each_get_a_ring(tmp_path):
+    """Shared memory is one namespace for the machine: the ring's name comes from the run
+    directory's full path, not from the run's name alone."""
+    shapes = {"loss": jax.ShapeDtypeStruct((), jnp.float32)}
+    first = Telemetry(tmp_path / "a" / "run", {}, shapes)
+    second = Telemetry(tmp_path / "b" / "run", {}, shapes)
+    try:
+        rings = [live_ring(tmp_path / d / "run") for d in ("a", "b")]
+        assert None not in rings and rings[0] != rings[1], rings
+    finally:
+        first.close()
+        second.close()
+
+
 def test_a_ring_that_cannot_be_made_costs_the_live_view_only(tmp_path):
+    taken = ring_name("taken", str((tmp_path / "taken").resolve()))
     with (
-        RingWriter(ring_name("taken"), {"x": ((), np.float32)}),
+        RingWriter(taken, {"x": ((), np.float32)}),
         pytest.warns(RuntimeWarning, match="live ring failed at the start"),
     ):
         history = lm.train(learner(), runs_dir=tmp_path, run_name="taken", progress=False)

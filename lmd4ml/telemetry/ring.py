@@ -98,18 +98,24 @@ class Batch(NamedTuple):
     present: dict[str, np.ndarray]  # per field, bool (n,): was it tracked at that step
 
 
-def ring_name(run_id: str) -> str:
+def ring_name(run_id: str, where: str = "") -> str:
     """The shared-memory name for a run: readable when short and plain, else hashed.
 
-    macOS allows 31 characters in a POSIX shm name, so long ids keep a prefix and a hash.
+    ``where`` (the run directory's full path) is hashed in: shared memory is one namespace for
+    the whole machine, and two runs of one name in different runs directories would otherwise
+    claim the same ring. macOS allows 31 characters in a POSIX shm name, so a hashed name
+    keeps an 8-character prefix of ``run_id``.
 
     Example:
       >>> ring_name("run-7"), ring_name("a/very/long/experiment/name")
       ('lmd4ml_run-7', 'lmd4ml_a_very_l_16e559ee7b5c')
+      >>> ring_name("run-7", "/tmp/a/run-7") != ring_name("run-7", "/tmp/b/run-7")
+      True
     """
-    if re.fullmatch(r"[A-Za-z0-9_.-]{1,16}", run_id):
+    if not where and re.fullmatch(r"[A-Za-z0-9_.-]{1,16}", run_id):
         return f"lmd4ml_{run_id}"
-    digest = blake2b(run_id.encode(), digest_size=6).hexdigest()
+    key = f"{where}\0{run_id}" if where else run_id
+    digest = blake2b(key.encode(), digest_size=6).hexdigest()
     return f"lmd4ml_{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id[:8])}_{digest}"
 
 

@@ -203,7 +203,8 @@ class Telemetry:
     def _open_ring(self, capacity: int) -> None:
         # A run without live view still trains and is kept.
         assert self.run_dir is not None
-        self.ring = RingWriter(ring_name(self.run_dir.name), self.fields, capacity=capacity)
+        name = ring_name(self.run_dir.name, str(self.run_dir.resolve()))
+        self.ring = RingWriter(name, self.fields, capacity=capacity)
         live = {"ring": self.ring.name, "pid": os.getpid()}
         (self.run_dir / LIVE_FILE).write_text(json.dumps(live))
 
