@@ -276,13 +276,10 @@ def max_pool(x: jax.Array, params: dict) -> jax.Array:
 def argmax_pool(eqn: Any, inputs: list, in_origins: list, outputs: list) -> list:
     """A :data:`Visit` for :func:`walk` that makes a floating-point max-pool :func:`max_pool`
     (on CPU, where XLA's select-and-scatter is slow; elsewhere the equation's ``outputs``)."""
+    if eqn.primitive is not lax.reduce_window_max_p or jax.default_backend() != "cpu":
+        return outputs
     x = inputs[0]
-    if (
-        eqn.primitive is not lax.reduce_window_max_p
-        or not jnp.issubdtype(x.dtype, jnp.floating)
-        or x.size >= 2**31  # int32 indices
-        or jax.default_backend() != "cpu"
-    ):
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.size >= 2**31:  # int32 indices
         return outputs
     return [max_pool(x, eqn.params)]
 
