@@ -127,6 +127,58 @@ def test_runs_of_one_name_in_two_directories_each_get_a_ring(tmp_path):
         second.close()
 
 
+class SlowSink:
+    """A sink far slower than training: each step takes it 20 ms."""
+
+    def __init__(self):
+        self.steps = []
+
+    def start(self, metadata, fields):
+        pass
+
+    def write(self, step, wall_time, values):
+        time.sleep(0.02)
+        self.steps.append(step)
+
+    def close(self, status):
+        pass
+
+
+def test_a_slow_sink_holds_training_back_rather_than_queue_without_bound(tmp_path):
+    shapes = {"loss": jax.ShapeDtypeStruct((), jnp.float32)}
+    sink = SlowSink()
+    telemetry = Telemetry(tmp_path / "slow", {}, shapes, sinks=[sink], max_queued=3)
+    queued = []
+    for step in range(15):
+        telemetry.submit(step, {"loss": np.float32(step)})
+        queued.append(telemetry._queue.qsize())
+    telemetry.close()
+    assert max(queued) <= 3, queued
+    assert sink.steps == list(range(15))  # nothing dropped
+    np.testing.assert_array_equal(lm.load_run(tmp_path / "slow")["loss"][0], np.arange(15))
+    with pytest.raises(ValueError, match="max_queued"):
+        Telemetry(tmp_path / "bad", {}, shapes, max_queued=0)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_stopped_writer_drops_steps_with_one_warning_and_never_hangs(tmp_path, monkeypatch):
+    def broken(self, step, metrics, wall_time):
+        raise RuntimeError("writer bug")
+
+    monkeypatch.setattr(Telemetry, "_write", broken)
+    shapes = {"loss": jax.ShapeDtypeStruct((), jnp.float32)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        telemetry = Telemetry(tmp_path / "dead", {}, shapes, max_queued=2)
+        start = time.monotonic()
+        for step in range(10):
+            telemetry.submit(step, {"loss": np.float32(step)})
+        telemetry.close()
+    assert time.monotonic() - start < 30
+    said = [str(w.message) for w in caught if "writer of the run" in str(w.message)]
+    assert len(said) == 1 and "training goes on" in said[0], said
+
+
 def test_a_ring_that_cannot_be_made_costs_the_live_view_only(tmp_path):
     taken = ring_name("taken", str((tmp_path / "taken").resolve()))
     with (

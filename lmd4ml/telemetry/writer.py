@@ -151,8 +151,9 @@ class Telemetry:
     from a thread.
 
     ``shapes`` is what ``jax.eval_shape`` gives for a step's full metrics; a step may submit
-    any subset of its keys. ``submit`` returns at once; the thread writes what has queued up
-    every ``interval`` seconds; ``close`` writes what is left, then closes everything.
+    any subset of its keys. ``submit`` returns at once while fewer than ``max_queued`` steps
+    wait (else it waits for room); the thread writes what has queued up every ``interval``
+    seconds; ``close`` writes what is left, then closes everything.
     Without a ``run_dir`` there is no store nor ring, only the sinks; ``name`` is the run's
     name for them (by default the directory's). ``notes`` gives what the store keeps
     besides the values (:meth:`~lmd4ml.telemetry.store.RunWriter.note`: a live diagnosis's
@@ -170,6 +171,7 @@ class Telemetry:
         ring_capacity: int = 4096,
         interval: float = 0.05,
         notes: Callable[[], Mapping[str, Any]] | None = None,
+        max_queued: int = 10_000,
     ):
         if run_dir is None and name is None:
             raise ValueError("Telemetry: a run without a run_dir needs a name")
@@ -189,16 +191,43 @@ class Telemetry:
         run_dir_text = None if self.run_dir is None else str(self.run_dir)
         self._sink_metadata = {**as_stored(metadata), "name": self.name, "run_dir": run_dir_text}
         self._status = "finished"
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        if not (isinstance(max_queued, int) and max_queued >= 1):
+            raise ValueError(f"Telemetry: max_queued must be an integer >= 1, got {max_queued!r}")
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
+        self._dropping = False
         self._closing = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._drain, name="lmd4ml-telemetry", daemon=True)
         self._thread.start()
 
     def submit(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Queue one tracked step's metrics (host or device arrays); never blocks. The step's
-        wall time is now: the loop submits a step as soon as it has fetched its values."""
-        self._queue.put((step, metrics, time.time()))
+        """Queue one tracked step's metrics (host or device arrays). The step's wall time is
+        now: the loop submits a step as soon as it has fetched its values.
+
+        Returns at once unless ``max_queued`` steps already wait for the writer (a sink slower
+        than training): then it waits for room, so that what is queued stays bounded and no
+        step is lost. Should the writer thread have stopped, the step is dropped with one
+        warning rather than training waiting forever.
+        """
+        if not self._put((step, metrics, time.time())) and not self._dropping:
+            self._dropping = True
+            warnings.warn(
+                f"lmd4ml telemetry: the writer of the run {self.run_dir or self.name} stopped "
+                f"at step {step}: later steps are not recorded; training goes on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _put(self, item: Any) -> bool:
+        """Queue ``item``, waiting for room while the writer thread lives; False if it has
+        stopped (nothing would ever make room)."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _open_ring(self, capacity: int) -> None:
         # A run without live view still trains and is kept.
@@ -289,7 +318,7 @@ class Telemetry:
             return
         self._closed = True
         self._status = status
-        self._queue.put(None)
+        self._put(None)
         self._closing.set()
         try:
             self._thread.join()
