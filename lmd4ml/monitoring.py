@@ -233,8 +233,7 @@ def monitor(
         raise TypeError(f"lm.monitor wraps an optax GradientTransformation, got {type(inner)}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"lm.monitor: every must be an integer >= 1, got {every!r}")
-    if memory_budget < 1:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    checks.check_int("memory_budget (bytes)", memory_budget, 1)
     data = _data_axis(batch_sharding)
     inner = optax.with_extra_args_support(inner)
     uses_samples = any(q.uses_samples for q in quantities)

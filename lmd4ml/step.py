@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lmd4ml import protocol, stats
+from lmd4ml import checks, protocol, stats
 from lmd4ml.quantities import Quantity, StepContext
 from lmd4ml.stats import DataAxis, LossFn, PyTree, data_axis, sharding
 
@@ -252,10 +252,7 @@ class InstrumentedStep:
             raise TypeError(
                 f"optimizer must be an optax GradientTransformation, got {type(optimizer)}"
             )
-        if memory_budget < 1:
-            raise ValueError(
-                f"memory_budget must be a positive number of bytes, got {memory_budget}"
-            )
+        checks.check_int("memory_budget (bytes)", memory_budget, 1)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.quantities = quantities

@@ -189,10 +189,13 @@ def test_params_without_float_leaves(kind: str) -> None:
         lm.Learner(params, squared_error, [linear_batch()], optax.sgd(0.1), [lm.Loss()])
 
 
-@pytest.mark.parametrize("budget", [0, -1])
-def test_memory_budget_must_be_positive(budget: int) -> None:
-    with pytest.raises(ValueError, match=rf"memory_budget must be a positive .* got {budget}"):
+@pytest.mark.parametrize("budget", [0, -1, 2.5, "64MB"])
+def test_memory_budget_must_be_a_positive_integer(budget: object) -> None:
+    match = rf"memory_budget \(bytes\) must be an integer >= 1, got {budget!r}"
+    with pytest.raises(ValueError, match=match):
         lm.instrument(squared_error, optax.sgd(0.1), [lm.Loss()], memory_budget=budget)
+    with pytest.raises(ValueError, match=match):
+        lm.monitor(optax.sgd(0.1), [lm.Loss()], memory_budget=budget)
 
 
 # ------------------------------------------------------------------- the training loop
