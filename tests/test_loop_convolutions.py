@@ -18,6 +18,7 @@ found.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import jax
@@ -181,6 +182,39 @@ def test_argmax_pooling_keeps_values_and_every_derivative() -> None:
             # Per sample, as the per-sample pass and the GGN take it.
             per_sample = jax.vmap(jax.grad(lambda xi, h: h(xi[None])), in_axes=(0, None))
             np.testing.assert_array_equal(per_sample(x, g), per_sample(x, f))
+
+
+def test_argmax_pooling_differentiates_dilated_windows() -> None:
+    """A dilated window, which JAX's own max-pool cannot differentiate: against the max over
+    the window's strided slices (continuous values, so no ties), float64."""
+    window, strides, dilation = (1, 2, 3, 1), (1, 2, 1, 1), (1, 2, 2, 1)
+    pads = ((0, 0), (1, 1), (2, 1), (0, 0))
+
+    def pool(x):
+        return jax.lax.reduce_window(
+            x, -jnp.inf, jax.lax.max, window, strides, pads, window_dilation=dilation
+        )
+
+    def by_slices(x):
+        padded, shape = jnp.pad(x, pads, constant_values=-jnp.inf), pool(x).shape
+        slices = []
+        for offset in itertools.product(*(range(w) for w in window)):
+            start = [o * d for o, d in zip(offset, dilation, strict=True)]
+            limit = [a + (n - 1) * s + 1 for a, n, s in zip(start, shape, strides, strict=True)]
+            slices.append(jax.lax.slice(padded, start, limit, strides))
+        return jnp.max(jnp.stack(slices), axis=0)
+
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, 9, 9, 3)))
+        w = jnp.asarray(rng.normal(size=pool(x).shape))
+        t = jnp.asarray(rng.normal(size=x.shape))
+        ours = argmax_pooling(lambda x: jnp.sum(w * jnp.sin(pool(x)) * pool(x)))
+        reference = lambda x: jnp.sum(w * jnp.sin(by_slices(x)) * by_slices(x))  # noqa: E731
+        np.testing.assert_array_equal(ours(x), reference(x))
+        np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(reference)(x), rtol=1e-14)
+        hvp = lambda f: jax.jvp(jax.grad(f), (x,), (t,))[1]  # noqa: E731
+        np.testing.assert_allclose(hvp(ours), hvp(reference), rtol=1e-14, atol=1e-14)
 
 
 def test_hessian_vector_products_keep_no_window_search() -> None:
