@@ -308,6 +308,9 @@ def bind(
       True
     """
 
+    # Every derivative the step takes (its gradient, α's at θ + u, Hessian products, the
+    # per-sample passes) gathers at the max-pools' argmax instead of XLA's select-and-scatter.
+    @jaxpr_tools.argmax_pooling
     def full(p: PyTree, b: PyTree, e: Extras) -> tuple[jax.Array, tuple[PyTree, PyTree]]:
         return call(loss_fn, has_aux, p, b, e)
 

@@ -225,3 +225,19 @@ def test_hessian_vector_products_keep_no_window_search() -> None:
     assert "gather" in product and "scatter-add" in product
     for searching in ("reduce_window", "select_and_scatter", "select_and_gather"):
         assert searching not in product, searching
+
+
+@pytest.mark.parametrize(
+    "quantities",
+    [[], [lm.Loss(), lm.GradNorm(), lm.Alpha()], lm.presets.full()],
+    ids=["untracked", "scalars", "full"],
+)
+def test_the_step_differentiates_pools_at_their_argmax(quantities: list) -> None:
+    """Every derivative the step takes (the gradient, α's second gradient, the per-sample
+    and GGN passes, Hessian products) gathers at the argmax: no select-and-scatter."""
+    step = lm.instrument(LOSS, optax.sgd(0.1), quantities)
+    state = step.init(PARAMS)
+    program = str(jax.make_jaxpr(lambda s, b: step(s, b, track=bool(quantities)))(state, BATCH))
+    assert "gather" in program
+    for searching in ("select_and_scatter_add", "select_and_gather_add"):
+        assert searching not in program, searching

@@ -42,7 +42,7 @@ from jax.extend import core
 from jax.extend.core import primitives
 
 from lmd4ml.stats._types import LossFn, PyTree
-from lmd4ml.stats.jaxpr import argmax_pool, walk
+from lmd4ml.stats.jaxpr import bind_argmax_pool, walk
 from lmd4ml.stats.precision import widen
 
 
@@ -229,8 +229,6 @@ def tapped(
         inputs = {}
 
         def tap(eqn: Any, args: list, in_origins: list, outputs: list) -> list:
-            if eqn.primitive is lax.reduce_window_max_p:
-                return argmax_pool(eqn, args, in_origins, outputs)
             k = next((o for o in in_origins if o in products), None)
             if k is None or eqn.primitive is not products[k].primitive:
                 return outputs
@@ -241,7 +239,7 @@ def tapped(
         for k, leaf in zip(rest, rest_leaves, strict=True):
             merged[k] = leaf
         origins = [*range(len(leaves)), *[None] * len(sample_leaves)]
-        (output,) = walk(closed, [*merged, *sample_leaves], origins, tap)
+        (output,) = walk(closed, [*merged, *sample_leaves], origins, tap, bind_argmax_pool)
         return output, inputs
 
     return fn

@@ -273,15 +273,15 @@ def max_pool(x: jax.Array, params: dict) -> jax.Array:
     return pool(x)
 
 
-def argmax_pool(eqn: Any, inputs: list, in_origins: list, outputs: list) -> list:
-    """A :data:`Visit` for :func:`walk` that makes a floating-point max-pool :func:`max_pool`
-    (on CPU, where XLA's select-and-scatter is slow; elsewhere the equation's ``outputs``)."""
-    if eqn.primitive is not lax.reduce_window_max_p or jax.default_backend() != "cpu":
-        return outputs
-    x = inputs[0]
-    if not jnp.issubdtype(x.dtype, jnp.floating) or x.size >= 2**31:  # int32 indices
-        return outputs
-    return [max_pool(x, eqn.params)]
+def bind_argmax_pool(eqn: Any, inputs: list) -> list:
+    """:func:`bind_outputs`, with a floating-point max-pool as :func:`max_pool` on CPU (where
+    XLA's select-and-scatter is slow): a ``bind`` for :func:`walk`, so that XLA's own pool is
+    never traced (under ``jax.jvp`` it would leave its tangent's select-and-gather behind)."""
+    if eqn.primitive is lax.reduce_window_max_p and jax.default_backend() == "cpu":
+        x = inputs[0]
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.size < 2**31:  # int32 indices
+            return [max_pool(x, eqn.params)]
+    return bind_outputs(eqn, inputs)
 
 
 def argmax_pooling(fn: Callable) -> Callable:
@@ -304,7 +304,7 @@ def argmax_pooling(fn: Callable) -> Callable:
     def pooled(*args: Any) -> Any:
         closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
         flat = jax.tree.leaves(args)
-        outputs = walk(closed, flat, [None] * len(flat), argmax_pool)
+        outputs = walk(closed, flat, [None] * len(flat), _unchanged, bind_argmax_pool)
         return jax.tree.unflatten(jax.tree.structure(shapes), outputs)
 
     return pooled
