@@ -350,7 +350,8 @@ def monitor(
         protocol.check_key(key)
         mask = protocol.check_mask(mask, batch)
         extras = protocol.Extras(key, model_state)
-        return protocol.bind(loss_fn, has_aux, params, batch, extras, mask)
+        # The loss's own forward pass: XLA shares it with your step's, which made the gradient.
+        return protocol.bind(loss_fn, has_aux, params, batch, extras, mask, pools_at_argmax=False)
 
     def _loss_args(bound: protocol.Bound, grads: PyTree, value: jax.Array) -> dict[str, Any]:
         """optax's extra arguments for the inner optimizer (yours, if given, win)."""

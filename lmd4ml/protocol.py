@@ -291,10 +291,13 @@ def bind(
     batch: PyTree,
     extras: Extras,
     mask: jax.Array | None = None,
+    pools_at_argmax: bool = True,
 ) -> Bound:
     """The step's loss with ``extras`` held fixed, its random draws replayed and, with a
     sample ``mask``, the losses of padded samples (mask False) zero, so that their gradients
-    are zero and they count for nothing.
+    are zero and they count for nothing. With ``pools_at_argmax``, every derivative taken of
+    it gathers at its max-pools' argmax (:func:`~lmd4ml.stats.jaxpr.argmax_pooling`); without,
+    its forward pass is the loss's own, which XLA can share with a pass of the user's step.
 
     Example:
       >>> def loss(w, x, key):
@@ -308,11 +311,13 @@ def bind(
       True
     """
 
-    # Every derivative the step takes (its gradient, α's at θ + u, Hessian products, the
-    # per-sample passes) gathers at the max-pools' argmax instead of XLA's select-and-scatter.
-    @jaxpr_tools.argmax_pooling
     def full(p: PyTree, b: PyTree, e: Extras) -> tuple[jax.Array, tuple[PyTree, PyTree]]:
         return call(loss_fn, has_aux, p, b, e)
+
+    if pools_at_argmax:
+        # Every derivative the step takes (its gradient, α's at θ + u, Hessian products, the
+        # per-sample passes) gathers at the argmax instead of XLA's select-and-scatter.
+        full = jaxpr_tools.argmax_pooling(full)
 
     draws_plan = randomness.plan(full, params, batch, extras)
     if draws_plan is None and mask is None:

@@ -217,6 +217,16 @@ def test_argmax_pooling_differentiates_dilated_windows() -> None:
         np.testing.assert_allclose(hvp(ours), hvp(reference), rtol=1e-14, atol=1e-14)
 
 
+def test_argmax_pooling_leaves_a_function_without_pools_as_it_is() -> None:
+    """A model without max-pools (an MLP, a transformer) keeps its own program."""
+
+    def mlp(w, x):
+        return jnp.sum(jax.nn.relu(x @ w) ** 2)
+
+    w, x = jnp.ones((3, 4)), jnp.ones((2, 3))
+    assert str(jax.make_jaxpr(argmax_pooling(mlp))(w, x)) == str(jax.make_jaxpr(mlp)(w, x))
+
+
 def test_hessian_vector_products_keep_no_window_search() -> None:
     """Linearized once, a product of the Hessian only gathers and scatter-adds at the argmax:
     no reduce-window or select-and-scatter is left in it."""

@@ -286,8 +286,9 @@ def bind_argmax_pool(eqn: Any, inputs: list) -> list:
 
 def argmax_pooling(fn: Callable) -> Callable:
     """``fn`` with every max-pool it makes (inlined calls' included) as :func:`max_pool`:
-    equal values and derivatives, but products of its Hessian (forward over reverse) find each
-    window's argmax once, when linearized. On other backends than CPU, ``fn`` itself.
+    equal values and derivatives, but its backward pass and products of its Hessian (forward
+    over reverse) find each window's argmax once, in the forward pass. On other backends than
+    CPU, or where ``fn`` has no max-pool, ``fn`` itself.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -303,6 +304,9 @@ def argmax_pooling(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def pooled(*args: Any) -> Any:
         closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+        eqns = equations(closed.jaxpr)
+        if not any(reached and e.primitive is lax.reduce_window_max_p for e, reached in eqns):
+            return fn(*args)  # no max-pool that walk reaches: the function as it is
         flat = jax.tree.leaves(args)
         outputs = walk(closed, flat, [None] * len(flat), _unchanged, bind_argmax_pool)
         return jax.tree.unflatten(jax.tree.structure(shapes), outputs)
