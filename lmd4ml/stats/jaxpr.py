@@ -194,6 +194,16 @@ def _unchanged(eqn: Any, inputs: list, in_origins: list, outputs: list) -> list:
     return outputs
 
 
+def _rebound(
+    closed: core.ClosedJaxpr, shapes: Any, args: tuple, bind: Callable[[Any, list], list]
+) -> Any:
+    """``closed`` (traced from ``args``, its outputs shaped as ``shapes``) evaluated on
+    ``args`` with every equation bound by ``bind``: a rewrite of the function it came from."""
+    flat = jax.tree.leaves(args)
+    outputs = walk(closed, flat, [None] * len(flat), _unchanged, bind)
+    return jax.tree.unflatten(jax.tree.structure(shapes), outputs)
+
+
 def canonical_convolutions(fn: Callable) -> Callable:
     """``fn`` with every convolution it makes (its derivatives' included) in the layout XLA's
     CPU backend hands to its fast (Eigen) kernels: inputs (batch, spatial…, feature), kernels
@@ -218,10 +228,7 @@ def canonical_convolutions(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def canonical(*args: Any) -> Any:
-        closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
-        flat = jax.tree.leaves(args)
-        outputs = walk(closed, flat, [None] * len(flat), _unchanged, _bind_canonical)
-        return jax.tree.unflatten(jax.tree.structure(shapes), outputs)
+        return _rebound(*jax.make_jaxpr(fn, return_shape=True)(*args), args, _bind_canonical)
 
     return canonical
 
@@ -307,8 +314,6 @@ def argmax_pooling(fn: Callable) -> Callable:
         eqns = equations(closed.jaxpr)
         if not any(reached and e.primitive is lax.reduce_window_max_p for e, reached in eqns):
             return fn(*args)  # no max-pool that walk reaches: the function as it is
-        flat = jax.tree.leaves(args)
-        outputs = walk(closed, flat, [None] * len(flat), _unchanged, bind_argmax_pool)
-        return jax.tree.unflatten(jax.tree.structure(shapes), outputs)
+        return _rebound(closed, shapes, args, bind_argmax_pool)
 
     return pooled
