@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from lmd4ml import checks
 from lmd4ml.telemetry import summaries
 from lmd4ml.telemetry.summaries import Sizes
 
@@ -610,8 +611,7 @@ class Run:
           >>> values.tolist()
           [0, 3, 0, 1000, 0, 3, 3, 0, 1]
         """
-        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-            raise ValueError(f"Run.outline: blocks must be an integer >= 1, got {blocks!r}")
+        checks.check_int("Run.outline: blocks", blocks, 1)
         self._table(key)  # a KeyError naming the run's keys
         if self.shapes[key] != ():
             raise ValueError(f"Run.outline: {key!r} has shape {self.shapes[key]}, not a scalar")
@@ -761,8 +761,7 @@ class Run:
           >>> steps.tolist(), times.tolist()
           ([3, 4], [103.0, 104.0])
         """
-        if isinstance(last, bool) or not isinstance(last, int) or last < 1:
-            raise ValueError(f"Run.clock: last must be an integer >= 1, got {last!r}")
+        checks.check_int("Run.clock: last", last, 1)
         clocked = self.metadata["version"] >= _CLOCK_VERSION
         with _reading(self._db) as conn:
             rows = conn.execute(

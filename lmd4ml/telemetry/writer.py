@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
+from lmd4ml import checks
 from lmd4ml.telemetry.ring import RingWriter, ring_name
 from lmd4ml.telemetry.store import RunWriter, as_stored
 
@@ -191,8 +192,7 @@ class Telemetry:
         run_dir_text = None if self.run_dir is None else str(self.run_dir)
         self._sink_metadata = {**as_stored(metadata), "name": self.name, "run_dir": run_dir_text}
         self._status = "finished"
-        if not (isinstance(max_queued, int) and max_queued >= 1):
-            raise ValueError(f"Telemetry: max_queued must be an integer >= 1, got {max_queued!r}")
+        checks.check_int("Telemetry: max_queued", max_queued, 1)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
         self._dropping = False
         self._closing = threading.Event()
