@@ -31,7 +31,9 @@ import lmd4ml as lm
 from lmd4ml.stats.jaxpr import argmax_pooling, canonical_convolutions
 
 pytestmark = pytest.mark.skipif(
-    jax.default_backend() != "cpu", reason="the layout pass in question is XLA's CPU one"
+    jax.default_backend() != "cpu",
+    reason="XLA's CPU layout pass and select-and-scatter are in question; both rewrites are "
+    "CPU-only",
 )
 
 CONVOLUTION = re.compile(r"convolution\(.*?dim_labels=([^,\s]+)")
